@@ -1,0 +1,272 @@
+"""One typed configuration tree for every command, loaded from YAML with dotted `key=value` overrides.
+
+Unknown keys are rejected and every error names the offending field, so a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class LLMDistillError(Exception):
+    """An error in the user's input: printed as one line by the CLI, never as a traceback."""
+
+
+class ConfigError(LLMDistillError):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class TeacherConfig(Section):
+    # Where the teacher signal comes from; the vLLM sources plug in through llmdistill.teachers.
+    source: Literal["hf", "none"] = "hf"
+    # An HF model directory or hub name; "embedded" is the tiny teacher shipped with the package.
+    path: str | None = "embedded"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    # Keep the teacher's hidden states in the signal (needed by hidden_* and curriculum losses).
+    hidden_states: bool = False
+
+
+class PeftConfig(Section):
+    type: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+class StudentConfig(Section):
+    # Exactly one way to get the student: an existing HF dir, the teacher's config with overrides (random init),
+    # or a full model config (random init).
+    path: str | None = None
+    from_teacher: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None  # default: the teacher's (or the student path's own)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    peft: PeftConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("path", "from_teacher", "config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of student.path, student.from_teacher, student.config (got {given or 'none'})")
+        return self
+
+
+class DatasetSpec(Section):
+    # A local file or directory (jsonl/json/text/parquet), a hub dataset name, or "embedded:<split>".
+    path: str
+    split: str = "train"
+    text_field: str = "text"
+    format: Literal["auto", "json", "text", "parquet", "hub"] = "auto"
+    max_documents: int | None = None
+
+
+class DataConfig(Section):
+    train: DatasetSpec = DatasetSpec(path="embedded:train")
+    validation: DatasetSpec | None = DatasetSpec(path="embedded:validation")
+    seq_len: int = Field(256, gt=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class LossTerm(BaseModel):
+    """One weighted term of the objective; any other key is a parameter of that loss, checked by the registry."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = 1.0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    eval_batches: int = Field(8, gt=0)
+    save_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, gt=0)
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    export: bool = True
+    progress: bool = True
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # A DeepSpeed JSON to start from; the fields above and `extra` are applied on top of it.
+    config_file: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeriveConfig(Section):
+    """How to derive the student from the teacher by pruning; fields are owned by llmdistill/derive."""
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig(from_teacher={})
+    data: DataConfig = DataConfig()
+    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="fkl")])
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    derive: DeriveConfig | None = None
+    # Gradient balancing between the objective's terms (llmdistill.losses.balance); None: plain weighted sum.
+    balance: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _teacher_needed(self):
+        if not self.loss:
+            raise ValueError("loss: the objective needs at least one term")
+        if self.teacher.source == "none" and self.student.from_teacher is not None:
+            raise ValueError("student.from_teacher needs a teacher (teacher.source is 'none')")
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    # YAML gives numbers, booleans, null and lists for free: `train.lr=3e-4`, `train.betas=[0.9,0.99]`.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[_list_index(key, part, node)]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(key, last, node)] = _parse_value(value)
+        else:
+            node[last] = _parse_value(value)
+    return raw
+
+
+def _list_index(key: str, part: str, node: list) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})" if "input" in e else f"{where}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def config_from_dict(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"config error: {_format_error(err)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run: the optional base file, then our fields, then `deepspeed.extra`."""
+    ds = cfg.deepspeed
+    base: dict = {}
+    if ds.config_file:
+        p = Path(ds.config_file)
+        if not p.is_file():
+            raise ConfigError(f"deepspeed.config_file not found: {p}")
+        base = json.loads(p.read_text())
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_param:
+        if ds.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu"}
+    out = {
+        **base,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {**base.get("zero_optimization", {}), **zero},
+        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "fp16": {"enabled": t.dtype == "float16"},
+        # We pass torch's AdamW as a client optimizer; DeepSpeed must not swap in its own CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(out, ds.extra)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,64 @@
+"""Process-group setup shared by every command that may run on several ranks (train, derive, eval)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int, str]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size, device).
+
+    Works under `deepspeed`, `torchrun`, `srun` (SLURM_* variables) and as one plain process: without launcher
+    variables we set a world of one, since DeepSpeed would otherwise try MPI discovery.
+    """
+    import deepspeed
+    import torch
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Launchers don't set it; ranks sharing a node's cores would otherwise oversubscribe them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    return rank, world, device
+
+
+def barrier() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # gloo reduces CPU tensors; nccl would need them on the GPU
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+    return t.cpu().tolist()

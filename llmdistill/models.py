@@ -1,0 +1,157 @@
+"""Loading and saving HF models and tokenizers, the checks between teacher and student, PEFT wrapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmdistill.config import LLMDistillError, PeftConfig
+
+EMBEDDED_TEACHER = Path(__file__).parent / "embedded" / "teacher"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str, what: str) -> str:
+    """A local dir, a hub name, or "embedded"; a missing local path is an error that names `what` (the field)."""
+    if path == "embedded":
+        if not (EMBEDDED_TEACHER / "config.json").exists():
+            raise LLMDistillError(f"{what}: the embedded teacher is not built; run `make teacher`")
+        return str(EMBEDDED_TEACHER)
+    p = Path(path)
+    looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") != 1
+    if looks_local:
+        p = p.expanduser()
+        if not p.exists():
+            raise LLMDistillError(f"{what}: model path not found: {path}")
+        if not (p / "config.json").exists():
+            raise LLMDistillError(f"{what}: {path} is not a Hugging Face model directory (no config.json)")
+        return str(p)
+    return path  # a hub name; loading it fails with the hub's own message when offline
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise LLMDistillError(f"could not load model {path}: {err}") from None
+
+
+def model_from_config(config, dtype: str = "float32"):
+    """A randomly initialised model; seed torch first for a reproducible init."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+
+
+def config_with_overrides(base_config, overrides: dict):
+    from transformers import AutoConfig
+
+    raw = base_config.to_dict()
+    unknown = sorted(k for k in overrides if k not in raw)
+    if unknown:
+        raise LLMDistillError(f"student.from_teacher: {unknown} are not fields of the teacher's config")
+    raw.update(overrides)
+    return AutoConfig.for_model(**raw)
+
+
+def config_from_dict(raw: dict):
+    from transformers import AutoConfig
+
+    raw = dict(raw)
+    if "model_type" not in raw:
+        raise LLMDistillError("student.config: needs a model_type (e.g. llama, qwen2, mistral)")
+    try:
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except ValueError as err:
+        raise LLMDistillError(f"student.config: {err}") from None
+
+
+def count_parameters(model) -> int:
+    # Under ZeRO-3 a parameter's local tensor is empty; ds_numel holds its full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_sequence_length(seq_len: int, config, what: str) -> None:
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise LLMDistillError(f"data.seq_len={seq_len} is above the {what}'s maximum sequence length {limit}")
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
+
+
+def check_vocabularies(teacher_tok, student_tok, teacher_config, student_config, cross_tokenizer_loss: bool) -> str:
+    """Refuse a tokenizer mismatch unless a cross-tokenizer loss is configured; returns a note for the log."""
+    if not same_tokenizer(teacher_tok, student_tok):
+        if cross_tokenizer_loss:
+            return "teacher and student tokenizers differ: cross-tokenizer loss in use"
+        raise LLMDistillError(
+            f"teacher and student tokenizers differ (teacher: {len(teacher_tok)} tokens, student: "
+            f"{len(student_tok)} tokens); distilling across tokenizers needs the 'alm' or 'uld' loss"
+        )
+    for who, config in (("teacher", teacher_config), ("student", student_config)):
+        if config.vocab_size < len(teacher_tok):
+            raise LLMDistillError(f"{who} vocab_size {config.vocab_size} is smaller than its tokenizer ({len(teacher_tok)})")
+    if teacher_config.vocab_size != student_config.vocab_size:
+        return (f"padded vocabularies differ (teacher {teacher_config.vocab_size}, student {student_config.vocab_size}):"
+                f" losses compare the shared range")
+    return ""
+
+
+def wrap_peft(model, cfg: PeftConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def save_student(state_dict: dict, config, tokenizer, out_dir: Path, dtype: str, peft: PeftConfig | None,
+                 card: dict | None = None) -> Path:
+    """Write a plain HF checkpoint (safetensors) from a full state dict: PEFT adapters merged, ties restored.
+
+    Written into a temporary directory and renamed, so a crash never leaves a half-written student behind.
+    """
+    import shutil
+
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # the skeleton below must be a plain model, not a ZeRO-3 partitioned one
+    model = model_from_config(config, "float32")
+    if peft is not None:
+        model = wrap_peft(model, peft)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"export: state dict does not match the model: missing {missing}, unexpected {unexpected}")
+    if peft is not None:
+        model = model.merge_and_unload()
+    model.tie_weights()
+    model = model.to(DTYPES[dtype])
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if card is not None:
+        (tmp / "llmdistill.json").write_text(json.dumps(card, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+    return out_dir

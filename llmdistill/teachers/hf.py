@@ -1,0 +1,24 @@
+"""The teacher in-process: an HF model (a DeepSpeed inference engine under ZeRO-3) run on the student's batch."""
+
+from __future__ import annotations
+
+import torch
+
+from llmdistill.signal import TeacherSignal
+
+
+class HFTeacher:
+    def __init__(self, model, hidden_states: bool = False):
+        self.model = model  # an HF model, or a DeepSpeed engine wrapping one
+        self.hidden_states = hidden_states
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> TeacherSignal:
+        out = self.model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            output_hidden_states=self.hidden_states,
+            use_cache=False,
+        )
+        hidden = list(out.hidden_states) if self.hidden_states else None
+        return TeacherSignal(logits=out.logits, hidden_states=hidden)
