@@ -133,8 +133,81 @@ class DeepSpeedConfig(Section):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class DeriveTarget(Section):
+    """An explicit student shape; a field left out keeps the teacher's value."""
+
+    num_layers: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+
+
+class DeriveSearch(Section):
+    """Minitron-style search: depth x width shapes under a parameter budget, ranked by held-out loss."""
+
+    # A fraction of the teacher's parameters (<= 1) or an absolute parameter count (> 1).
+    param_budget: float = Field(gt=0)
+    # Candidates must land within [budget * (1 - tolerance), budget].
+    tolerance: float = Field(0.1, ge=0, lt=1)
+    # Width grid, as fractions of the teacher's hidden size, MLP size and KV groups.
+    width_fractions: list[float] = Field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    min_layers: int = Field(1, gt=0)
+    # Hidden and MLP sizes are rounded to a multiple of this (keeps matmuls aligned).
+    size_multiple: int = Field(8, gt=0)
+    # At most this many feasible shapes are pruned and scored, spread over depths.
+    max_candidates: int = Field(12, gt=0)
+
+
+class DeriveMasking(Section):
+    """MAGNET in-block masking of the kept blocks' linear weights, computed on the pruned student."""
+
+    sparsity: float = Field(gt=0, lt=1)
+    # grad: smallest mean |gradient| masked (MAGNET); grad_x_weight: smallest |gradient * weight| (Taylor).
+    saliency: Literal["grad", "grad_x_weight"] = "grad"
+
+
 class DeriveConfig(Section):
     """How to derive the student from the teacher by pruning; fields are owned by llmdistill/derive."""
+
+    # Output HF directory; default <run.dir>/derived.
+    output: str | None = None
+    # Exactly one of target (explicit shape) and search (parameter budget); neither: keep the teacher's shape.
+    target: DeriveTarget | None = None
+    search: DeriveSearch | None = None
+    # Layer scores to combine (each min-max normalised, then averaged) when dropping layers.
+    depth_methods: list[Literal["block_importance", "perplexity", "magnet_grad"]] = Field(
+        default_factory=lambda: ["block_importance"], min_length=1
+    )
+    # independent: drop the lowest-scored layers wherever they are; contiguous: the lowest-scored run.
+    layer_selection: Literal["independent", "contiguous"] = "independent"
+    # Calibration set for the scores (default: data.train) and how many packed sequences of it to use.
+    calibration: DatasetSpec | None = None
+    calibration_samples: int = Field(32, gt=0)
+    # Held-out set for the search ranking (default: data.validation, else the calibration set).
+    eval_samples: int = Field(16, gt=0)
+    batch_size: int = Field(4, gt=0)
+    # After dropping hidden channels, rescale RMSNorm weights so kept channels' outputs match the teacher's.
+    rescale_norms: bool = True
+    masking: DeriveMasking | None = None
+    plots: bool = True
+
+    @model_validator(mode="after")
+    def _one_shape_source(self):
+        if self.target is not None and self.search is not None:
+            raise ValueError("give at most one of derive.target and derive.search")
+        return self
+
+
+class BalanceConfig(Section):
+    """MoKD-style balancing of the terms' gradients w.r.t. the student's final hidden state."""
+
+    method: Literal["pcgrad"] = "pcgrad"
+    # Rescale each term's gradient to the mean norm ("mean"), to the task terms' norm ("task"), or not ("none").
+    normalize: Literal["mean", "task", "none"] = "mean"
+    # PCGrad: drop the component of a term's gradient that conflicts with another's.
+    project: bool = True
+    task_terms: list[str] = Field(default_factory=lambda: ["ce"])
 
 
 class Config(Section):
@@ -147,7 +220,7 @@ class Config(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     derive: DeriveConfig | None = None
     # Gradient balancing between the objective's terms (llmdistill.losses.balance); None: plain weighted sum.
-    balance: dict[str, Any] | None = None
+    balance: BalanceConfig | None = None
 
     @model_validator(mode="after")
     def _teacher_needed(self):

@@ -2,7 +2,8 @@
 
 A packed sequence carries `position_ids` that restart at every document, so transformers builds a block-causal mask
 (no attention across documents), and `targets` already shifted by one: `targets[t]` is the token to predict at `t`,
--100 where the next token belongs to another document.
+-100 where the next token belongs to another document. transformers only derives that mask with no attention_mask
+and no KV cache: call models with `position_ids=..., use_cache=False`.
 """
 
 from __future__ import annotations
@@ -134,7 +135,12 @@ def load_texts(spec: DatasetSpec):
     else:
         fmt, files = _data_files(Path(spec.path))
         fmt = fmt if spec.format == "auto" else spec.format
-        ds = datasets.load_dataset(fmt, data_files=files, split="train")
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise LLMDistillError(f"dataset {spec.path} is empty")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=files, split="train")
+        except Exception as err:  # malformed files surface as many exception types inside datasets
+            raise LLMDistillError(f"could not read dataset {spec.path} as {fmt}: {err}") from None
     if spec.text_field not in ds.column_names:
         raise LLMDistillError(f"dataset {spec.path}: no field {spec.text_field!r} (fields: {ds.column_names})")
     if spec.max_documents is not None:

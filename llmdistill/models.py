@@ -13,7 +13,7 @@ EMBEDDED_TEACHER = Path(__file__).parent / "embedded" / "teacher"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(path: str, what: str) -> str:
+def resolve_model_path(path: str, what: str, tokenizer_only: bool = False) -> str:
     """A local dir, a hub name, or "embedded"; a missing local path is an error that names `what` (the field)."""
     if path == "embedded":
         if not (EMBEDDED_TEACHER / "config.json").exists():
@@ -25,7 +25,7 @@ def resolve_model_path(path: str, what: str) -> str:
         p = p.expanduser()
         if not p.exists():
             raise LLMDistillError(f"{what}: model path not found: {path}")
-        if not (p / "config.json").exists():
+        if not tokenizer_only and not (p / "config.json").exists():
             raise LLMDistillError(f"{what}: {path} is not a Hugging Face model directory (no config.json)")
         return str(p)
     return path  # a hub name; loading it fails with the hub's own message when offline

@@ -1,0 +1,78 @@
+"""The embedded default: stdlib corpus → byte-level BPE tokenizer → tiny Llama teacher, trained by our own trainer.
+
+The built teacher ships in the package (llmdistill/embedded/teacher/) with build_info.json, whose fingerprint ties
+it to its recipe (configs/tiny/teacher.yaml) and to the corpus it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from llmdistill import data
+import yaml
+
+from llmdistill.config import apply_overrides, load_config
+from llmdistill.models import EMBEDDED_TEACHER
+
+
+def recipe_fingerprint(config_path: str | Path, overrides: list[str] = ()) -> str:
+    """What determines the teacher: the recipe as written (less where its files go) and the corpus content.
+
+    Hashing the recipe's own keys, not the full resolved config, keeps the fingerprint stable when new config
+    fields with defaults are added to the schema.
+    """
+    raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()), list(overrides))
+    raw.get("run", {}).pop("output_dir", None)
+    raw.get("student", {}).pop("tokenizer", None)
+    corpus = json.loads(data.embedded_corpus()["manifest"].read_text())["content_sha256"]
+    blob = json.dumps({"recipe": raw, "corpus": corpus}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def build_tokenizer(vocab_size: int, out_dir: Path):
+    if (out_dir / "tokenizer.json").exists():  # a resumed build must keep the tokenizer its checkpoints used
+        from llmdistill.models import load_tokenizer
+
+        return load_tokenizer(str(out_dir))
+    corpus = data.embedded_corpus()
+    texts = (json.loads(line)["text"] for line in corpus["train"].open())
+    tok = data.train_bpe_tokenizer(texts, vocab_size)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def build_teacher(config_path: str, overrides: list[str] = ()) -> Path:
+    from llmdistill.train import train
+
+    cfg = load_config(config_path, overrides)
+    tok_dir = cfg.run.dir / "tokenizer"
+    tok = build_tokenizer(cfg.student.config["vocab_size"], tok_dir)
+    if len(tok) != cfg.student.config["vocab_size"]:
+        raise RuntimeError(f"tokenizer has {len(tok)} tokens, the recipe's vocab_size is {cfg.student.config['vocab_size']}")
+    cfg.student.tokenizer = str(tok_dir)
+    t0 = time.time()
+    summary = train(cfg)
+    tmp = EMBEDDED_TEACHER.with_name("teacher.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cfg.run.dir / "student", tmp)
+    info = {
+        "fingerprint": recipe_fingerprint(config_path, overrides),
+        "recipe": str(config_path),
+        "python": platform.python_version(),
+        "parameters": summary["student_parameters"],
+        "steps": summary["steps"],
+        "build_seconds": round(time.time() - t0),
+        "held_out": summary.get("student_eval"),
+    }
+    (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(EMBEDDED_TEACHER, ignore_errors=True)
+    tmp.replace(EMBEDDED_TEACHER)
+    ev = info["held_out"]
+    print(f"embedded teacher: {info['parameters']:,} parameters, held-out loss {ev['loss']:.4f} nats/token, "
+          f"{ev['bpb']:.3f} bits/byte -> {EMBEDDED_TEACHER}")
+    return EMBEDDED_TEACHER

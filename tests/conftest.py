@@ -1,0 +1,76 @@
+"""Shared test helpers: offline environment, running our CLI in a subprocess, quick-run overrides."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A short run on the embedded teacher: a 2-layer student, short sequences, the small validation split as data.
+QUICK = [
+    "data.train.path=embedded:validation",
+    "data.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.eval_batches=2",
+    "train.warmup_steps=2",
+    "train.progress=false",
+    "student.from_teacher={num_hidden_layers: 2, intermediate_size: 128}",
+]
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None):
+    """Run `python -m llmdistill.cli ...` (or a launcher in front of launch/train.py) and return the result."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [*launcher, str(REPO / "launch" / "train.py"), *args] if launcher else [
+        sys.executable, "-m", "llmdistill.cli", *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(run_dir: Path) -> dict[int, dict]:
+    """logs.jsonl as {step: training record}; a step logged twice (after a crash) keeps its last record."""
+    steps = {}
+    for line in (run_dir / "logs.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            steps[rec["step"]] = rec
+    return steps
+
+
+def deepspeed_launcher(ranks: int = 2) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
+            "--master_port", str(free_port())]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    from llmdistill.models import EMBEDDED_TEACHER, load_tokenizer
+
+    return load_tokenizer(str(EMBEDDED_TEACHER))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A small random Llama (GQA, head_dim 32) on the embedded tokenizer's vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+                         eos_token_id=0, pad_token_id=1)
+    return LlamaForCausalLM(config).eval()

@@ -1,0 +1,51 @@
+"""The shipped tiny teacher: built from its recipe, and a teacher worth distilling."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from llmdistill.embedded import recipe_fingerprint
+from llmdistill.models import EMBEDDED_TEACHER, load_model
+
+RECIPE = REPO / "configs" / "tiny" / "teacher.yaml"
+
+
+@pytest.fixture(scope="module")
+def build_info():
+    return json.loads((EMBEDDED_TEACHER / "build_info.json").read_text())
+
+
+def test_shipped_teacher_matches_its_recipe_fingerprint(build_info):
+    # Changing the recipe (or the corpus it was trained on) without `make teacher` breaks this.
+    assert build_info["fingerprint"] == recipe_fingerprint(RECIPE)
+
+
+def test_shipped_teacher_has_the_recipes_shape(build_info):
+    recipe = yaml.safe_load(RECIPE.read_text())
+    config = json.loads((EMBEDDED_TEACHER / "config.json").read_text())
+    for key, value in recipe["student"]["config"].items():
+        assert config[key] == value, key
+    assert build_info["steps"] == recipe["train"]["max_steps"]
+    # vLLM's CPU backend serves head sizes of 32 and up; GQA means fewer KV heads than heads
+    assert config["head_dim"] >= 32 and config["num_key_value_heads"] < config["num_attention_heads"]
+
+
+def test_teacher_is_far_better_than_an_untrained_model(build_info, embedded_tokenizer):
+    from llmdistill import data
+    from llmdistill.config import DatasetSpec
+
+    uniform = math.log(len(embedded_tokenizer))
+    assert build_info["held_out"]["loss"] < 0.6 * uniform
+    # recompute on held-out text: the stored figure is what the model really does
+    texts = data.load_texts(DatasetSpec(path="embedded:test", max_documents=4))
+    packed = data.tokenize_and_pack(texts, embedded_tokenizer, seq_len=256, name="test")
+    batch = data.collate([packed[i] for i in range(min(8, len(packed)))])
+    teacher = load_model(str(EMBEDDED_TEACHER))
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+    assert loss.item() < 0.6 * uniform

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from llmdistill import models
+from llmdistill.config import LLMDistillError, PeftConfig
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(LLMDistillError, match=r"teacher\.path: model path not found"):
+        models.resolve_model_path(str(tmp_path / "nope"), "teacher.path")
+    with pytest.raises(LLMDistillError, match="not a Hugging Face model directory"):
+        models.resolve_model_path(str(tmp_path), "student.path")
+
+
+def test_sequence_length_above_the_models_maximum(tiny_llama):
+    models.check_sequence_length(128, tiny_llama.config, "teacher")
+    with pytest.raises(LLMDistillError, match=r"data\.seq_len=129 is above the teacher's maximum sequence length 128"):
+        models.check_sequence_length(129, tiny_llama.config, "teacher")
+
+
+def test_vocabulary_checks(embedded_tokenizer, tiny_llama):
+    from llmdistill.data import train_bpe_tokenizer
+
+    other = train_bpe_tokenizer(iter(["completely different text " * 50]), vocab_size=300)
+    cfg = tiny_llama.config
+    with pytest.raises(LLMDistillError, match="tokenizers differ .* needs the 'alm' or 'uld' loss"):
+        models.check_vocabularies(embedded_tokenizer, other, cfg, cfg, cross_tokenizer_loss=False)
+    assert "cross-tokenizer" in models.check_vocabularies(embedded_tokenizer, other, cfg, cfg, True)
+    padded = cfg.__class__(**{**cfg.to_dict(), "vocab_size": 2112})
+    assert "shared range" in models.check_vocabularies(embedded_tokenizer, embedded_tokenizer, cfg, padded, False)
+
+
+def test_save_student_merges_lora_and_loads_with_plain_transformers(tmp_path, tiny_llama, embedded_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    peft_cfg = PeftConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    student = models.wrap_peft(models.model_from_config(tiny_llama.config), peft_cfg)
+    with torch.no_grad():  # LoRA's B starts at zero; make the adapter matter
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(2, 2048, (2, 12))
+    with torch.no_grad():
+        expected = student(input_ids=ids).logits
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    out = models.save_student(state, tiny_llama.config, embedded_tokenizer, tmp_path / "student", "float32", peft_cfg)
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)

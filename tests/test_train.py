@@ -1,0 +1,82 @@
+"""The trainer as one plain process: exact resume, crash safety, and one-line errors for bad input."""
+
+import json
+
+import pytest
+
+from conftest import QUICK, read_log, run_cli
+from llmdistill.train import COMPLETE, complete_checkpoints
+
+STEPS = ["train.max_steps=8", "train.save_every=4", "deepspeed.zero_stage=1"]
+
+
+def _train(tmp_path, name, extra=(), env=None):
+    return run_cli(["train", *QUICK, *STEPS, f"run.output_dir={tmp_path}", f"run.name={name}", *extra], env=env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    result = _train(tmp, "straight")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_log(tmp / "straight")
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterrupted):
+    killed = _train(tmp_path, "resumed", env={"LLMDISTILL_FAILPOINT": "checkpoint_complete@4"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert max(read_log(tmp_path / "resumed")) == 4
+    resumed = _train(tmp_path, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
+    log = read_log(tmp_path / "resumed")
+    for step in range(1, 9):
+        assert log[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-6, rel=0), step
+        # one micro-batch per step: no batch skipped or repeated across the restart
+        assert log[step]["consumed_micro_batches"] == step
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, uninterrupted):
+    killed = _train(tmp_path, "crash", env={"LLMDISTILL_FAILPOINT": "checkpoint_before_complete@8"})
+    assert killed.returncode == -9
+    root = tmp_path / "crash" / "checkpoints"
+    assert (root / "step_00000008").is_dir() and not (root / "step_00000008" / COMPLETE).exists()
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000004"]
+    resumed = _train(tmp_path, "crash")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_00000004" in resumed.stderr
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000004", "step_00000008"]
+    log = read_log(tmp_path / "crash")
+    assert log[8]["loss"] == pytest.approx(uninterrupted[8]["loss"], abs=1e-6, rel=0)
+    summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
+    assert summary["export_max_abs_diff"] < 1e-5
+
+
+def test_training_improves_the_student_and_exports_it(uninterrupted, tmp_path):
+    assert uninterrupted[8]["loss"] < uninterrupted[1]["loss"]
+
+
+def _error_line(result) -> str:
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    from llmdistill.data import train_bpe_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    train_bpe_tokenizer(iter(["some other text to learn from " * 40]), vocab_size=300).save_pretrained(other)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = {
+        "train.max_stepz=3": "train.max_stepz: unknown key",
+        "train.max_steps=lots": "train.max_steps: Input should be a valid integer",
+        f"teacher.path={tmp_path}/missing": "teacher.path: model path not found",
+        f"student.tokenizer={other}": "tokenizers differ (teacher: 2048 tokens, student: ",
+        f"data.train.path={empty}": f"dataset {empty} is empty",
+        "data.seq_len=4096": "data.seq_len=4096 is above the teacher's maximum sequence length 512",
+    }
+    for override, message in cases.items():
+        line = _error_line(run_cli(["train", *QUICK, f"run.output_dir={tmp_path}", override]))
+        assert line.startswith("error: ") and message in line, (override, line)
