@@ -1,4 +1,5 @@
-"""Train a student: `deepspeed --num_gpus 2 launch/train.py --config configs/tiny/distill.yaml [key=value ...]`.
+"""Train a student: `deepspeed --num_gpus 2 launch/train.py --config configs/tiny/distill.yaml [key=value
+...]`.
 
 Also runs under `torchrun --nproc_per_node N`, `srun`, or as one plain process.
 """

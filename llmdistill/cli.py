@@ -43,8 +43,15 @@ def cmd_demo(args) -> None:
     """The main job on the embedded default: 2-rank DeepSpeed distillation, then a short summary."""
     cfg = load_config(args.config, args.overrides)
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(args.ranks), str(REPO / "launch" / "train.py"), "--config", args.config,
-           *args.overrides]
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        str(args.ranks),
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        args.config,
+        *args.overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     print("$", " ".join(cmd), flush=True)
     if subprocess.call(cmd, env=env) != 0:
@@ -54,16 +61,22 @@ def cmd_demo(args) -> None:
 
 def print_summary(s: dict) -> None:
     rows = []
-    for who, key, params in (("teacher", "teacher_eval", "teacher_parameters"),
-                             ("student (start)", "student_eval_start", "student_parameters"),
-                             ("student (end)", "student_eval", "student_parameters")):
+    for who, key, params in (
+        ("teacher", "teacher_eval", "teacher_parameters"),
+        ("student (start)", "student_eval_start", "student_parameters"),
+        ("student (end)", "student_eval", "student_parameters"),
+    ):
         if key in s:
             e = s[key]
-            rows.append(f"{who:<16} {s.get(params, 0):>12,} {e['loss']:>10.4f} {e['ppl']:>10.2f} {e['bpb']:>8.3f}")
+            rows.append(
+                f"{who:<16} {s.get(params, 0):>12,} {e['loss']:>10.4f} {e['ppl']:>10.2f} {e['bpb']:>8.3f}"
+            )
     print(f"\n{'model':<16} {'parameters':>12} {'loss':>10} {'ppl':>10} {'bpb':>8}")
     print("\n".join(rows))
-    print(f"\n{s['steps']} steps on {s['world_size']} ranks (ZeRO-{s['zero_stage']}), "
-          f"{s['tokens_per_s']:.0f} tokens/s; student saved to {s.get('student_dir', '(not exported)')}")
+    print(
+        f"\n{s['steps']} steps on {s['world_size']} ranks (ZeRO-{s['zero_stage']}), "
+        f"{s['tokens_per_s']:.0f} tokens/s; student saved to {s.get('student_dir', '(not exported)')}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """One typed configuration tree for every command, loaded from YAML with dotted `key=value` overrides.
 
-Unknown keys are rejected and every error names the offending field, so a typo never silently becomes a default.
+Unknown keys are rejected and every error names the offending field, so a typo never silently becomes a
+default.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class PeftConfig(Section):
 
 
 class StudentConfig(Section):
-    # Exactly one way to get the student: an existing HF dir, the teacher's config with overrides (random init),
+    # Exactly one way to get the student: an existing HF dir, the teacher's config with overrides (random
+    # init),
     # or a full model config (random init).
     path: str | None = None
     from_teacher: dict[str, Any] | None = None
@@ -70,7 +72,10 @@ class StudentConfig(Section):
     def _one_source(self):
         given = [k for k in ("path", "from_teacher", "config") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of student.path, student.from_teacher, student.config (got {given or 'none'})")
+            raise ValueError(
+                "give exactly one of student.path, student.from_teacher, student.config "
+                f"(got {given or 'none'})"
+            )
         return self
 
 
@@ -91,7 +96,8 @@ class DataConfig(Section):
 
 
 class LossTerm(BaseModel):
-    """One weighted term of the objective; any other key is a parameter of that loss, checked by the registry."""
+    """One weighted term of the objective; any other key is a parameter of that loss, checked by the
+    registry."""
 
     model_config = ConfigDict(extra="allow")
     name: str
@@ -203,7 +209,7 @@ class BalanceConfig(Section):
     """MoKD-style balancing of the terms' gradients w.r.t. the student's final hidden state."""
 
     method: Literal["pcgrad"] = "pcgrad"
-    # Rescale each term's gradient to the mean norm ("mean"), to the task terms' norm ("task"), or not ("none").
+    # Rescale each term's gradient to the mean norm ("mean"), the task terms' norm ("task"), or not ("none").
     normalize: Literal["mean", "task", "none"] = "mean"
     # PCGrad: drop the component of a term's gradient that conflicts with another's.
     project: bool = True
@@ -248,7 +254,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if isinstance(node, list):
                 node = node[_list_index(key, part, node)]
                 continue
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a null section in YAML (`masking: null`) can still take overrides
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict | list):
                 raise ConfigError(f"override {key}: {part} is not a section")
         last = parts[-1]
@@ -272,7 +280,9 @@ def _format_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key")
         else:
-            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})" if "input" in e else f"{where}: {e['msg']}")
+            lines.append(
+                f"{where}: {e['msg']} (got {e.get('input')!r})" if "input" in e else f"{where}: {e['msg']}"
+            )
     return "; ".join(lines)
 
 

@@ -1,8 +1,12 @@
-"""Datasets: the embedded stdlib corpus, local files or hub names, tokenized and packed into fixed-length sequences.
+"""Datasets: the embedded stdlib corpus, local files or hub names, tokenized and packed into fixed-length
+sequences.
 
-A packed sequence carries `position_ids` that restart at every document, so transformers builds a block-causal mask
-(no attention across documents), and `targets` already shifted by one: `targets[t]` is the token to predict at `t`,
--100 where the next token belongs to another document. transformers only derives that mask with no attention_mask
+A packed sequence carries `position_ids` that restart at every document, so transformers builds a block-causal
+mask
+(no attention across documents), and `targets` already shifted by one: `targets[t]` is the token to predict at
+`t`,
+-100 where the next token belongs to another document. transformers only derives that mask with no
+attention_mask
 and no KV cache: call models with `position_ids=..., use_cache=False`.
 """
 
@@ -21,8 +25,18 @@ from llmdistill.config import DatasetSpec, LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
 
 SPLITS = ("train", "validation", "test")
-# Directories of the standard library that are tests, vendored packages or generated tables, not code worth learning.
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
+# Directories of the standard library that are tests, vendored packages or generated tables, not code worth
+# learning.
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+}
 _MAX_FILE_BYTES = 256_000
 
 
@@ -30,11 +44,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMDISTILL_CACHE", Path.home() / ".cache" / "llmdistill"))
 
 
-# ---------------------------------------------------------------------------------------------- embedded corpus
+# ---------------------------------------------------------------------------------------------- embedded
+# corpus
 
 
 def stdlib_files() -> list[tuple[str, Path]]:
-    """The standard library's own sources, as (relative path, path), sorted so every machine sees the same order."""
+    """The standard library's own sources, as (relative path, path), sorted so every machine sees the same
+    order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for p in root.rglob("*.py"):
@@ -46,7 +62,8 @@ def stdlib_files() -> list[tuple[str, Path]]:
 
 
 def split_of(relpath: str) -> str:
-    """Split by file (a hash of its path), so no file leaks across splits: 90% train, 5% validation, 5% test."""
+    """Split by file (a hash of its path), so no file leaks across splits: 90% train, 5% validation, 5%
+    test."""
     bucket = int(hashlib.sha1(relpath.encode()).hexdigest()[:8], 16) % 100
     return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
 
@@ -75,15 +92,20 @@ def embedded_corpus() -> dict[str, Path]:
     for s in SPLITS:
         handles[s].close()
         tmp[s].replace(paths[s])
-    manifest = {"source": "python stdlib", "stdlib": sysconfig.get_paths()["stdlib"], "documents": counts,
-                "content_sha256": digest.hexdigest()}
+    manifest = {
+        "source": "python stdlib",
+        "stdlib": sysconfig.get_paths()["stdlib"],
+        "documents": counts,
+        "content_sha256": digest.hexdigest(),
+    }
     # The manifest is written last: its presence marks a complete corpus.
     paths["manifest"].write_text(json.dumps(manifest, indent=2))
     return paths
 
 
 def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2 style, so every byte string is encodable) wrapped as an HF tokenizer."""
+    """A byte-level BPE tokenizer (GPT-2 style, so every byte string is encodable) wrapped as an HF
+    tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -131,7 +153,9 @@ def load_texts(spec: DatasetSpec):
         try:
             ds = datasets.load_dataset(spec.path, split=spec.split)
         except Exception as err:  # the hub raises many kinds; the user needs the name and the reason
-            raise LLMDistillError(f"could not load dataset {spec.path!r} (split {spec.split}): {err}") from None
+            raise LLMDistillError(
+                f"could not load dataset {spec.path!r} (split {spec.split}): {err}"
+            ) from None
     else:
         fmt, files = _data_files(Path(spec.path))
         fmt = fmt if spec.format == "auto" else spec.format
@@ -142,7 +166,9 @@ def load_texts(spec: DatasetSpec):
         except Exception as err:  # malformed files surface as many exception types inside datasets
             raise LLMDistillError(f"could not read dataset {spec.path} as {fmt}: {err}") from None
     if spec.text_field not in ds.column_names:
-        raise LLMDistillError(f"dataset {spec.path}: no field {spec.text_field!r} (fields: {ds.column_names})")
+        raise LLMDistillError(
+            f"dataset {spec.path}: no field {spec.text_field!r} (fields: {ds.column_names})"
+        )
     if spec.max_documents is not None:
         ds = ds.select(range(min(spec.max_documents, len(ds))))
     ds = ds.select_columns([spec.text_field])
@@ -164,7 +190,9 @@ def pack_documents(docs: list[list[int]], seq_len: int) -> dict[str, list[list[i
         end = start + seq_len
         ids = stream[start:end]
         doc = doc_of[start : end + 1]
-        targets = [stream[t + 1] if doc[t - start + 1] == doc[t - start] else IGNORE_INDEX for t in range(start, end)]
+        targets = [
+            stream[t + 1] if doc[t - start + 1] == doc[t - start] else IGNORE_INDEX for t in range(start, end)
+        ]
         pos, p = [], 0
         for t in range(seq_len):
             p = 0 if t == 0 or doc[t] != doc[t - 1] else p + 1
@@ -181,7 +209,11 @@ def tokenize_and_pack(texts, tokenizer, seq_len: int, name: str):
 
     def tokenize(batch):
         encoded = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
-        return {"ids": [ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in encoded]}
+        return {
+            "ids": [
+                ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in encoded
+            ]
+        }
 
     tokenized = texts.map(tokenize, batched=True, remove_columns=texts.column_names)
     packed = tokenized.map(
@@ -220,13 +252,15 @@ def micro_batch_indices(
 ) -> Iterator[list[int]]:
     """Index lists for this rank's micro-batches, endlessly, starting after `start` consumed micro-batches.
 
-    The position in the data is one integer (micro-batches consumed per rank), so a checkpoint can store it and a
+    The position in the data is one integer (micro-batches consumed per rank), so a checkpoint can store it
+    and a
     resumed run continues with exactly the next batch, without replaying the ones before it.
     """
     per_epoch = num_samples // (micro_batch * world_size)
     if per_epoch == 0:
         raise LLMDistillError(
-            f"dataset has {num_samples} sequences, fewer than one global batch ({micro_batch} x {world_size} ranks)"
+            f"dataset has {num_samples} sequences, fewer than one global batch "
+            f"({micro_batch} x {world_size} ranks)"
         )
     position = start
     while True:
@@ -241,7 +275,9 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]).long() for k in samples[0]}
 
 
-def micro_batches(dataset, micro_batch: int, world_size: int, rank: int, seed: int, start: int = 0, workers: int = 0):
+def micro_batches(
+    dataset, micro_batch: int, world_size: int, rank: int, seed: int, start: int = 0, workers: int = 0
+):
     """A DataLoader over `micro_batch_indices`; the loader's own order is never shuffled."""
     from torch.utils.data import DataLoader
 

@@ -1,6 +1,8 @@
-"""The embedded default: stdlib corpus → byte-level BPE tokenizer → tiny Llama teacher, trained by our own trainer.
+"""The embedded default: stdlib corpus → byte-level BPE tokenizer → tiny Llama teacher, trained by our own
+trainer.
 
-The built teacher ships in the package (llmdistill/embedded/teacher/) with build_info.json, whose fingerprint ties
+The built teacher ships in the package (llmdistill/embedded/teacher/) with build_info.json, whose fingerprint
+ties
 it to its recipe (configs/tiny/teacher.yaml) and to the corpus it was trained on.
 """
 
@@ -13,9 +15,9 @@ import shutil
 import time
 from pathlib import Path
 
-from llmdistill import data
 import yaml
 
+from llmdistill import data
 from llmdistill.config import apply_overrides, load_config
 from llmdistill.models import EMBEDDED_TEACHER
 
@@ -53,7 +55,9 @@ def build_teacher(config_path: str, overrides: list[str] = ()) -> Path:
     tok_dir = cfg.run.dir / "tokenizer"
     tok = build_tokenizer(cfg.student.config["vocab_size"], tok_dir)
     if len(tok) != cfg.student.config["vocab_size"]:
-        raise RuntimeError(f"tokenizer has {len(tok)} tokens, the recipe's vocab_size is {cfg.student.config['vocab_size']}")
+        raise RuntimeError(
+            f"tokenizer has {len(tok)} tokens, the recipe's vocab_size is {cfg.student.config['vocab_size']}"
+        )
     cfg.student.tokenizer = str(tok_dir)
     t0 = time.time()
     summary = train(cfg)
@@ -73,6 +77,8 @@ def build_teacher(config_path: str, overrides: list[str] = ()) -> Path:
     shutil.rmtree(EMBEDDED_TEACHER, ignore_errors=True)
     tmp.replace(EMBEDDED_TEACHER)
     ev = info["held_out"]
-    print(f"embedded teacher: {info['parameters']:,} parameters, held-out loss {ev['loss']:.4f} nats/token, "
-          f"{ev['bpb']:.3f} bits/byte -> {EMBEDDED_TEACHER}")
+    print(
+        f"embedded teacher: {info['parameters']:,} parameters, held-out loss {ev['loss']:.4f} nats/token, "
+        f"{ev['bpb']:.3f} bits/byte -> {EMBEDDED_TEACHER}"
+    )
     return EMBEDDED_TEACHER

@@ -14,7 +14,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(path: str, what: str, tokenizer_only: bool = False) -> str:
-    """A local dir, a hub name, or "embedded"; a missing local path is an error that names `what` (the field)."""
+    """A local dir, a hub name, or "embedded"; a missing local path is an error that names `what` (the
+    field)."""
     if path == "embedded":
         if not (EMBEDDED_TEACHER / "config.json").exists():
             raise LLMDistillError(f"{what}: the embedded teacher is not built; run `make teacher`")
@@ -44,7 +45,9 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
     except ValueError as err:
         raise LLMDistillError(f"could not load model {path}: {err}") from None
 
@@ -98,7 +101,9 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
 
 
-def check_vocabularies(teacher_tok, student_tok, teacher_config, student_config, cross_tokenizer_loss: bool) -> str:
+def check_vocabularies(
+    teacher_tok, student_tok, teacher_config, student_config, cross_tokenizer_loss: bool
+) -> str:
     """Refuse a tokenizer mismatch unless a cross-tokenizer loss is configured; returns a note for the log."""
     if not same_tokenizer(teacher_tok, student_tok):
         if cross_tokenizer_loss:
@@ -109,23 +114,40 @@ def check_vocabularies(teacher_tok, student_tok, teacher_config, student_config,
         )
     for who, config in (("teacher", teacher_config), ("student", student_config)):
         if config.vocab_size < len(teacher_tok):
-            raise LLMDistillError(f"{who} vocab_size {config.vocab_size} is smaller than its tokenizer ({len(teacher_tok)})")
+            raise LLMDistillError(
+                f"{who} vocab_size {config.vocab_size} is smaller than its tokenizer ({len(teacher_tok)})"
+            )
     if teacher_config.vocab_size != student_config.vocab_size:
-        return (f"padded vocabularies differ (teacher {teacher_config.vocab_size}, student {student_config.vocab_size}):"
-                f" losses compare the shared range")
+        return (
+            f"padded vocabularies differ (teacher {teacher_config.vocab_size}, "
+            f"student {student_config.vocab_size}):"
+            f" losses compare the shared range"
+        )
     return ""
 
 
 def wrap_peft(model, cfg: PeftConfig):
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
-def save_student(state_dict: dict, config, tokenizer, out_dir: Path, dtype: str, peft: PeftConfig | None,
-                 card: dict | None = None) -> Path:
+def save_student(
+    state_dict: dict,
+    config,
+    tokenizer,
+    out_dir: Path,
+    dtype: str,
+    peft: PeftConfig | None,
+    card: dict | None = None,
+) -> Path:
     """Write a plain HF checkpoint (safetensors) from a full state dict: PEFT adapters merged, ties restored.
 
     Written into a temporary directory and renamed, so a crash never leaves a half-written student behind.
@@ -139,9 +161,15 @@ def save_student(state_dict: dict, config, tokenizer, out_dir: Path, dtype: str,
     if peft is not None:
         model = wrap_peft(model, peft)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = (
+        {k for k in missing if k.endswith("lm_head.weight")}
+        if getattr(config, "tie_word_embeddings", False)
+        else set()
+    )
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"export: state dict does not match the model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"export: state dict does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     if peft is not None:
         model = model.merge_and_unload()
     model.tie_weights()

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# `targets` in a batch are already shifted (targets[t] is the token to predict at t); this marks positions to skip.
+# `targets` in a batch are already shifted (targets[t] is the token to predict at t); this marks positions to
+# skip.
 IGNORE_INDEX = -100
 
 
@@ -44,7 +45,8 @@ class TeacherSignal:
 class StudentOutput:
     """The student's forward, stopped before the LM head so losses can apply the head chunk by chunk.
 
-    `head` is the model's output-embedding module itself: calling it inside the engine's forward lets ZeRO-3 gather
+    `head` is the model's output-embedding module itself: calling it inside the engine's forward lets ZeRO-3
+    gather
     its partitioned weight, so a loss never needs the full [B, T, V] logits at once.
     """
 

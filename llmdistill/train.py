@@ -32,7 +32,8 @@ COMPLETE = "COMPLETE"
 class DistillationModule(torch.nn.Module):
     """The student and the objective's learnable state, as one module for the DeepSpeed engine.
 
-    The whole loss runs inside the engine's forward, so ZeRO-3 gathers the head's weight whenever a loss calls it.
+    The whole loss runs inside the engine's forward, so ZeRO-3 gathers the head's weight whenever a loss calls
+    it.
     """
 
     def __init__(self, student, objective: Objective):
@@ -48,7 +49,9 @@ class DistillationModule(torch.nn.Module):
             output_hidden_states="student_hidden" in self.objective.needs and not evaluate,
             use_cache=False,
         )
-        student = StudentOutput(out.last_hidden_state, self.student.get_output_embeddings(), out.hidden_states)
+        student = StudentOutput(
+            out.last_hidden_state, self.student.get_output_embeddings(), out.hidden_states
+        )
         if evaluate:
             return held_out_nll(student, batch)
         return self.objective(student, signal, batch)
@@ -121,8 +124,9 @@ def save_checkpoint(engine, root: Path, step: int, consumed: int, rank: int, kee
 
 def load_checkpoint(engine, path: Path, rank: int) -> tuple[int, int]:
     meta = json.loads((path / COMPLETE).read_text())
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise LLMDistillError(f"could not load checkpoint {path}")
     rng = path / f"rng_rank{rank}.pt"
@@ -159,7 +163,8 @@ class Plan:
 
 
 def preflight(cfg: Config) -> Plan:
-    """Every check that needs no weights and no process group, so bad input fails in a second with one line."""
+    """Every check that needs no weights and no process group, so bad input fails in a second with one
+    line."""
     from transformers import AutoConfig
 
     from llmdistill.losses import get_loss
@@ -171,13 +176,19 @@ def preflight(cfg: Config) -> Plan:
     if cfg.teacher.source != "none":
         teacher_path = models.resolve_model_path(cfg.teacher.path, "teacher.path")
         teacher_tok = models.load_tokenizer(teacher_path, cfg.teacher.trust_remote_code)
-        teacher_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
+        teacher_config = AutoConfig.from_pretrained(
+            teacher_path, trust_remote_code=cfg.teacher.trust_remote_code
+        )
     elif needs & {"teacher", "teacher_hidden"}:
-        raise LLMDistillError(f"loss: {[t.name for t in cfg.loss]} needs a teacher, but teacher.source is 'none'")
+        raise LLMDistillError(
+            f"loss: {[t.name for t in cfg.loss]} needs a teacher, but teacher.source is 'none'"
+        )
     student_path = None
     if cfg.student.path is not None:
         student_path = models.resolve_model_path(cfg.student.path, "student.path")
-        student_config = AutoConfig.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
+        student_config = AutoConfig.from_pretrained(
+            student_path, trust_remote_code=cfg.student.trust_remote_code
+        )
     elif cfg.student.from_teacher is not None:
         student_config = models.config_with_overrides(teacher_config, cfg.student.from_teacher)
     else:
@@ -186,10 +197,14 @@ def preflight(cfg: Config) -> Plan:
     if tokenizer_path is None:
         raise LLMDistillError("student.tokenizer: needed when there is no teacher to take it from")
     if cfg.student.tokenizer is not None:
-        tokenizer_path = models.resolve_model_path(cfg.student.tokenizer, "student.tokenizer", tokenizer_only=True)
+        tokenizer_path = models.resolve_model_path(
+            cfg.student.tokenizer, "student.tokenizer", tokenizer_only=True
+        )
     student_tok = models.load_tokenizer(tokenizer_path, cfg.student.trust_remote_code)
     if teacher_config is not None:
-        note = models.check_vocabularies(teacher_tok, student_tok, teacher_config, student_config, cross_tokenizer)
+        note = models.check_vocabularies(
+            teacher_tok, student_tok, teacher_config, student_config, cross_tokenizer
+        )
         if note:
             log.info(note)
         models.check_sequence_length(cfg.data.seq_len, teacher_config, "teacher")
@@ -207,7 +222,8 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
 
     student = None
     if plan.student_path is None:
-        # A random init is built before ZeRO-3's context exists, so it is the same under every stage (zero.Init
+        # A random init is built before ZeRO-3's context exists, so it is the same under every stage
+        # (zero.Init
         # draws random numbers in another order); the engine partitions it at deepspeed.initialize.
         torch.manual_seed(cfg.run.seed)
         student = models.model_from_config(plan.student_config, cfg.student.dtype)
@@ -275,25 +291,33 @@ def evaluate(model_fn, batches, tokenizer, device: str) -> dict:
         nbytes += data.bytes_of_targets(tokenizer, batch["targets"])
     nll, tokens, nbytes = all_reduce_sum([nll, tokens, nbytes])
     loss = nll / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": nll / math.log(2) / max(nbytes, 1),
-            "tokens": int(tokens)}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50)),
+        "bpb": nll / math.log(2) / max(nbytes, 1),
+        "tokens": int(tokens),
+    }
 
 
 def _teacher_eval_fn(teacher):
     @torch.no_grad()
     def run(batch):
-        logits = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = teacher(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
         targets = batch["targets"].reshape(-1)
         keep = targets != IGNORE_INDEX
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep].float(), targets[keep],
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1])[keep].float(), targets[keep], reduction="sum"
+        )
         return torch.stack([nll.double(), keep.sum().double()])
 
     return run
 
 
 def held_out_batches(dataset, cfg: Config, rank: int, world: int) -> list[dict]:
-    """The first `eval_batches` global batches of the validation set, in order: the same tokens at every eval."""
+    """The first `eval_batches` global batches of the validation set, in order: the same tokens at every
+    eval."""
     mb = cfg.train.micro_batch_size
     out = []
     for i in range(cfg.train.eval_batches):
@@ -321,25 +345,32 @@ def train(cfg: Config) -> dict:
     ds_config = deepspeed_config(cfg, world)
     teacher, student, hf_ds_config = build_models(cfg, plan, ds_config)
     student_tok = plan.student_tok
-    objective = Objective(cfg.loss, student.config, plan.teacher_config,
-                          **({"balance": cfg.balance} if cfg.balance is not None else {}))
+    objective = Objective(
+        cfg.loss,
+        student.config,
+        plan.teacher_config,
+        **({"balance": cfg.balance} if cfg.balance is not None else {}),
+    )
 
     # Rank 0 tokenizes first so the others read `datasets`' cache instead of repeating the work.
     if rank != 0:
         barrier()
-    train_set = data.tokenize_and_pack(data.load_texts(cfg.data.train), student_tok, cfg.data.seq_len,
-                                       cfg.data.train.path)
+    train_set = data.tokenize_and_pack(
+        data.load_texts(cfg.data.train), student_tok, cfg.data.seq_len, cfg.data.train.path
+    )
     val_set = None
     if cfg.data.validation is not None:
-        val_set = data.tokenize_and_pack(data.load_texts(cfg.data.validation), student_tok, cfg.data.seq_len,
-                                         cfg.data.validation.path)
+        val_set = data.tokenize_and_pack(
+            data.load_texts(cfg.data.validation), student_tok, cfg.data.seq_len, cfg.data.validation.path
+        )
     if rank == 0:
         barrier()
 
     module = DistillationModule(student, objective)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=ds_config
     )
@@ -358,16 +389,22 @@ def train(cfg: Config) -> dict:
 
     runlog = RunLog(run_dir, rank)
     n_student = models.count_parameters(student)
-    summary = {"run_dir": str(run_dir), "world_size": world, "zero_stage": cfg.deepspeed.zero_stage,
-               "student_parameters": n_student}
+    summary = {
+        "run_dir": str(run_dir),
+        "world_size": world,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "student_parameters": n_student,
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+    }
     if cfg.deepspeed.zero_stage == 3:
         # Under ZeRO-3 each rank holds only its shard; record how much, so partitioning can be checked.
         local = sum(p.ds_tensor.numel() for p in student.parameters() if hasattr(p, "ds_tensor"))
         summary["zero3_local_fraction"] = local / n_student
     held_out = held_out_batches(val_set, cfg, rank, world) if val_set is not None else []
     if teacher is not None:
-        summary["teacher_parameters"] = models.count_parameters(teacher.module if hasattr(teacher, "module")
-                                                                else teacher)
+        summary["teacher_parameters"] = models.count_parameters(
+            teacher.module if hasattr(teacher, "module") else teacher
+        )
         if held_out:
             summary["teacher_eval"] = evaluate(_teacher_eval_fn(teacher), held_out, student_tok, device)
     student_eval_fn = _student_eval_fn(engine)
@@ -376,8 +413,17 @@ def train(cfg: Config) -> dict:
         summary["student_eval_start"] = first
         runlog.write(0, {f"eval/{k}": v for k, v in first.items()})
 
-    batches = iter(data.micro_batches(train_set, cfg.train.micro_batch_size, world, rank, cfg.run.seed,
-                                      start=consumed, workers=cfg.data.num_workers))
+    batches = iter(
+        data.micro_batches(
+            train_set,
+            cfg.train.micro_batch_size,
+            world,
+            rank,
+            cfg.run.seed,
+            start=consumed,
+            workers=cfg.data.num_workers,
+        )
+    )
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum * world
     progress = _progress_bar(cfg, rank, step)
     stop = _StopRequest()
@@ -401,22 +447,42 @@ def train(cfg: Config) -> dict:
         keys = sorted(step_metrics)
         reduced = all_reduce_sum([step_metrics[k] for k in keys])
         record = {k: v / world for k, v in zip(keys, reduced, strict=True)}
-        record |= {"lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / (time.time() - t0),
-                   "consumed_micro_batches": consumed, "time": time.time()}
+        record |= {
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_step / (time.time() - t0),
+            "consumed_micro_batches": consumed,
+            "time": time.time(),
+        }
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             runlog.write(step, record)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
-        if held_out and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            runlog.write(step, {f"eval/{k}": v for k, v in evaluate(student_eval_fn, held_out, student_tok,
-                                                                      device).items()})
+            progress.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}"
+            )
+        if (
+            held_out
+            and cfg.train.eval_every
+            and step % cfg.train.eval_every == 0
+            and step < cfg.train.max_steps
+        ):
+            runlog.write(
+                step,
+                {f"eval/{k}": v for k, v in evaluate(student_eval_fn, held_out, student_tok, device).items()},
+            )
             engine.train()
         stopping = stop()
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps or stopping:
+        if (
+            (cfg.train.save_every and step % cfg.train.save_every == 0)
+            or step == cfg.train.max_steps
+            or stopping
+        ):
             save_checkpoint(engine, ckpt_root, step, consumed, rank, cfg.train.keep_checkpoints)
         if stopping and step < cfg.train.max_steps:
-            log.warning(f"stopping at step {step} on {stop.signal_name}; checkpoint saved, resume with the same command")
+            log.warning(
+                f"stopping at step {step} on {stop.signal_name}; "
+                "checkpoint saved, resume with the same command"
+            )
             summary["stopped_early"] = step
             break
     if progress is not None:
@@ -427,8 +493,9 @@ def train(cfg: Config) -> dict:
         summary["student_eval"] = evaluate(student_eval_fn, held_out, student_tok, device)
         runlog.write(step, {f"eval/{k}": v for k, v in summary["student_eval"].items()})
     if cfg.train.export and "stopped_early" not in summary:
-        summary["student_dir"] = str(export(engine, cfg, student, student_tok, run_dir, rank, held_out, device,
-                                            summary))
+        summary["student_dir"] = str(
+            export(engine, cfg, student, student_tok, run_dir, rank, held_out, device, summary)
+        )
     runlog.close()
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -493,7 +560,9 @@ def gather_state_dict(engine, module, rank: int) -> dict | None:
     return state if rank == 0 else None
 
 
-def export(engine, cfg: Config, student, tokenizer, run_dir: Path, rank: int, held_out, device, summary) -> Path:
+def export(
+    engine, cfg: Config, student, tokenizer, run_dir: Path, rank: int, held_out, device, summary
+) -> Path:
     """Write the student as a plain HF checkpoint, and verify it reproduces the engine's logits."""
     out_dir = run_dir / "student"
     state = gather_state_dict(engine, student, rank)
@@ -505,15 +574,26 @@ def export(engine, cfg: Config, student, tokenizer, run_dir: Path, rank: int, he
             decoder_batch = _to_device(probe, device)
             probe_logits = _engine_logits(engine, decoder_batch)
     if rank == 0:
-        card = {"teacher": cfg.teacher.path, "loss": [t.model_dump() for t in cfg.loss], "steps": summary["steps"],
-                "student_eval": summary.get("student_eval"), "teacher_eval": summary.get("teacher_eval")}
+        card = {
+            "teacher": cfg.teacher.path,
+            "loss": [t.model_dump() for t in cfg.loss],
+            "steps": summary["steps"],
+            "student_eval": summary.get("student_eval"),
+            "teacher_eval": summary.get("teacher_eval"),
+        }
         config = student.get_base_model().config if cfg.student.peft is not None else student.config
         models.save_student(state, config, tokenizer, out_dir, cfg.student.dtype, cfg.student.peft, card)
         if probe is not None:
             from safetensors.torch import save_file
 
-            save_file({"input_ids": probe["input_ids"], "position_ids": probe["position_ids"],
-                       "logits": probe_logits.float().cpu().contiguous()}, str(run_dir / "export_probe.safetensors"))
+            save_file(
+                {
+                    "input_ids": probe["input_ids"],
+                    "position_ids": probe["position_ids"],
+                    "logits": probe_logits.float().cpu().contiguous(),
+                },
+                str(run_dir / "export_probe.safetensors"),
+            )
             summary["export_max_abs_diff"] = _check_export(out_dir, probe, probe_logits)
     barrier()
     return out_dir
@@ -521,13 +601,17 @@ def export(engine, cfg: Config, student, tokenizer, run_dir: Path, rank: int, he
 
 def _engine_logits(engine, batch) -> torch.Tensor:
     module = engine.module
-    return module.student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return module.student(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    ).logits
 
 
 def _check_export(out_dir: Path, probe: dict, expected: torch.Tensor) -> float:
     exported = models.load_model(str(out_dir), "float32")
     with torch.no_grad():
-        got = exported(input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False).logits
+        got = exported(
+            input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False
+        ).logits
     diff = (got - expected.float().cpu()).abs().max().item()
     log.info(f"exported student reproduces the engine's logits: max |diff| = {diff:.2e}")
     return diff

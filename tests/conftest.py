@@ -26,10 +26,14 @@ QUICK = [
 
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None):
-    """Run `python -m llmdistill.cli ...` (or a launcher in front of launch/train.py) and return the result."""
+    """Run `python -m llmdistill.cli ...` (or a launcher in front of launch/train.py) and return the
+    result."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [*launcher, str(REPO / "launch" / "train.py"), *args] if launcher else [
-        sys.executable, "-m", "llmdistill.cli", *args]
+    cmd = (
+        [*launcher, str(REPO / "launch" / "train.py"), *args]
+        if launcher
+        else [sys.executable, "-m", "llmdistill.cli", *args]
+    )
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -44,8 +48,13 @@ def read_log(run_dir: Path) -> dict[int, dict]:
 
 
 def deepspeed_launcher(ranks: int = 2) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-            "--master_port", str(free_port())]
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 def free_port() -> int:
@@ -70,7 +79,16 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
-                         eos_token_id=0, pad_token_id=1)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=128,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     return LlamaForCausalLM(config).eval()

@@ -7,7 +7,9 @@ from llmdistill.losses import Objective
 
 
 def test_overrides_set_nested_values_with_yaml_types():
-    raw = apply_overrides({"train": {"lr": 1.0}}, ["train.lr=3e-4", "train.betas=[0.9, 0.99]", "deepspeed.zero_stage=3"])
+    raw = apply_overrides(
+        {"train": {"lr": 1.0}}, ["train.lr=3e-4", "train.betas=[0.9, 0.99]", "deepspeed.zero_stage=3"]
+    )
     cfg = config_from_dict(raw)
     assert cfg.train.lr == 3e-4 and cfg.train.betas == (0.9, 0.99) and cfg.deepspeed.zero_stage == 3
 
@@ -48,16 +50,24 @@ def test_unknown_loss_and_unknown_loss_parameter():
 def test_deepspeed_config_from_fields_file_and_extra(tmp_path):
     base = tmp_path / "ds.json"
     base.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 5.0}))
-    cfg = config_from_dict({
-        "train": {"micro_batch_size": 4, "grad_accum": 2, "dtype": "bfloat16", "grad_clip": 0.5},
-        "deepspeed": {"zero_stage": 3, "config_file": str(base), "offload_optimizer": True,
-                      "extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
-    })
+    cfg = config_from_dict(
+        {
+            "train": {"micro_batch_size": 4, "grad_accum": 2, "dtype": "bfloat16", "grad_clip": 0.5},
+            "deepspeed": {
+                "zero_stage": 3,
+                "config_file": str(base),
+                "offload_optimizer": True,
+                "extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+            },
+        }
+    )
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"]
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["overlap_comm"] and zero["stage3_param_persistence_threshold"] == 0
-    assert zero["offload_optimizer"] == {"device": "cpu"} and zero["stage3_gather_16bit_weights_on_model_save"]
+    assert (
+        zero["offload_optimizer"] == {"device": "cpu"} and zero["stage3_gather_16bit_weights_on_model_save"]
+    )
 
 
 def test_every_shipped_config_loads_and_starts_with_its_command():

@@ -70,10 +70,13 @@ def test_tokenize_and_pack_local_jsonl(tmp_path, embedded_tokenizer):
     assert len(packed) > 3 and packed[0]["input_ids"].shape == (16,)
 
 
-@pytest.mark.parametrize("content, field, message", [
-    ("", "text", "is empty"),
-    ('{"body": "x"}\n', "text", "no field 'text'"),
-])
+@pytest.mark.parametrize(
+    "content, field, message",
+    [
+        ("", "text", "is empty"),
+        ('{"body": "x"}\n', "text", "no field 'text'"),
+    ],
+)
 def test_bad_datasets_are_named(tmp_path, content, field, message):
     f = tmp_path / "d.jsonl"
     f.write_text(content)

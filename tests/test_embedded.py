@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
+
 from llmdistill.embedded import recipe_fingerprint
 from llmdistill.models import EMBEDDED_TEACHER, load_model
 
@@ -46,6 +46,10 @@ def test_teacher_is_far_better_than_an_untrained_model(build_info, embedded_toke
     batch = data.collate([packed[i] for i in range(min(8, len(packed)))])
     teacher = load_model(str(EMBEDDED_TEACHER))
     with torch.no_grad():
-        logits = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+        logits = teacher(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100
+    )
     assert loss.item() < 0.6 * uniform

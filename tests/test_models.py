@@ -14,7 +14,9 @@ def test_missing_model_path_is_named(tmp_path):
 
 def test_sequence_length_above_the_models_maximum(tiny_llama):
     models.check_sequence_length(128, tiny_llama.config, "teacher")
-    with pytest.raises(LLMDistillError, match=r"data\.seq_len=129 is above the teacher's maximum sequence length 128"):
+    with pytest.raises(
+        LLMDistillError, match=r"data\.seq_len=129 is above the teacher's maximum sequence length 128"
+    ):
         models.check_sequence_length(129, tiny_llama.config, "teacher")
 
 
@@ -27,7 +29,9 @@ def test_vocabulary_checks(embedded_tokenizer, tiny_llama):
         models.check_vocabularies(embedded_tokenizer, other, cfg, cfg, cross_tokenizer_loss=False)
     assert "cross-tokenizer" in models.check_vocabularies(embedded_tokenizer, other, cfg, cfg, True)
     padded = cfg.__class__(**{**cfg.to_dict(), "vocab_size": 2112})
-    assert "shared range" in models.check_vocabularies(embedded_tokenizer, embedded_tokenizer, cfg, padded, False)
+    assert "shared range" in models.check_vocabularies(
+        embedded_tokenizer, embedded_tokenizer, cfg, padded, False
+    )
 
 
 def test_save_student_merges_lora_and_loads_with_plain_transformers(tmp_path, tiny_llama, embedded_tokenizer):
@@ -43,7 +47,9 @@ def test_save_student_merges_lora_and_loads_with_plain_transformers(tmp_path, ti
     with torch.no_grad():
         expected = student(input_ids=ids).logits
     state = {k: v.clone() for k, v in student.state_dict().items()}
-    out = models.save_student(state, tiny_llama.config, embedded_tokenizer, tmp_path / "student", "float32", peft_cfg)
+    out = models.save_student(
+        state, tiny_llama.config, embedded_tokenizer, tmp_path / "student", "float32", peft_cfg
+    )
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():

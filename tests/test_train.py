@@ -3,15 +3,17 @@
 import json
 
 import pytest
-
 from conftest import QUICK, read_log, run_cli
+
 from llmdistill.train import COMPLETE, complete_checkpoints
 
 STEPS = ["train.max_steps=8", "train.save_every=4", "deepspeed.zero_stage=1"]
 
 
 def _train(tmp_path, name, extra=(), env=None):
-    return run_cli(["train", *QUICK, *STEPS, f"run.output_dir={tmp_path}", f"run.name={name}", *extra], env=env)
+    return run_cli(
+        ["train", *QUICK, *STEPS, f"run.output_dir={tmp_path}", f"run.name={name}", *extra], env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,26 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     for override, message in cases.items():
         line = _error_line(run_cli(["train", *QUICK, f"run.output_dir={tmp_path}", override]))
         assert line.startswith("error: ") and message in line, (override, line)
+
+
+def test_lora_student_trains_and_exports_merged(tmp_path):
+    result = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/tiny/lora.yaml",
+            f"run.output_dir={tmp_path}",
+            "data.train.path=embedded:validation",
+            "data.seq_len=64",
+            "train.max_steps=4",
+            "train.eval_batches=1",
+            "train.progress=false",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "tiny-lora" / "summary.json").read_text())
+    student = tmp_path / "tiny-lora" / "student"
+    assert (student / "model.safetensors").exists() and not (student / "adapter_config.json").exists()
+    # the merged export reproduces the adapter-wrapped engine, and LoRA trained only a small part of the model
+    assert summary["export_max_abs_diff"] < 1e-5
+    assert summary["trainable_parameters"] < 0.2 * summary["student_parameters"]

@@ -1,9 +1,10 @@
 """The objective: a weighted list of losses, each registered by name.
 
-A loss is `fn(student: StudentOutput, signal: TeacherSignal | None, batch: dict, **params) -> (scalar, metrics)`.
-A loss with learnable state (a projection between widths) is an `nn.Module` class registered the same way; it is
-built with `student_config=` and `teacher_config=` plus its params, and its forward has the function's signature.
-Config entries look like `{name: fkl, weight: 1.0, temperature: 2.0}`; unknown names and parameters are errors.
+A loss is `fn(student: StudentOutput, signal: TeacherSignal | None, batch: dict, **params) -> (scalar,
+metrics)`. A loss with learnable state (a projection between widths) is an `nn.Module` class registered the
+same way; it is built with `student_config=` and `teacher_config=` plus its params, and its forward has the
+function's signature. Config entries look like `{name: fkl, weight: 1.0, temperature: 2.0}`; unknown names and
+parameters are errors.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ _REGISTRY: dict[str, Callable] = {}
 def register(name: str, needs: frozenset[str] | set[str] = frozenset(), cross_tokenizer: bool = False):
     """Register a loss under `name`.
 
-    `needs` says what the trainer must provide: "teacher" (a TeacherSignal), "teacher_hidden", "student_hidden".
-    `cross_tokenizer` marks losses that accept teacher and student with different tokenizers.
+    `needs` says what the trainer must provide: "teacher" (a TeacherSignal), "teacher_hidden",
+    "student_hidden". `cross_tokenizer` marks losses that accept teacher and student with different
+    tokenizers.
     """
 
     def wrap(fn):
@@ -49,7 +51,7 @@ def get_loss(name: str) -> Callable:
 
 def _load_builtin():
     # Importing the modules runs their @register decorators.
-    from llmdistill.losses import divergences  # noqa: F401
+    from llmdistill.losses import divergences, features, sinkhorn  # noqa: F401
 
 
 def _check_params(where: str, fn: Callable, params: dict) -> None:
@@ -63,39 +65,126 @@ def _check_params(where: str, fn: Callable, params: dict) -> None:
 
 
 class Objective(torch.nn.Module):
-    """sum_i weight_i * loss_i, with each term's value in the metrics."""
+    """sum_i weight_i * loss_i, with each term's value in the metrics.
 
-    def __init__(self, terms: list[LossTerm], student_config=None, teacher_config=None):
+    `balance` (None, a dict or the config's BalanceConfig): combine the terms' gradients w.r.t. the student's
+    final hidden state with magnitude normalisation and PCGrad projection instead of a plain sum; see
+    llmdistill.losses.balance for what it does and costs. A non-finite term raises FloatingPointError naming
+    the term, `batch["step"]`, the batch (`batch["batch_index"]` when the trainer sets it) and which input is
+    bad.
+    """
+
+    def __init__(self, terms: list[LossTerm], student_config=None, teacher_config=None, balance=None):
         super().__init__()
+        from llmdistill.losses.balance import parse_balance
+
         if not terms:
             raise ConfigError("loss: the objective needs at least one term")
         self.terms = []
         self.stateful = torch.nn.ModuleDict()
+        names = [term.name for term in terms]
         for i, term in enumerate(terms):
             fn = get_loss(term.name)
             _check_params(f"loss.{i} ({term.name})", fn, term.params)
+            # A name used twice gets its index, so the metrics of both survive.
+            key = term.name if names.count(term.name) == 1 else f"{term.name}.{i}"
             if inspect.isclass(fn):
-                self.stateful[str(i)] = fn(student_config=student_config, teacher_config=teacher_config, **term.params)
-                self.terms.append((term.name, term.weight, self.stateful[str(i)], {}))
+                module = fn(student_config=student_config, teacher_config=teacher_config, **term.params)
+                self.stateful[str(i)] = module
+                self.terms.append((key, term.weight, self.stateful[str(i)], {}))
             else:
-                self.terms.append((term.name, term.weight, fn, term.params))
+                self.terms.append((key, term.weight, fn, term.params))
+        self._names = names
+        self.balance = parse_balance(balance)
+        if "teacher" in self.needs and not self.cross_tokenizer:
+            vocab_s = getattr(student_config, "vocab_size", None)
+            vocab_t = getattr(teacher_config, "vocab_size", None)
+            if vocab_s is not None and vocab_t is not None:
+                from llmdistill.losses.divergences import shared_vocab
+
+                shared_vocab(int(vocab_s), int(vocab_t))  # raises, pointing to `alm`, on different tokenizers
 
     @property
     def needs(self) -> frozenset[str]:
-        return frozenset().union(*(get_loss(name).needs for name, *_ in self.terms))
+        return frozenset().union(*(get_loss(name).needs for name in self._names))
 
     @property
     def cross_tokenizer(self) -> bool:
-        return any(get_loss(name).cross_tokenizer for name, *_ in self.terms)
+        return any(get_loss(name).cross_tokenizer for name in self._names)
 
     def forward(self, student, signal, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.balance is not None and torch.is_grad_enabled() and student.hidden.requires_grad:
+            return self._balanced(student, signal, batch)
         total = 0.0
         metrics: dict[str, float] = {}
-        for name, weight, fn, params in self.terms:
+        for key, weight, fn, params in self.terms:
             value, extra = fn(student, signal, batch, **params)
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"loss {name} is {value.item()} (non-finite)")
+            self._check_finite(key, value, student, signal, batch)
             total = total + weight * value
-            metrics[f"loss/{name}"] = value.detach().float().item()
+            metrics[f"loss/{key}"] = value.detach().float().item()
             metrics.update(extra)
         return total, metrics
+
+    def _balanced(self, student, signal, batch):
+        from llmdistill.losses.balance import combine_gradients
+        from llmdistill.signal import StudentOutput
+
+        leaf = student.hidden.detach().requires_grad_(True)
+        proxy = StudentOutput(hidden=leaf, head=student.head, hidden_states=student.hidden_states)
+        total = 0.0
+        metrics: dict[str, float] = {}
+        grads, weights, names = [], [], []
+        for key, weight, fn, params in self.terms:
+            value, extra = fn(proxy, signal, batch, **params)
+            self._check_finite(key, value, student, signal, batch)
+            total = total + weight * value
+            metrics[f"loss/{key}"] = value.detach().float().item()
+            metrics.update(extra)
+            if value.requires_grad:
+                (grad,) = torch.autograd.grad(value, leaf, retain_graph=True, allow_unused=True)
+                if grad is not None:
+                    grads.append(grad)
+                    weights.append(weight)
+                    names.append(key)
+        if grads:
+            combined, extra = combine_gradients(grads, weights, names, self.balance)
+            metrics.update(extra)
+            link = (student.hidden * combined.detach()).sum()
+            total = total + (link - link.detach())
+        return total, metrics
+
+    @staticmethod
+    def _check_finite(key, value, student, signal, batch) -> None:
+        if bool(torch.isfinite(value).all()):
+            return
+        step = batch.get("step", "?")
+        where = f"batch {batch['batch_index']}" if "batch_index" in batch else "batch"
+        shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else None
+        bad = []
+        for what, tensor in _inputs_to_check(student, signal):
+            # -inf teacher logits are legitimate (masked tokens); NaN or +inf anywhere is not.
+            if what.startswith("teacher") and "logit" in what:
+                broken = torch.isnan(tensor) | torch.isposinf(tensor)
+            else:
+                broken = ~torch.isfinite(tensor)
+            count = int(broken.sum())
+            if count:
+                bad.append(f"{what} has {count} NaN/inf values")
+        cause = "; ".join(bad) or "inputs are finite, so the loss itself overflowed (temperature? dtype?)"
+        raise FloatingPointError(
+            f"loss {key} is {value.detach().float().item()} at step {step}, {where} "
+            f"(input_ids {shape}): {cause}"
+        )
+
+
+def _inputs_to_check(student, signal):
+    yield "student hidden", student.hidden.detach()
+    if signal is not None:
+        if signal.logits is not None:
+            yield "teacher logits", signal.logits
+        if signal.topk_logprobs is not None:
+            yield "teacher top-k logprobs", signal.topk_logprobs
+        for i, h in enumerate(signal.hidden_states or ()):
+            yield f"teacher hidden state {i}", h
+    for i, h in enumerate(student.hidden_states or ()):
+        yield f"student hidden state {i}", h.detach()

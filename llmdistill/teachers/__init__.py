@@ -1,1 +1,2 @@
-"""Sources of teacher signal. Each returns a `TeacherSignal` for a batch; the trainer picks one by `teacher.source`."""
+"""Sources of teacher signal. Each returns a `TeacherSignal` for a batch; the trainer picks one by
+`teacher.source`."""

@@ -1,4 +1,5 @@
-"""The teacher in-process: an HF model (a DeepSpeed inference engine under ZeRO-3) run on the student's batch."""
+"""The teacher in-process: an HF model (a DeepSpeed inference engine under ZeRO-3) run on the student's
+batch."""
 
 from __future__ import annotations
 

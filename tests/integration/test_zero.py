@@ -6,17 +6,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import QUICK, free_port, deepspeed_launcher, read_log, run_cli
+from conftest import QUICK, deepspeed_launcher, free_port, read_log, run_cli
 
 pytestmark = pytest.mark.slow
 STEPS = 12
-COMMON = [*QUICK, f"train.max_steps={STEPS}", "train.eval_batches=2", "train.lr=3e-3",
-          "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
+COMMON = [
+    *QUICK,
+    f"train.max_steps={STEPS}",
+    "train.eval_batches=2",
+    "train.lr=3e-3",
+    "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+]
 
 
 def _torchrun():
-    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +36,10 @@ def runs(tmp_path_factory):
     for stage in (1, 2, 3):
         # ZeRO-1 goes through torchrun, the others through the deepspeed launcher: both must work.
         launcher = _torchrun() if stage == 1 else deepspeed_launcher(2)
-        result = run_cli([*COMMON, f"run.output_dir={tmp}", f"run.name=z{stage}", f"deepspeed.zero_stage={stage}"],
-                         launcher=launcher)
+        result = run_cli(
+            [*COMMON, f"run.output_dir={tmp}", f"run.name=z{stage}", f"deepspeed.zero_stage={stage}"],
+            launcher=launcher,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         run_dir = tmp / f"z{stage}"
         out[stage] = (run_dir, read_log(run_dir), json.loads((run_dir / "summary.json").read_text()))
@@ -65,6 +77,8 @@ def test_zero3_export_loads_with_plain_transformers_and_matches_the_engine(runs)
     probe = load_file(run_dir / "export_probe.safetensors")
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
     with torch.no_grad():
-        logits = student(input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False).logits
+        logits = student(
+            input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False
+        ).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
     assert summary["export_max_abs_diff"] < 1e-4

@@ -1,0 +1,547 @@
+"""llmdistill.derive: importance scores, pruning plans, search, masks and the end-to-end derivation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from llmdistill.config import ConfigError, DeriveSearch, LLMDistillError, config_from_dict  # noqa: E402
+from llmdistill.derive import derive_student  # noqa: E402
+from llmdistill.derive.importance import (  # noqa: E402
+    activation_scores,
+    combine_depth_scores,
+    held_out_loss,
+    layers_skipped,
+    magnet_grad_scores,
+    perplexity_scores,
+)
+from llmdistill.derive.masks import (  # noqa: E402
+    apply_masks,
+    load_masks,
+    mask_gradients,
+    mask_sparsity,
+    saliency_masks,
+)
+from llmdistill.derive.prune import (  # noqa: E402
+    build_student,
+    check_supported,
+    identity_plan,
+    importance_plan,
+    parameter_shapes,
+    random_plan,
+    resolve_shape,
+    select_heads,
+    select_layers,
+    shape_parameters,
+)
+from llmdistill.derive.search import enumerate_shapes, feasible_shapes, pick_candidates  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 300
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A small random decoder of the given family; GQA (4 query heads over 2 KV heads), head_dim 32."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=family in ("llama", "qwen3"),
+    )
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    return cls(**common)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    # Norm weights start at exactly 1; perturb them so that a wrongly indexed norm cannot go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def random_batches(n: int = 2, batch: int = 2, seq: int = 24, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        out.append(
+            {
+                "input_ids": ids,
+                "position_ids": torch.arange(seq).expand(batch, seq),
+                "targets": torch.roll(ids, -1, dims=1),
+            }
+        )
+    return out
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        # no KV cache: a hand-cut teacher's layers keep their old layer_idx, which would index past its cache
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_nothing_gives_the_teachers_logits(family):
+    teacher = tiny_model(family)
+    batch = random_batches()[0]
+    scores = activation_scores(teacher, random_batches())
+    shape = resolve_shape(teacher.config, None)
+    plan = importance_plan(
+        scores, combine_depth_scores({"b": scores["block_importance"]}), teacher.config, shape
+    )
+    assert plan["layers"] == [0, 1, 2, 3] and all(abs(s - 1) < 1e-12 for s in plan["norm_scale"].values())
+    for p in (plan, identity_plan(teacher.config)):
+        student = build_student(teacher, p)
+        torch.testing.assert_close(logits(student, batch), logits(teacher, batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_dropping_layers_equals_removing_them_by_hand(family):
+    teacher = tiny_model(family, num_hidden_layers=5)
+    keep = [0, 2, 4]  # drop {1, 3}
+    plan = identity_plan(teacher.config)
+    plan = {
+        **plan,
+        "shape": {**plan["shape"], "num_layers": 3},
+        "layers": keep,
+        **{k: [plan[k][i] for i in keep] for k in ("heads", "kv_heads", "neurons")},
+    }
+    student = build_student(teacher, plan)
+
+    by_hand = copy.deepcopy(teacher)
+    by_hand.model.layers = torch.nn.ModuleList([by_hand.model.layers[i] for i in keep])
+    by_hand.config.num_hidden_layers = 3
+    if getattr(teacher.config, "layer_types", None) is not None:
+        by_hand.config.layer_types = [teacher.config.layer_types[i] for i in keep]
+    batch = random_batches()[0]
+    torch.testing.assert_close(logits(student, batch), logits(by_hand, batch), atol=1e-5, rtol=0)
+    assert student.config.num_hidden_layers == 3
+    assert len(getattr(student.config, "layer_types", None) or [0] * 3) == 3
+
+
+def test_select_layers_contiguous_and_independent():
+    scores = torch.tensor([5.0, 1.0, 0.5, 4.0, 0.2, 6.0])
+    assert select_layers(scores, 4, "independent") == [0, 1, 3, 5]
+    assert select_layers(scores, 4, "contiguous") == [0, 3, 4, 5]  # run {1, 2} sums lowest (1.5)
+    assert select_layers(scores, 6, "contiguous") == list(range(6))
+
+
+def test_gqa_head_selection_keeps_whole_groups_and_consistent_heads():
+    scores = torch.tensor([1.0, 2.0, 9.0, 8.0, 0.1, 0.2, 5.0, 0.3])  # 4 KV groups of 2 query heads
+    q, kv = select_heads(scores, 4, 4, 2)
+    assert kv == [1, 3] and q == [2, 3, 6, 7]
+    q, kv = select_heads(scores, 4, 2, 2)  # one query head per kept group: its best
+    assert kv == [1, 3] and q == [2, 6]
+
+
+def zeroed_model(family: str):
+    """A model where some KV groups, MLP neurons and hidden channels contribute exactly nothing.
+
+    A zero v_proj row block silences every query head of that KV group; a zero up_proj row silences a neuron;
+    a channel that the embedding, o_proj and down_proj never write stays zero in the residual stream. The tiny
+    rms_norm_eps keeps RMSNorm exactly scale-free, so removing zero channels changes nothing once norms are
+    rescaled.
+    """
+    model = tiny_model(
+        family, num_key_value_heads=2, num_attention_heads=4, intermediate_size=48, rms_norm_eps=1e-12
+    )
+    d = 32
+    dead_group, dead_neurons, dead_channels = {0: 1, 1: 0, 2: 1, 3: 1}, [3, 17, 40], [5, 6, 33, 60]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, dead_channels] = 0
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.v_proj.weight[dead_group[i] * d : (dead_group[i] + 1) * d] = 0
+            if attn.v_proj.bias is not None:
+                attn.v_proj.bias[dead_group[i] * d : (dead_group[i] + 1) * d] = 0
+            attn.o_proj.weight[dead_channels] = 0
+            mlp.up_proj.weight[[(n + 7 * i) % 48 for n in dead_neurons]] = 0
+            mlp.down_proj.weight[dead_channels] = 0
+    return model, dead_group, dead_neurons, dead_channels
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_width_pruning_removes_exactly_the_dead_units_and_keeps_outputs(family):
+    model, dead_group, dead_neurons, dead_channels = zeroed_model(family)
+    cfg = model.config
+    scores = activation_scores(model, random_batches())
+    shape = resolve_shape(
+        cfg, {"hidden_size": 60, "intermediate_size": 45, "num_attention_heads": 2, "num_key_value_heads": 1}
+    )
+    plan = importance_plan(scores, torch.ones(4), cfg, shape)
+    assert plan["hidden"] == [c for c in range(64) if c not in dead_channels]
+    for i in range(4):
+        live = 1 - dead_group[i]
+        assert plan["kv_heads"][i] == [live] and plan["heads"][i] == [2 * live, 2 * live + 1]
+        assert plan["neurons"][i] == sorted(set(range(48)) - {(n + 7 * i) % 48 for n in dead_neurons})
+    student = build_student(model, plan)
+    assert student.config.head_dim == 32 and student.config.hidden_size == 60
+    batch = random_batches()[1]
+    torch.testing.assert_close(logits(student, batch), logits(model, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_mha_prunes_single_query_heads():
+    model = tiny_model("mistral", num_key_value_heads=4, rms_norm_eps=1e-12)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[2 * 32 : 3 * 32] = 0  # head 2 writes nothing
+    scores = activation_scores(model, random_batches())
+    plan = importance_plan(
+        scores, torch.ones(4), model.config, resolve_shape(model.config, {"num_attention_heads": 3})
+    )
+    assert all(h == [0, 1, 3] for h in plan["heads"]) and all(k == [0, 1, 3] for k in plan["kv_heads"])
+    batch = random_batches()[0]
+    torch.testing.assert_close(
+        logits(build_student(model, plan), batch), logits(model, batch), atol=1e-5, rtol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+
+def test_depth_scores_and_layer_skipping():
+    model = tiny_model("llama")
+    batches = random_batches()
+    base = held_out_loss(model, batches)
+    with layers_skipped(model, {1}):
+        assert len(model.model.layers) == 3
+    assert len(model.model.layers) == 4 and held_out_loss(model, batches) == pytest.approx(base)
+    ppl = perplexity_scores(model, batches, base)
+    grad = magnet_grad_scores(model, batches)
+    assert ppl.shape == grad.shape == (4,) and (grad > 0).all()
+    assert all(p.grad is None for p in model.parameters())
+    combined = combine_depth_scores({"a": ppl, "b": grad})
+    assert combined.min() >= 0 and combined.max() <= 1
+
+
+def test_block_importance_of_an_identity_layer_is_zero():
+    model = tiny_model("llama")
+    with torch.no_grad():  # layer 2 adds nothing to the residual stream: input == output
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    bi = activation_scores(model, random_batches())["block_importance"]
+    assert bi[2].abs() < 1e-6 and (bi[[0, 1, 3]] > 1e-4).all()
+
+
+# ------------------------------------------------------------------------------------------ shapes and search
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_parameter_arithmetic_matches_built_students(family):
+    teacher = tiny_model(family)
+    named = parameter_shapes(teacher)
+    for shape in (
+        {"num_layers": 2, "hidden_size": 40},
+        {"intermediate_size": 24, "num_attention_heads": 2},
+        {"num_attention_heads": 2, "num_key_value_heads": 2},
+    ):
+        full = resolve_shape(teacher.config, shape)
+        student = build_student(teacher, random_plan(teacher.config, full, seed=0))
+        assert sum(p.numel() for p in student.parameters()) == shape_parameters(named, teacher.config, full)
+
+
+def test_search_enumerates_feasible_shapes_under_the_budget():
+    teacher = tiny_model("llama", num_hidden_layers=6)
+    total = sum(p.numel() for p in teacher.parameters())
+    search = DeriveSearch(param_budget=0.5, tolerance=0.15)
+    shapes = enumerate_shapes(teacher.config, search)
+    assert len({tuple(s.values()) for s in shapes}) == len(shapes)
+    feasible = feasible_shapes(teacher.config, parameter_shapes(teacher), search, total)
+    assert all(0.5 * total * 0.85 <= c["params"] <= 0.5 * total for c in feasible)
+    picked = pick_candidates(feasible, 5)
+    assert len(picked) == 5 and len({c["shape"]["num_layers"] for c in picked}) > 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_targets_are_clear_errors():
+    cfg = tiny_model("llama").config
+    with pytest.raises(LLMDistillError, match="hidden_size=128 is larger than the teacher's 64"):
+        resolve_shape(cfg, {"hidden_size": 128})
+    with pytest.raises(
+        LLMDistillError, match="num_attention_heads=3 is not a multiple of num_key_value_heads=2"
+    ):
+        resolve_shape(cfg, {"num_attention_heads": 3, "num_key_value_heads": 2})
+    with pytest.raises(LLMDistillError, match="more than the teacher's 2"):
+        resolve_shape(cfg, {"num_attention_heads": 4, "num_key_value_heads": 1})
+    teacher = tiny_model("llama")
+    total = sum(p.numel() for p in teacher.parameters())
+    with pytest.raises(LLMDistillError, match="no shape on the grid"):
+        feasible_shapes(cfg, parameter_shapes(teacher), DeriveSearch(param_budget=0.01), total)
+    with pytest.raises(LLMDistillError, match="larger than the teacher"):
+        feasible_shapes(cfg, parameter_shapes(teacher), DeriveSearch(param_budget=10 * total), total)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config
+
+    with pytest.raises(LLMDistillError, match="'gpt2' .*GPT2LMHeadModel.* not supported"):
+        check_supported(GPT2Config(architectures=["GPT2LMHeadModel"]))
+
+
+def test_config_rejects_target_and_search_together():
+    with pytest.raises(ConfigError, match="at most one of derive.target and derive.search"):
+        config_from_dict({"derive": {"target": {"num_layers": 2}, "search": {"param_budget": 0.5}}})
+    with pytest.raises(ConfigError, match="derive.target.layers: unknown key"):
+        config_from_dict({"derive": {"target": {"layers": 2}}})
+
+
+def test_calibration_batches_are_cut_the_same_whatever_the_world_size():
+    import datasets
+
+    from llmdistill.derive import calibration_batches
+
+    n = 11
+    ds = datasets.Dataset.from_dict(
+        {k: [[i] * 4 for i in range(n)] for k in ("input_ids", "position_ids", "targets")}
+    ).with_format("torch")
+    one = calibration_batches(ds, 3, 0, 1, "cpu")
+    two = calibration_batches(ds, 3, 0, 2, "cpu") + calibration_batches(ds, 3, 1, 2, "cpu")
+    key = lambda b: b["input_ids"][:, 0].tolist()
+    assert sorted(map(key, one)) == sorted(map(key, two)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+
+def test_saliency_masks_hit_the_sparsity_and_stay_zero_through_adamw():
+    model = tiny_model("llama")
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    params = dict(model.named_parameters())
+    grads = {n: torch.rand_like(params[n]) for n in names}
+    masks = saliency_masks(grads, {n: params[n].detach() for n in names}, 0.25)
+    assert mask_sparsity(masks) == pytest.approx(0.25, abs=1e-3)
+    smallest = grads[names[0]].flatten().argmin()
+    assert not masks[names[0]].flatten()[smallest]
+    apply_masks(model, masks)
+    mask_gradients(model, masks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for batch in random_batches(3):
+        out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n in names:
+        assert (params[n][~masks[n]] == 0).all() and (params[n][masks[n]] != 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A random tiny Llama with a real (small) byte-level BPE tokenizer and a jsonl corpus, on disk."""
+    from llmdistill.data import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("derive")
+    texts = [p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+    texts += [p.read_text() for p in sorted(Path(subprocess.__file__).parent.glob("c*.py"))[:10]]
+    tokenizer = train_bpe_tokenizer(iter(texts), VOCAB)
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return root
+
+
+def derive_config(root: Path, derive: dict, name: str):
+    return config_from_dict(
+        {
+            "run": {"name": name, "output_dir": str(root / "runs")},
+            "teacher": {"path": str(root / "teacher")},
+            "data": {
+                "train": {"path": str(root / "corpus.jsonl")},
+                "validation": {"path": str(root / "corpus.jsonl")},
+                "seq_len": 64,
+            },
+            "train": {"device": "cpu"},
+            "derive": {"calibration_samples": 8, "eval_samples": 4, "batch_size": 4, **derive},
+        }
+    )
+
+
+def test_derive_student_writes_a_plain_hf_checkpoint(teacher_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = derive_config(
+        teacher_dir,
+        {
+            "target": {"num_layers": 3, "hidden_size": 48, "intermediate_size": 64, "num_attention_heads": 2},
+            "depth_methods": ["block_importance", "perplexity", "magnet_grad"],
+            "masking": {"sparsity": 0.3},
+        },
+        "target",
+    )
+    out = derive_student(cfg)
+    assert out == teacher_dir / "runs" / "target" / "derived"
+    record = json.loads((out / "derivation.json").read_text())
+    assert record["student_shape"] == {
+        "num_layers": 3,
+        "hidden_size": 48,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    assert len(record["kept"]["layers"]) == 3 and len(record["kept"]["hidden"]) == 48
+    assert set(record["scores"]["depth"]) == {"block_importance", "perplexity", "magnet_grad"}
+    assert record["parameters"]["student"] < record["parameters"]["teacher"]
+    assert record["masking"]["sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "layers.png",
+        "heads.png",
+        "neurons.png",
+        "channels.png",
+    }
+
+    student = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, nothing of ours
+    assert student.config.head_dim == 32 and student.config.num_key_value_heads == 1
+    assert sum(p.numel() for p in student.parameters()) == record["parameters"]["student"]
+    assert (
+        AutoTokenizer.from_pretrained(out).get_vocab()
+        == AutoTokenizer.from_pretrained(teacher_dir / "teacher").get_vocab()
+    )
+    masks = load_masks(out)
+    params = dict(student.named_parameters())
+    assert all((params[n][~m] == 0).all() for n, m in masks.items())
+
+
+def test_derive_student_search_ranks_candidates(teacher_dir):
+    cfg = derive_config(
+        teacher_dir,
+        {"search": {"param_budget": 0.6, "tolerance": 0.2, "max_candidates": 4}, "plots": False},
+        "search",
+    )
+    record = json.loads((derive_student(cfg) / "derivation.json").read_text())
+    ranking = record["search"]["ranking"]
+    assert len(ranking) == 4 and [c["rank"] for c in ranking] == [1, 2, 3, 4]
+    assert [c["loss"] for c in ranking] == sorted(c["loss"] for c in ranking)
+    assert record["student_shape"] == ranking[0]["shape"]
+    assert record["held_out_loss"]["student"] == pytest.approx(ranking[0]["loss"], rel=1e-6)
+
+
+def test_launcher_prints_one_line_errors(teacher_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [
+        sys.executable,
+        str(ROOT / "launch" / "derive.py"),
+        f"teacher.path={teacher_dir / 'teacher'}",
+        "derive.target.num_layers=9",
+        f"data.train.path={teacher_dir / 'corpus.jsonl'}",
+        "data.seq_len=64",
+    ]
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2
+    assert (
+        run.stderr.strip()
+        == "error: derive: num_layers=9 is larger than the teacher's 4; pruning only shrinks"
+    )
+
+
+# ------------------------------------------------------------------------------------------- embedded teacher
+
+# Set LLMDISTILL_DERIVE_TEACHER to run this against another trained teacher directory.
+TRAINED_TEACHER = Path(
+    os.environ.get("LLMDISTILL_DERIVE_TEACHER", ROOT / "llmdistill" / "embedded" / "teacher")
+)
+
+
+@pytest.mark.skipif(
+    not (TRAINED_TEACHER / "config.json").exists(),
+    reason="needs the trained embedded teacher (llmdistill/embedded/teacher; `make teacher`)",
+)
+def test_importance_beats_random_on_the_trained_teacher():
+    """At ~50% of the teacher's parameters, importance-pruned beats every random plan of the same shape."""
+    from llmdistill.config import DatasetSpec
+    from llmdistill.derive import calibration_batches, packed_subset
+    from llmdistill.derive.importance import depth_scores
+    from llmdistill.models import load_model, load_tokenizer
+
+    teacher = load_model(str(TRAINED_TEACHER)).eval()
+    tokenizer = load_tokenizer(str(TRAINED_TEACHER))
+    calib = calibration_batches(
+        packed_subset(
+            DatasetSpec(path="embedded:train", max_documents=200), tokenizer, 128, 32, "calibration"
+        ),
+        8,
+        0,
+        1,
+        "cpu",
+    )
+    held_out = calibration_batches(
+        packed_subset(DatasetSpec(path="embedded:validation"), tokenizer, 128, 16, "validation"),
+        8,
+        0,
+        1,
+        "cpu",
+    )
+    scores = activation_scores(teacher, calib)
+    layer_scores = combine_depth_scores(
+        depth_scores(teacher, calib, ["block_importance", "perplexity"], scores)
+    )
+    total = sum(p.numel() for p in teacher.parameters())
+    # A shape that prunes depth and every width axis at once, near half the parameters.
+    feasible = feasible_shapes(
+        teacher.config, parameter_shapes(teacher), DeriveSearch(param_budget=0.5, tolerance=0.15), total
+    )
+    mixed = [
+        c
+        for c in feasible
+        if all(
+            v < t
+            for v, t in zip(
+                c["shape"].values(),
+                (
+                    teacher.config.num_hidden_layers,
+                    teacher.config.hidden_size,
+                    teacher.config.intermediate_size,
+                    teacher.config.num_attention_heads + 1,
+                    teacher.config.num_key_value_heads + 1,
+                ),
+                strict=True,
+            )
+        )
+    ]
+    shape = (mixed or feasible)[0]["shape"]
+    ours = held_out_loss(
+        build_student(teacher, importance_plan(scores, layer_scores, teacher.config, shape)), held_out
+    )
+    randoms = [
+        held_out_loss(
+            build_student(teacher, random_plan(teacher.config, shape, seed, scores["norm_energy"])), held_out
+        )
+        for seed in range(5)
+    ]
+    print(f"shape {shape}: importance {ours:.3f}, random {[round(r, 3) for r in randoms]}")
+    assert ours < min(randoms), (shape, ours, randoms)
