@@ -216,6 +216,40 @@ class BalanceConfig(Section):
     task_terms: list[str] = Field(default_factory=lambda: ["ce"])
 
 
+class EvalConfig(Section):
+    """lm-eval benchmarking (llmdistill.evaluate): the teacher vs students on a task list."""
+
+    # lm-eval task names: the local offline ones (evals/tasks/, tag llmdistill_code) or standard ones on a cluster.
+    tasks: list[str] = Field(
+        default_factory=lambda: ["llmdistill_code_bpb", "llmdistill_code_nextline", "llmdistill_code_identifier"],
+        min_length=1,
+    )
+    # true: teacher.path; a path: that model; false: students only.
+    teacher: bool | str = True
+    # HF model dirs or run directories (their exported student/); empty: this run's student if it exists.
+    students: list[str] = Field(default_factory=list)
+    backend: Literal["hf", "vllm"] = "hf"
+    # Examples per task (an int, or a fraction < 1); null: all. A limit is a subset: fine for tracking, not a score.
+    limit: int | float | None = Field(None, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, gt=0)
+    # Context length for lm-eval (null: the model's own maximum).
+    max_length: int | None = Field(None, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    # Extra keyword arguments for the backend (HFLM or lm-eval's VLLM), e.g. {tensor_parallel_size: 2}.
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    # More directories of task YAMLs (evals/tasks is always included).
+    include_paths: list[str] = Field(default_factory=list)
+    # Index lm-eval's built-in tasks: null = only when a task is not found locally (indexing costs ~15 s).
+    include_defaults: bool | None = None
+    # lm-eval's stderr: mean metrics get a closed form for any value > 0, a few others (f1, bleu, ...) a bootstrap
+    # of this many draws in a process pool; 0 skips all stderrs.
+    bootstrap_iters: int = Field(100, ge=0)
+    # Where the report goes; null: <run.output_dir>/<run.name>/eval.
+    output_dir: str | None = None
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -227,6 +261,8 @@ class Config(Section):
     derive: DeriveConfig | None = None
     # Gradient balancing between the objective's terms (llmdistill.losses.balance); None: plain weighted sum.
     balance: BalanceConfig | None = None
+    # Benchmarking with lm-eval (llmdistill eval); None: the defaults of EvalConfig when evaluating.
+    eval: EvalConfig | None = None
 
     @model_validator(mode="after")
     def _teacher_needed(self):

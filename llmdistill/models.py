@@ -147,6 +147,7 @@ def save_student(
     dtype: str,
     peft: PeftConfig | None,
     card: dict | None = None,
+    masks: Path | None = None,
 ) -> Path:
     """Write a plain HF checkpoint (safetensors) from a full state dict: PEFT adapters merged, ties restored.
 
@@ -172,12 +173,19 @@ def save_student(
         )
     if peft is not None:
         model = model.merge_and_unload()
+    if masks is not None:
+        from llmdistill.derive import apply_masks
+
+        # A LoRA update is dense: re-impose derivation's masks on the merged weights.
+        apply_masks(model, masks)
     model.tie_weights()
     model = model.to(DTYPES[dtype])
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if masks is not None:
+        shutil.copy(masks, tmp / masks.name)
     if card is not None:
         (tmp / "llmdistill.json").write_text(json.dumps(card, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

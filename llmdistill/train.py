@@ -366,6 +366,18 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         barrier()
 
+    masks = None
+    if plan.student_path is not None:
+        from llmdistill.derive import MASK_FILE, mask_gradients
+
+        if (Path(plan.student_path) / MASK_FILE).exists():
+            # MAGNET in-block masks from derivation: masked weights get no gradient, so they stay zero.
+            masks = Path(plan.student_path) / MASK_FILE
+            if (
+                cfg.student.peft is None
+            ):  # with PEFT the masked base weights are frozen; export re-masks the merge
+                mask_gradients(student, masks)
+            log.info(f"keeping derivation masks from {masks} during training")
     module = DistillationModule(student, objective)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -434,7 +446,7 @@ def train(cfg: Config) -> dict:
         step_metrics: dict[str, float] = {}
         for _ in range(cfg.train.grad_accum):
             batch = _to_device(next(batches), device)
-            batch["step"] = step
+            batch["step"], batch["batch_index"] = step, consumed
             signal = teacher_fn(batch) if teacher_fn is not None and "teacher" in objective.needs else None
             loss, metrics = engine(batch, signal)
             engine.backward(loss)
@@ -494,7 +506,7 @@ def train(cfg: Config) -> dict:
         runlog.write(step, {f"eval/{k}": v for k, v in summary["student_eval"].items()})
     if cfg.train.export and "stopped_early" not in summary:
         summary["student_dir"] = str(
-            export(engine, cfg, student, student_tok, run_dir, rank, held_out, device, summary)
+            export(engine, cfg, student, student_tok, run_dir, rank, held_out, device, summary, masks)
         )
     runlog.close()
     if rank == 0:
@@ -561,7 +573,7 @@ def gather_state_dict(engine, module, rank: int) -> dict | None:
 
 
 def export(
-    engine, cfg: Config, student, tokenizer, run_dir: Path, rank: int, held_out, device, summary
+    engine, cfg: Config, student, tokenizer, run_dir: Path, rank: int, held_out, device, summary, masks=None
 ) -> Path:
     """Write the student as a plain HF checkpoint, and verify it reproduces the engine's logits."""
     out_dir = run_dir / "student"
@@ -582,7 +594,9 @@ def export(
             "teacher_eval": summary.get("teacher_eval"),
         }
         config = student.get_base_model().config if cfg.student.peft is not None else student.config
-        models.save_student(state, config, tokenizer, out_dir, cfg.student.dtype, cfg.student.peft, card)
+        models.save_student(
+            state, config, tokenizer, out_dir, cfg.student.dtype, cfg.student.peft, card, masks
+        )
         if probe is not None:
             from safetensors.torch import save_file
 
