@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -66,7 +67,7 @@ def build_teacher(config_path: str, overrides: list[str] = ()) -> Path:
     shutil.copytree(cfg.run.dir / "student", tmp)
     info = {
         "fingerprint": recipe_fingerprint(config_path, overrides),
-        "recipe": str(config_path),
+        "recipe": os.path.relpath(Path(config_path).resolve(), EMBEDDED_TEACHER.parent.parent.parent),
         "python": platform.python_version(),
         "parameters": summary["student_parameters"],
         "steps": summary["steps"],
