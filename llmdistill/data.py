@@ -271,6 +271,10 @@ def micro_batch_indices(
         position += 1
 
 
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]).long() for k in samples[0]}
 

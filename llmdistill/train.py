@@ -24,6 +24,7 @@ from llmdistill.config import Config, LLMDistillError, deepspeed_config, save_co
 from llmdistill.distributed import all_reduce_sum, barrier, init_distributed
 from llmdistill.losses import Objective
 from llmdistill.signal import IGNORE_INDEX, StudentOutput
+from llmdistill.teachers import TeacherUnavailable, build_teacher_source
 
 log = logging.getLogger("llmdistill.train")
 COMPLETE = "COMPLETE"
@@ -160,6 +161,7 @@ class Plan:
     student_tok: object
     teacher_config: object
     student_config: object
+    needs: frozenset[str]  # what the objective needs: "teacher", "teacher_hidden", "student_hidden"
 
 
 def preflight(cfg: Config) -> Plan:
@@ -209,7 +211,7 @@ def preflight(cfg: Config) -> Plan:
             log.info(note)
         models.check_sequence_length(cfg.data.seq_len, teacher_config, "teacher")
     models.check_sequence_length(cfg.data.seq_len, student_config, "student")
-    return Plan(teacher_path, student_path, teacher_tok, student_tok, teacher_config, student_config)
+    return Plan(teacher_path, student_path, teacher_tok, student_tok, teacher_config, student_config, needs)
 
 
 def build_models(cfg: Config, plan: Plan, ds_config: dict):
@@ -229,7 +231,8 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
         student = models.model_from_config(plan.student_config, cfg.student.dtype)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
-    if plan.teacher_path is not None:
+    # Only an in-process teacher that the objective uses is loaded; other sources need its tokenizer and config.
+    if plan.teacher_path is not None and cfg.teacher.source == "hf" and plan.needs & {"teacher", "teacher_hidden"}:
         teacher = models.load_model(plan.teacher_path, cfg.teacher.dtype, cfg.teacher.trust_remote_code)
         teacher.eval().requires_grad_(False)
     if student is None:
@@ -245,10 +248,6 @@ def lr_schedule(optimizer, cfg: Config):
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=cfg.train.min_lr_ratio
     )
-
-
-def _to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class RunLog:
@@ -285,7 +284,7 @@ def evaluate(model_fn, batches, tokenizer, device: str) -> dict:
     """Held-out loss, perplexity and bits-per-byte, summed over ranks."""
     nll = tokens = nbytes = 0.0
     for batch in batches:
-        out = model_fn(_to_device(batch, device))
+        out = model_fn(data.to_device(batch, device))
         nll += out[0].item()
         tokens += out[1].item()
         nbytes += data.bytes_of_targets(tokenizer, batch["targets"])
@@ -386,12 +385,9 @@ def train(cfg: Config) -> dict:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=ds_config
     )
-    teacher_fn = None
     if teacher is not None:
         teacher = _teacher_engine(teacher, cfg, ds_config, device)
-        from llmdistill.teachers.hf import HFTeacher
-
-        teacher_fn = HFTeacher(teacher, hidden_states="teacher_hidden" in objective.needs)
+    teacher_source = build_teacher_source(cfg, teacher, objective.needs, student=engine.module.student)
 
     step, consumed = 0, 0
     resume = find_resume_point(cfg, ckpt_root)
@@ -436,6 +432,7 @@ def train(cfg: Config) -> dict:
             workers=cfg.data.num_workers,
         )
     )
+    pairs = teacher_source.stream(batches, device)
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum * world
     progress = _progress_bar(cfg, rank, step)
     stop = _StopRequest()
@@ -444,10 +441,17 @@ def train(cfg: Config) -> dict:
     while step < cfg.train.max_steps:
         t0 = time.time()
         step_metrics: dict[str, float] = {}
+        consumed_at_step = consumed
         for _ in range(cfg.train.grad_accum):
-            batch = _to_device(next(batches), device)
+            batch, signal = _next_pair(pairs, teacher_source)
+            if batch is None:  # the teacher failed on some rank: keep the last whole step and stop
+                if not (ckpt_root / f"step_{step:08d}" / COMPLETE).exists():
+                    save_checkpoint(engine, ckpt_root, step, consumed_at_step, rank, cfg.train.keep_checkpoints)
+                raise TeacherUnavailable(
+                    f"{signal or 'the teacher failed on another rank'}; checkpoint saved at step {step}, "
+                    "resume with the same command once the teacher is back"
+                )
             batch["step"], batch["batch_index"] = step, consumed
-            signal = teacher_fn(batch) if teacher_fn is not None and "teacher" in objective.needs else None
             loss, metrics = engine(batch, signal)
             engine.backward(loss)
             engine.step()
@@ -508,11 +512,25 @@ def train(cfg: Config) -> dict:
         summary["student_dir"] = str(
             export(engine, cfg, student, student_tok, run_dir, rank, held_out, device, summary, masks)
         )
+    teacher_source.close()
     runlog.close()
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     del hf_ds_config
     return summary
+
+
+def _next_pair(pairs, source) -> tuple[dict | None, object]:
+    """The next (batch, signal); (None, reason) when the teacher failed here or on another rank."""
+    failure = ""
+    try:
+        batch, signal = next(pairs)
+    except TeacherUnavailable as err:
+        batch, signal, failure = None, None, str(err)
+    # Ranks must agree before the forward, or one would wait in a collective the others never enter.
+    if source.can_fail and all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
+        return None, failure
+    return batch, signal
 
 
 def _teacher_engine(teacher, cfg: Config, ds_config: dict, device: str):
@@ -557,7 +575,11 @@ def _progress_bar(cfg: Config, rank: int, step: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    import sys
+
+    # Redraw often on a terminal, rarely into a log file.
+    interval = 0.5 if sys.stderr.isatty() else 30
+    return tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=interval)
 
 
 def gather_state_dict(engine, module, rank: int) -> dict | None:
@@ -583,7 +605,7 @@ def export(
     if probe is not None:
         engine.eval()
         with torch.no_grad():
-            decoder_batch = _to_device(probe, device)
+            decoder_batch = data.to_device(probe, device)
             probe_logits = _engine_logits(engine, decoder_batch)
     if rank == 0:
         card = {

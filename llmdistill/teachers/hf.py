@@ -1,14 +1,17 @@
-"""The teacher in-process: an HF model (a DeepSpeed inference engine under ZeRO-3) run on the student's
-batch."""
+"""The teacher in-process: an HF model (a DeepSpeed inference engine under ZeRO-3) run on the student's batch."""
 
 from __future__ import annotations
 
 import torch
 
+from llmdistill.data import to_device
 from llmdistill.signal import TeacherSignal
 
 
 class HFTeacher:
+    # Under ZeRO-3 the forward is a collective: every rank calls it in step, so it never fails on one rank alone.
+    can_fail = False
+
     def __init__(self, model, hidden_states: bool = False):
         self.model = model  # an HF model, or a DeepSpeed engine wrapping one
         self.hidden_states = hidden_states
@@ -23,3 +26,11 @@ class HFTeacher:
         )
         hidden = list(out.hidden_states) if self.hidden_states else None
         return TeacherSignal(logits=out.logits, hidden_states=hidden)
+
+    def stream(self, batches, device: str):
+        for batch in batches:
+            batch = to_device(batch, device)
+            yield batch, self(batch)
+
+    def close(self) -> None:
+        pass
