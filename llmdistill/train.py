@@ -242,6 +242,19 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     return teacher, student, hf_ds_config
 
 
+def build_datasets(cfg: Config, plan: Plan):
+    """Packed training and validation sets (validation may be None), tokenized with the student's tokenizer.
+
+    Every batch has `input_ids`, `position_ids` and shifted `targets`; a cross-tokenizer objective's batches also
+    carry the teacher's tokenization of the same text (`teacher_input_ids`, `teacher_position_ids`).
+    """
+
+    def build(spec):
+        return data.tokenize_and_pack(data.load_texts(spec), plan.student_tok, cfg.data.seq_len, spec.path)
+
+    return build(cfg.data.train), build(cfg.data.validation) if cfg.data.validation is not None else None
+
+
 def lr_schedule(optimizer, cfg: Config):
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -354,14 +367,7 @@ def train(cfg: Config) -> dict:
     # Rank 0 tokenizes first so the others read `datasets`' cache instead of repeating the work.
     if rank != 0:
         barrier()
-    train_set = data.tokenize_and_pack(
-        data.load_texts(cfg.data.train), student_tok, cfg.data.seq_len, cfg.data.train.path
-    )
-    val_set = None
-    if cfg.data.validation is not None:
-        val_set = data.tokenize_and_pack(
-            data.load_texts(cfg.data.validation), student_tok, cfg.data.seq_len, cfg.data.validation.path
-        )
+    train_set, val_set = build_datasets(cfg, plan)
     if rank == 0:
         barrier()
 

@@ -18,14 +18,17 @@ class HFTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> TeacherSignal:
+        # Cross-tokenizer batches carry the teacher's own tokenization of the same text.
+        cross = "teacher_input_ids" in batch
+        input_ids = batch["teacher_input_ids"] if cross else batch["input_ids"]
         out = self.model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
+            input_ids=input_ids,
+            position_ids=batch["teacher_position_ids"] if cross else batch["position_ids"],
             output_hidden_states=self.hidden_states,
             use_cache=False,
         )
         hidden = list(out.hidden_states) if self.hidden_states else None
-        return TeacherSignal(logits=out.logits, hidden_states=hidden)
+        return TeacherSignal(logits=out.logits, hidden_states=hidden, input_ids=input_ids if cross else None)
 
     def stream(self, batches, device: str):
         for batch in batches:
