@@ -1,4 +1,4 @@
-"""`llmdistill train|build-teacher|demo|warm ...`: thin commands over the library; heavy imports stay lazy."""
+"""`llmdistill train|build-teacher|demo|eval|warm ...`: thin commands over the library; imports stay lazy."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def cmd_build_teacher(args) -> None:
     build_teacher(args.config, args.overrides)
 
 
+def cmd_eval(args) -> None:
+    """Benchmark teacher vs students with lm-eval (the `eval` section of the config)."""
+    from llmdistill.evaluate import markdown_table, run_eval
+
+    report = run_eval(load_config(args.config, args.overrides))
+    print(markdown_table(report))
+    print(f"\nreport: {report['output_dir']}")
+
+
 def cmd_warm(args) -> None:
     """Build DeepSpeed's JIT ops once (its shared-memory comm op takes ~80 s the first time)."""
     from llmdistill.distributed import init_distributed
@@ -40,23 +49,30 @@ def cmd_warm(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """The main job on the embedded default: 2-rank DeepSpeed distillation, then a short summary."""
+    """The main job on the embedded default: derive a student by pruning, distil it on 2 DeepSpeed ranks, report."""
     cfg = load_config(args.config, args.overrides)
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [
-        str(launcher),
-        "--num_gpus",
-        str(args.ranks),
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        args.config,
-        *args.overrides,
-    ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    print("$", " ".join(cmd), flush=True)
-    if subprocess.call(cmd, env=env) != 0:
-        raise LLMDistillError("the demo's training run failed (see its output above)")
+    derive = [sys.executable, str(REPO / "launch" / "derive.py"), "--config", args.derive_config]
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    train = [launcher, "--num_gpus", str(args.ranks), str(REPO / "launch" / "train.py"), "--config", args.config]
+    for what, cmd in (("derivation", derive), ("training", [*train, *args.overrides])):
+        print("$", " ".join(cmd), flush=True)
+        if subprocess.call(cmd, env=env) != 0:
+            raise LLMDistillError(f"the demo's {what} failed (see its output above)")
     print_summary(json.loads((cfg.run.dir / "summary.json").read_text()))
+    _demo_eval(cfg)
+
+
+def _demo_eval(cfg) -> None:
+    """The teacher vs the exported student on the local lm-eval tasks, on a subset so the demo stays short."""
+    from llmdistill.config import EvalConfig
+    from llmdistill.evaluate import markdown_table, run_eval
+
+    if not (cfg.run.dir / "student" / "config.json").exists():
+        return
+    cfg.eval = cfg.eval or EvalConfig(limit=100, max_length=512)
+    print("\nlm-eval: teacher vs student (local code tasks)", flush=True)
+    print(markdown_table(run_eval(cfg)))
 
 
 def print_summary(s: dict) -> None:
@@ -91,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_build_teacher)
     p = sub.add_parser("demo", help="the main job on the embedded default")
     p.add_argument("--config", default=str(REPO / "configs" / "tiny" / "distill.yaml"))
+    p.add_argument("--derive-config", default=str(REPO / "configs" / "tiny" / "derive.yaml"))
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("eval", help="benchmark teacher vs students with lm-eval")
+    _config_args(p)
+    p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("warm", help="build DeepSpeed's JIT ops once")
     p.set_defaults(fn=cmd_warm)
     args = parser.parse_args(argv)
