@@ -37,15 +37,52 @@ class RunConfig(Section):
         return Path(self.output_dir) / self.name
 
 
+class OnPolicyConfig(Section):
+    """GKD / DistillSpec: a fraction of the batches are the student's own continuations, scored by the teacher."""
+
+    # λ: the fraction of micro-batches replaced by student samples (chosen per batch from its content, so the
+    # choice is the same after a resume).
+    fraction: float = Field(0.5, ge=0, le=1)
+    # Each sample keeps the first `prompt_tokens` of a dataset sequence and the student writes the rest.
+    prompt_tokens: int = Field(16, gt=0)
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: no top-k filter
+    # Generation backend: HF `generate` on the training student (ZeRO 0-2; ZeRO-3 is refused).
+    generator: Literal["hf"] = "hf"
+
+
 class TeacherConfig(Section):
-    # Where the teacher signal comes from; the vLLM sources plug in through llmdistill.teachers.
-    source: Literal["hf", "none"] = "hf"
-    # An HF model directory or hub name; "embedded" is the tiny teacher shipped with the package.
+    # Where the teacher signal comes from: in-process HF, a vLLM server (top-k), a vLLM cache on disk (top-k),
+    # or on-policy student samples scored by a vLLM server (llmdistill/teachers/).
+    source: Literal["hf", "none", "vllm_server", "vllm_cache", "on_policy"] = "hf"
+    # An HF model directory or hub name; "embedded" is the tiny teacher shipped with the package. For the vLLM
+    # sources it gives the tokenizer and config (the weights are the server's or the cache builder's).
     path: str | None = "embedded"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     # Keep the teacher's hidden states in the signal (needed by hidden_* and curriculum losses).
     hidden_states: bool = False
+    # vllm_server / on_policy: OpenAI-compatible vLLM servers, used round-robin (rank r starts at url r).
+    urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"], min_length=1)
+    served_model_name: str = "teacher"
+    # Top-k log-probabilities per position (server: at most its --max-logprobs; cache: at most the cache's K).
+    top_k: int = Field(20, gt=0)
+    timeout: float = Field(60.0, gt=0)  # seconds per request
+    # Attempts after the first failure, over all urls, waiting backoff * 2^i seconds (capped at 30 s) between.
+    retries: int = Field(4, ge=0)
+    backoff: float = Field(1.0, ge=0)
+    # Micro-batches whose signal is fetched ahead in a thread, overlapping the network with the student's step.
+    prefetch: int = Field(2, ge=0)
+    # vllm_cache: the directory launch/cache_teacher.py writes (manifest.json + shards).
+    cache_dir: str | None = None
+    # launch/cache_teacher.py: packed sequences per shard file.
+    cache_shard_rows: int = Field(256, gt=0)
+    # launch/serve_teacher.sh: where the server listens and how it is sized.
+    serve_port: int = Field(8000, gt=0, lt=65536)
+    serve_max_model_len: int | None = Field(None, gt=0)  # default: data.seq_len + 1
+    serve_args: list[str] = Field(default_factory=list)  # more `vllm serve` arguments
+    on_policy: OnPolicyConfig = OnPolicyConfig()
 
 
 class PeftConfig(Section):
@@ -248,6 +285,11 @@ class EvalConfig(Section):
     bootstrap_iters: int = Field(100, ge=0)
     # Where the report goes; null: <run.output_dir>/<run.name>/eval.
     output_dir: str | None = None
+    # During training (an `eval` section in a training config): every N steps the student is scored on
+    # `every_limit` examples per task and logged to TensorBoard (0: never); at the end the full report is written.
+    every: int = Field(0, ge=0)
+    every_limit: int = Field(50, gt=0)
+    at_end: bool = True
 
 
 class Config(Section):
@@ -270,6 +312,8 @@ class Config(Section):
             raise ValueError("loss: the objective needs at least one term")
         if self.teacher.source == "none" and self.student.from_teacher is not None:
             raise ValueError("student.from_teacher needs a teacher (teacher.source is 'none')")
+        if self.teacher.source == "vllm_cache" and not self.teacher.cache_dir:
+            raise ValueError("teacher.cache_dir: needed when teacher.source is 'vllm_cache'")
         return self
 
 

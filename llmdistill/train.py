@@ -232,7 +232,11 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
     # Only an in-process teacher that the objective uses is loaded; other sources need its tokenizer and config.
-    if plan.teacher_path is not None and cfg.teacher.source == "hf" and plan.needs & {"teacher", "teacher_hidden"}:
+    if (
+        plan.teacher_path is not None
+        and cfg.teacher.source == "hf"
+        and plan.needs & {"teacher", "teacher_hidden"}
+    ):
         teacher = models.load_model(plan.teacher_path, cfg.teacher.dtype, cfg.teacher.trust_remote_code)
         teacher.eval().requires_grad_(False)
     if student is None:
@@ -439,6 +443,7 @@ def train(cfg: Config) -> dict:
         )
     )
     pairs = teacher_source.stream(batches, device)
+    lm_eval_reference = None
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum * world
     progress = _progress_bar(cfg, rank, step)
     stop = _StopRequest()
@@ -452,7 +457,9 @@ def train(cfg: Config) -> dict:
             batch, signal = _next_pair(pairs, teacher_source)
             if batch is None:  # the teacher failed on some rank: keep the last whole step and stop
                 if not (ckpt_root / f"step_{step:08d}" / COMPLETE).exists():
-                    save_checkpoint(engine, ckpt_root, step, consumed_at_step, rank, cfg.train.keep_checkpoints)
+                    save_checkpoint(
+                        engine, ckpt_root, step, consumed_at_step, rank, cfg.train.keep_checkpoints
+                    )
                 raise TeacherUnavailable(
                     f"{signal or 'the teacher failed on another rank'}; checkpoint saved at step {step}, "
                     "resume with the same command once the teacher is back"
@@ -482,6 +489,13 @@ def train(cfg: Config) -> dict:
             progress.set_postfix(
                 loss=f"{record['loss']:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}"
             )
+        if (
+            cfg.eval is not None
+            and cfg.eval.every
+            and step % cfg.eval.every == 0
+            and step < cfg.train.max_steps
+        ):
+            lm_eval_reference = lm_eval_student(cfg, student, plan, rank, step, runlog, lm_eval_reference)
         if (
             held_out
             and cfg.train.eval_every
@@ -519,11 +533,55 @@ def train(cfg: Config) -> dict:
             export(engine, cfg, student, student_tok, run_dir, rank, held_out, device, summary, masks)
         )
     teacher_source.close()
+    if cfg.eval is not None and cfg.eval.at_end and "student_dir" in summary:
+        if rank == 0:
+            from llmdistill.evaluate import run_eval, tensorboard_scalars
+
+            report = run_eval(cfg)
+            summary["lm_eval"] = report["output_dir"]
+            runlog.write(step, tensorboard_scalars(report, prefix="lm_eval"))
+        barrier()
     runlog.close()
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     del hf_ds_config
     return summary
+
+
+def lm_eval_student(cfg: Config, student, plan: Plan, rank: int, step: int, runlog: RunLog, reference):
+    """Score the training student on a subset of the lm-eval tasks (rank 0) and log it; returns the teacher's
+    reference scores, computed once. Under ZeRO-3 every rank gathers the weights; rank 0 evaluates meanwhile."""
+    import deepspeed
+
+    from llmdistill.evaluate import evaluate_models, tensorboard_scalars
+
+    e = cfg.eval
+    params = [p for p in student.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        if rank == 0:
+            if reference is None and e.teacher and plan.teacher_path is not None:
+                teacher = plan.teacher_path if e.teacher is True else e.teacher
+                reference = evaluate_models(
+                    {"teacher": teacher},
+                    e.tasks,
+                    limit=e.every_limit,
+                    max_length=e.max_length,
+                    batch_size=e.batch_size,
+                    device=e.device,
+                )
+            report = evaluate_models(
+                {"student": student},
+                e.tasks,
+                tokenizer=plan.student_tok,
+                limit=e.every_limit,
+                max_length=e.max_length,
+                batch_size=e.batch_size,
+                device=e.device,
+                reference=reference,
+            )
+            runlog.write(step, tensorboard_scalars(report, prefix="lm_eval"))
+    barrier()
+    return reference
 
 
 def _next_pair(pairs, source) -> tuple[dict | None, object]:
@@ -579,13 +637,15 @@ class _StopRequest:
 def _progress_bar(cfg: Config, rank: int, step: int):
     if rank != 0 or not cfg.train.progress:
         return None
-    from tqdm import tqdm
-
     import sys
+
+    from tqdm import tqdm
 
     # Redraw often on a terminal, rarely into a log file.
     interval = 0.5 if sys.stderr.isatty() else 30
-    return tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=interval)
+    return tqdm(
+        total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=interval
+    )
 
 
 def gather_state_dict(engine, module, rank: int) -> dict | None:
