@@ -31,6 +31,19 @@ def cmd_build_teacher(args) -> None:
     build_teacher(args.config, args.overrides)
 
 
+def cmd_derive(args) -> None:
+    """Derive a student from the teacher by pruning (the `derive` section of the config)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from llmdistill.derive import derive_student
+
+    hf_logging.disable_progress_bar()  # per-call "Loading weights" bars would bury the line that matters
+    out = derive_student(load_config(args.config, args.overrides))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"derived student written to {out} (scores in {out / 'derivation.json'})")
+
+
 def cmd_eval(args) -> None:
     """Benchmark teacher vs students with lm-eval (the `eval` section of the config)."""
     from llmdistill.evaluate import markdown_table, run_eval
@@ -101,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="distil (or pretrain) a student under DeepSpeed")
     _config_args(p)
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("derive", help="derive a student from the teacher by pruning")
+    _config_args(p)
+    p.set_defaults(fn=cmd_derive)
     p = sub.add_parser("build-teacher", help="rebuild the embedded tiny teacher from its recipe")
     p.add_argument("--config", default=str(REPO / "configs" / "tiny" / "teacher.yaml"))
     p.add_argument("overrides", nargs="*")
