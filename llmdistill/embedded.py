@@ -83,3 +83,109 @@ def build_teacher(config_path: str, overrides: list[str] = ()) -> Path:
         f"{ev['bpb']:.3f} bits/byte -> {EMBEDDED_TEACHER}"
     )
     return EMBEDDED_TEACHER
+
+
+# ---------------------------------------------------------------------------------------- student tokenizers
+# Tokenizers that differ from the teacher's, for cross-tokenizer distillation (configs/tiny/alm*.yaml).
+# Each is built once from the embedded corpus and cached under data.cache_dir(); configs name them as
+# `student.tokenizer: embedded:<name>`.
+
+STUDENT_TOKENIZERS = {"sp-unigram": 1024, "bytes": None}  # name -> vocabulary size of the trained model
+
+
+def student_tokenizer(name: str) -> Path:
+    """The directory of embedded student tokenizer `name`, building it on first use (one process builds while
+    the others wait on a lock)."""
+    import fcntl
+
+    if name not in STUDENT_TOKENIZERS:
+        raise ValueError(f"unknown embedded tokenizer {name!r}; known: {sorted(STUDENT_TOKENIZERS)}")
+    corpus = json.loads(data.embedded_corpus()["manifest"].read_text())["content_sha256"][:12]
+    out = data.cache_dir() / f"tokenizer-{name}-{corpus}"
+    if (out / "tokenizer.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".tokenizer-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "tokenizer.json").exists():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if name == "sp-unigram":
+                tok = train_unigram_tokenizer(STUDENT_TOKENIZERS[name])
+            else:
+                tok = byte_tokenizer()
+            tok.save_pretrained(tmp)
+            tmp.replace(out)
+    return out
+
+
+def train_unigram_tokenizer(vocab_size: int, max_lines: int = 300_000):
+    """A SentencePiece unigram model trained with the `sentencepiece` package on the embedded train split,
+    wrapped as an HF tokenizer that tokenizes as SentencePiece does: `▁` for spaces, no dummy prefix, no text
+    normalisation, byte fallback (`<0xNN>`) for anything outside its pieces, e.g. newlines and rare UTF-8."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = data.embedded_corpus()
+
+    def lines():
+        n = 0
+        for row in corpus["train"].open():
+            for line in json.loads(row)["text"].splitlines():
+                if line.strip():
+                    yield line
+                    n += 1
+                    if n >= max_lines:
+                        return
+
+    import io
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=0.9995,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
+        num_threads=1,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    # SentencePiece's whitespace handling: spaces become ▁ and start pieces; no prefix space is invented.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def byte_tokenizer():
+    """One token per byte (the GPT-2 byte alphabet, no merges) plus end-of-text and padding: 258 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1} | {c: i + 2 for i, c in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")

@@ -20,6 +20,14 @@ def resolve_model_path(path: str, what: str, tokenizer_only: bool = False) -> st
         if not (EMBEDDED_TEACHER / "config.json").exists():
             raise LLMDistillError(f"{what}: the embedded teacher is not built; run `make teacher`")
         return str(EMBEDDED_TEACHER)
+    if tokenizer_only and path.startswith("embedded:"):
+        # Student tokenizers built on demand from the embedded corpus, for cross-tokenizer configs (alm.yaml).
+        from llmdistill.embedded import STUDENT_TOKENIZERS, student_tokenizer
+
+        if path.split(":", 1)[1] not in STUDENT_TOKENIZERS:
+            known = sorted(STUDENT_TOKENIZERS)
+            raise LLMDistillError(f"{what}: unknown embedded tokenizer {path!r}; known: {known}")
+        return str(student_tokenizer(path.split(":", 1)[1]))
     p = Path(path)
     looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") != 1
     if looks_local:

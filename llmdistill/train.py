@@ -253,8 +253,26 @@ def build_datasets(cfg: Config, plan: Plan):
     carry the teacher's tokenization of the same text (`teacher_input_ids`, `teacher_position_ids`).
     """
 
+    from llmdistill.losses import get_loss
+
+    cross_tokenizer = any(get_loss(t.name).cross_tokenizer for t in cfg.loss) and plan.teacher_tok is not None
+
     def build(spec):
-        return data.tokenize_and_pack(data.load_texts(spec), plan.student_tok, cfg.data.seq_len, spec.path)
+        texts = data.load_texts(spec)
+        if not cross_tokenizer:
+            return data.tokenize_and_pack(texts, plan.student_tok, cfg.data.seq_len, spec.path)
+        from llmdistill.align import aligned_dataset
+
+        # Both tokenizations of each window's text, and the chunk alignment, computed here once (cached by
+        # `datasets`), never in the training step.
+        return aligned_dataset(
+            texts,
+            plan.student_tok,
+            plan.teacher_tok,
+            cfg.data.seq_len,
+            spec.path,
+            models.max_positions(plan.teacher_config),
+        )
 
     return build(cfg.data.train), build(cfg.data.validation) if cfg.data.validation is not None else None
 
@@ -423,7 +441,9 @@ def train(cfg: Config) -> dict:
         summary["teacher_parameters"] = models.count_parameters(
             teacher.module if hasattr(teacher, "module") else teacher
         )
-        if held_out:
+        # Cross-tokenizer batches: the teacher reads other token ids than the student's targets, so its
+        # per-token figures here would be meaningless; it is only evaluated on a shared tokenizer.
+        if held_out and "teacher_input_ids" not in held_out[0]:
             summary["teacher_eval"] = evaluate(_teacher_eval_fn(teacher), held_out, student_tok, device)
     student_eval_fn = _student_eval_fn(engine)
     if held_out and step == 0:

@@ -17,11 +17,21 @@ def _train(tmp_path, name, extra=(), env=None):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     result = _train(tmp, "straight")
     assert result.returncode == 0, result.stderr[-3000:]
-    return read_log(tmp / "straight")
+    return read_log(tmp / "straight"), json.loads((tmp / "straight" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_summary(uninterrupted_run):
+    return uninterrupted_run[1]
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterrupted):
@@ -54,8 +64,9 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_
     assert summary["export_max_abs_diff"] < 1e-5
 
 
-def test_training_improves_the_student_and_exports_it(uninterrupted, tmp_path):
-    assert uninterrupted[8]["loss"] < uninterrupted[1]["loss"]
+def test_training_improves_the_student_on_held_out_data(uninterrupted_summary):
+    # Per-step losses are on different small batches; held-out loss is on the same tokens before and after.
+    assert uninterrupted_summary["student_eval"]["loss"] < uninterrupted_summary["student_eval_start"]["loss"]
 
 
 def _error_line(result) -> str:

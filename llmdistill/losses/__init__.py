@@ -51,7 +51,7 @@ def get_loss(name: str) -> Callable:
 
 def _load_builtin():
     # Importing the modules runs their @register decorators.
-    from llmdistill.losses import divergences, features, sinkhorn  # noqa: F401
+    from llmdistill.losses import alm, divergences, features, sinkhorn  # noqa: F401
 
 
 def _check_params(where: str, fn: Callable, params: dict) -> None:

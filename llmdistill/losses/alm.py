@@ -1,0 +1,219 @@
+"""Cross-tokenizer losses: Approximate Likelihood Matching (ALM, Minixhofer et al. 2025) and ULD (Boizard
+et al. 2024) as the baseline.
+
+Both read the chunk alignment the data pipeline put in the batch (llmdistill.align.pack_aligned):
+`student_chunks` [B, T] and `teacher_chunks` [B, T_t] give, per position, the chunk of the token predicted
+there (-1: none), with chunk ids shared by the two sides of a sequence. Teacher positions are the teacher's
+own tokens (`teacher_input_ids`), so the signal is the teacher run on its own tokenization.
+
+ALM: a chunk's log-likelihood under a model is the sum of the log-probabilities of its tokens (the actual
+tokens, so a sparse top-k teacher that includes the actual token, as vLLM's prompt log-probs do, is enough).
+Each chunk log-likelihood l is binarised at temperature tau: a Bernoulli with p = exp(l / tau), and the
+teacher's and student's Bernoullis are compared:
+  binary_kl  KL(Bern(p_t) || Bern(p_s))  (zero at a match; the default)
+  binary_ce  cross-entropy of Bern(p_s) against Bern(p_t)  (same gradient, plus the teacher's entropy)
+  abs        |l_t - l_s| / tau  (the absolute log-likelihood difference, no binarisation)
+The binarised values are multiplied by tau, as distillation losses multiply by T^2, so the gradient does not
+vanish as tau grows: for large tau the gradient on a chunk's student log-likelihood tends to l_t / l_s - 1.
+The loss is the mean over the batch's usable chunks.
+
+ULD: at the start of every aligned chunk both models predict the next text after the same prefix; compare the
+two next-token distributions sorted by probability (L1 distance, the smaller vocabulary padded with zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from llmdistill.config import ConfigError
+from llmdistill.losses import register
+from llmdistill.signal import StudentOutput, TeacherSignal
+
+DIVERGENCES = ("binary_kl", "binary_ce", "abs")
+CHUNK_KINDS = ("unconstrained", "space")
+# Keeps exp(l / tau) below 1, where log(1 - p) is finite (a chunk the model is certain of).
+EPSILON = 1e-6
+ROWS = 4096  # student positions whose logits are formed at once
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def binarised_divergence(teacher_ll: torch.Tensor, student_ll: torch.Tensor, temperature: float, kind: str):
+    """Per-chunk divergence between chunk log-likelihoods (any shape, fp32)."""
+    if kind == "abs":
+        return (teacher_ll - student_ll).abs() / temperature
+    a = teacher_ll / temperature - EPSILON
+    x = student_ll / temperature - EPSILON
+    p = torch.exp(a)
+    cross = -(p * x + (1 - p) * log1mexp(x))
+    if kind == "binary_ce":
+        return temperature * cross
+    entropy = -(p * a + (1 - p) * log1mexp(a))
+    return temperature * (cross - entropy)
+
+
+def _chunk_keys(chunks: str) -> tuple[str, str]:
+    if chunks not in CHUNK_KINDS:
+        raise ConfigError(f"alm/uld: chunks must be one of {CHUNK_KINDS}, got {chunks!r}")
+    suffix = "chunks" if chunks == "unconstrained" else "space_chunks"
+    return f"student_{suffix}", f"teacher_{suffix}"
+
+
+def _check_batch(batch: dict, keys: tuple[str, str], name: str) -> None:
+    missing = [k for k in (*keys, "teacher_input_ids") if k not in batch]
+    if missing:
+        raise ConfigError(
+            f"{name}: the batch has no {missing}; cross-tokenizer batches come from train.build_datasets "
+            "when a cross-tokenizer loss is configured"
+        )
+
+
+def _student_target_logprobs(
+    student: StudentOutput, rows: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """log q(target) at flat positions `rows`, computing the head on ROWS positions at a time."""
+    hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
+
+    def block(h, t):
+        return torch.log_softmax(student.head(h).float(), -1).gather(1, t[:, None]).squeeze(1)
+
+    out = []
+    for i in range(0, rows.numel(), ROWS):
+        r = rows[i : i + ROWS]
+        h, t = hidden[r], targets[r]
+        # Recomputed in the backward: only the [rows, H] hidden block is kept, never [rows, V] logits.
+        out.append(checkpoint(block, h, t, use_reentrant=False) if h.requires_grad else block(h, t))
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+def _teacher_target_logprobs(signal: TeacherSignal, rows: torch.Tensor, targets: torch.Tensor):
+    """log p(target) at flat teacher positions, and whether the teacher gave it (sparse: in its top-k)."""
+    if signal.logits is not None:
+        logits = signal.logits.reshape(-1, signal.logits.shape[-1])
+        out = [
+            torch.log_softmax(logits[rows[i : i + ROWS]].float(), -1)
+            .gather(1, targets[rows[i : i + ROWS], None])
+            .squeeze(1)
+            for i in range(0, rows.numel(), ROWS)
+        ]
+        lp = torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+        return lp, torch.ones_like(lp, dtype=torch.bool)
+    ids = signal.topk_ids.reshape(-1, signal.topk_ids.shape[-1])[rows].long()
+    logprobs = signal.topk_logprobs.reshape(-1, signal.topk_logprobs.shape[-1])[rows].float()
+    match = ids == targets[rows, None]
+    found = match.any(-1)
+    return torch.where(match, logprobs, torch.zeros_like(logprobs)).sum(-1), found
+
+
+def _shifted(ids: torch.Tensor) -> torch.Tensor:
+    """targets[t] = ids[t + 1]; the last position gets 0 (never in a chunk)."""
+    return torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+
+
+@register("alm", needs={"teacher"}, cross_tokenizer=True)
+def alm(
+    student: StudentOutput,
+    signal: TeacherSignal,
+    batch: dict,
+    temperature: float = 100.0,
+    divergence: str = "binary_kl",
+    chunks: str = "unconstrained",
+):
+    """Approximate Likelihood Matching; see the module docstring."""
+    if divergence not in DIVERGENCES:
+        raise ConfigError(f"alm: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if temperature <= 0:
+        raise ConfigError(f"alm: temperature must be > 0, got {temperature}")
+    keys = _chunk_keys(chunks)
+    _check_batch(batch, keys, "alm")
+    s_chunk, t_chunk = batch[keys[0]], batch[keys[1]]
+    n_seq = s_chunk.shape[0]
+    width = int(max(s_chunk.max().item(), t_chunk.max().item(), -1)) + 1
+    s_rows = (s_chunk.reshape(-1) >= 0).nonzero().squeeze(1)
+    t_rows = (t_chunk.reshape(-1) >= 0).nonzero().squeeze(1)
+    seq_s = torch.div(s_rows, s_chunk.shape[1], rounding_mode="floor")
+    seq_t = torch.div(t_rows, t_chunk.shape[1], rounding_mode="floor")
+    slot_s = seq_s * width + s_chunk.reshape(-1)[s_rows]
+    slot_t = seq_t * width + t_chunk.reshape(-1)[t_rows]
+
+    s_lp = _student_target_logprobs(student, s_rows, batch["targets"].reshape(-1))
+    t_targets = _shifted(batch["teacher_input_ids"]).reshape(-1)
+    t_lp, found = _teacher_target_logprobs(signal, t_rows, t_targets)
+    slots = n_seq * width
+    s_ll = torch.zeros(slots, device=s_lp.device).index_add(0, slot_s, s_lp)
+    t_ll = torch.zeros(slots, device=s_lp.device).index_add(0, slot_t, t_lp.to(s_lp.device))
+    s_count = torch.zeros(slots, device=s_lp.device).index_add(0, slot_s, torch.ones_like(s_lp))
+    t_count = torch.zeros(slots, device=s_lp.device).index_add(0, slot_t, torch.ones_like(t_lp))
+    missing = torch.zeros(slots, device=s_lp.device).index_add(0, slot_t, (~found).float())
+    usable = (s_count > 0) & (t_count > 0) & (missing == 0)
+    n = int(usable.sum())
+    if n == 0:
+        zero = student.hidden.sum() * 0.0  # keeps every rank's backward in step under ZeRO
+        return zero, {"alm/chunks_per_seq": 0.0}
+    s_ll, t_ll = s_ll[usable].clamp(max=0.0), t_ll[usable].clamp(max=0.0)
+    loss = binarised_divergence(t_ll.detach(), s_ll, temperature, divergence).mean()
+    metrics = {
+        "alm/chunks_per_seq": n / n_seq,
+        "alm/student_chunk_nll": -s_ll.detach().mean().item(),
+        "alm/teacher_chunk_nll": -t_ll.mean().item(),
+        "alm/student_tokens_per_chunk": s_count[usable].mean().item(),
+        "alm/teacher_tokens_per_chunk": t_count[usable].mean().item(),
+    }
+    return loss, metrics
+
+
+def _chunk_first_rows(chunk: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sequence, chunk) slot, the first flat position predicting one of its tokens; and slot presence."""
+    flat = chunk.reshape(-1)
+    rows = (flat >= 0).nonzero().squeeze(1)
+    slot = torch.div(rows, chunk.shape[1], rounding_mode="floor") * width + flat[rows]
+    first = torch.full((chunk.shape[0] * width,), flat.numel(), dtype=torch.long, device=chunk.device)
+    first = first.scatter_reduce(0, slot, rows, reduce="amin")
+    return first, first < flat.numel()
+
+
+@register("uld", needs={"teacher"}, cross_tokenizer=True)
+def uld(
+    student: StudentOutput,
+    signal: TeacherSignal,
+    batch: dict,
+    temperature: float = 1.0,
+    chunks: str = "unconstrained",
+):
+    """Universal logit distillation on aligned chunk starts; see the module docstring."""
+    keys = _chunk_keys(chunks)
+    _check_batch(batch, keys, "uld")
+    s_chunk, t_chunk = batch[keys[0]], batch[keys[1]]
+    width = int(max(s_chunk.max().item(), t_chunk.max().item(), -1)) + 1
+    s_first, s_has = _chunk_first_rows(s_chunk, width)
+    t_first, t_has = _chunk_first_rows(t_chunk, width)
+    both = s_has & t_has
+    if not bool(both.any()):
+        return student.hidden.sum() * 0.0, {"uld/positions": 0.0}
+    s_rows, t_rows = s_first[both], t_first[both]
+    hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
+    if signal.logits is not None:
+        t_logits = signal.logits.reshape(-1, signal.logits.shape[-1])[t_rows].float()
+        t_sorted = torch.softmax(t_logits / temperature, -1).sort(-1, descending=True).values
+    else:
+        # A sparse teacher: its top-k probabilities renormalised, zero elsewhere (the tail is unknown).
+        lp = signal.topk_logprobs.reshape(-1, signal.topk_logprobs.shape[-1])[t_rows].float()
+        t_sorted = torch.softmax(lp / temperature, -1).sort(-1, descending=True).values
+
+    def block(h, t_sorted):
+        q = torch.softmax(student.head(h).float() / temperature, -1).sort(-1, descending=True).values
+        size = max(q.shape[-1], t_sorted.shape[-1])
+        q = torch.nn.functional.pad(q, (0, size - q.shape[-1]))
+        p = torch.nn.functional.pad(t_sorted, (0, size - t_sorted.shape[-1]))
+        return (q - p).abs().sum(-1)
+
+    out = []
+    for i in range(0, s_rows.numel(), ROWS):
+        h, p = hidden[s_rows[i : i + ROWS]], t_sorted[i : i + ROWS].to(hidden.device)
+        out.append(checkpoint(block, h, p, use_reentrant=False) if h.requires_grad else block(h, p))
+    distance = torch.cat(out)
+    return distance.mean(), {"uld/positions_per_seq": distance.numel() / s_chunk.shape[0]}
