@@ -38,7 +38,8 @@ class RunConfig(Section):
 
 
 class OnPolicyConfig(Section):
-    """GKD / DistillSpec: a fraction of the batches are the student's own continuations, scored by the teacher."""
+    """GKD / DistillSpec: a fraction of the batches are the student's own continuations, scored by the
+    teacher."""
 
     # λ: the fraction of micro-batches replaced by student samples (chosen per batch from its content, so the
     # choice is the same after a resume).
@@ -72,7 +73,7 @@ class TeacherConfig(Section):
     # Attempts after the first failure, over all urls, waiting backoff * 2^i seconds (capped at 30 s) between.
     retries: int = Field(4, ge=0)
     backoff: float = Field(1.0, ge=0)
-    # Micro-batches whose signal is fetched ahead in a thread, overlapping the network with the student's step.
+    # Micro-batches whose signal is fetched ahead in a thread, overlapping the network with the student.
     prefetch: int = Field(2, ge=0)
     # vllm_cache: the directory launch/cache_teacher.py writes (manifest.json + shards).
     cache_dir: str | None = None
@@ -80,7 +81,7 @@ class TeacherConfig(Section):
     cache_shard_rows: int = Field(256, gt=0)
     # launch/serve_teacher.sh: where the server listens and how it is sized.
     serve_port: int = Field(8000, gt=0, lt=65536)
-    serve_max_model_len: int | None = Field(None, gt=0)  # default: data.seq_len + 1
+    serve_max_model_len: int | None = Field(None, gt=0)  # default: data.seq_len + 2
     serve_args: list[str] = Field(default_factory=list)  # more `vllm serve` arguments
     on_policy: OnPolicyConfig = OnPolicyConfig()
 

@@ -39,4 +39,36 @@ def build_teacher_source(cfg: Config, model, needs: frozenset[str], student=None
         from llmdistill.teachers.hf import HFTeacher
 
         return HFTeacher(model, hidden_states="teacher_hidden" in needs)
+    if cfg.teacher.source in ("vllm_server", "vllm_cache", "on_policy"):
+        return _build_vllm_source(cfg, needs, student)
     raise LLMDistillError(f"teacher.source: {cfg.teacher.source!r} is not a known teacher source")
+
+
+def _build_vllm_source(cfg: Config, needs: frozenset[str], student):
+    """The vLLM-backed sources: top-k log-probabilities only, tokenizer and config from teacher.path."""
+    import torch
+
+    from llmdistill import models
+
+    if "teacher_hidden" in needs:
+        raise LLMDistillError(
+            f"teacher.source={cfg.teacher.source}: vLLM gives top-k log-probabilities, not hidden states; "
+            "the hidden_* / curriculum losses need teacher.source=hf"
+        )
+    path = models.resolve_model_path(cfg.teacher.path, "teacher.path")
+    tokenizer = models.load_tokenizer(path, cfg.teacher.trust_remote_code)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if cfg.teacher.source == "vllm_server":
+        from llmdistill.teachers.vllm_server import VLLMServerTeacher
+
+        return VLLMServerTeacher(cfg, tokenizer, rank)
+    if cfg.teacher.source == "vllm_cache":
+        from transformers import AutoConfig
+
+        from llmdistill.teachers.vllm_cache import VLLMCacheTeacher
+
+        vocab = AutoConfig.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
+        return VLLMCacheTeacher(cfg, tokenizer, vocab, path)
+    from llmdistill.teachers.on_policy import OnPolicyTeacher
+
+    return OnPolicyTeacher(cfg, tokenizer, student, rank, run_dir=cfg.run.dir)

@@ -1,0 +1,324 @@
+"""vLLM teacher sources without vLLM: request building, the prompt_logprobs off-by-one, retries, the cache
+encoding and manifest checks, on-policy batch construction. The real vLLM runs are in
+tests/integration/test_vllm_teachers.py."""
+
+import http.server
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from llmdistill.config import LLMDistillError, load_config
+from llmdistill.signal import IGNORE_INDEX
+from llmdistill.teachers import TeacherUnavailable
+from llmdistill.teachers import vllm_cache as vc
+from llmdistill.teachers import vllm_server as vs
+from llmdistill.teachers.on_policy import batch_draw, student_batch
+
+X = IGNORE_INDEX
+
+
+def _packed_batch():
+    # Row 0: a document [10, 11, 12] ending inside the row (target -100 at its end), then [20, 21, 22] whose
+    # next token (23) lies past the row. Row 1: one document, its next token 35.
+    return {
+        "input_ids": torch.tensor([[10, 11, 12, 20, 21, 22], [30, 31, 32, 33, 34, 35 - 1]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]]),
+        "targets": torch.tensor([[11, 12, X, 21, 22, 23], [31, 32, 33, 34, 34, 35]]),
+    }
+
+
+def test_each_document_is_its_own_prompt_and_the_final_target_is_appended():
+    b = _packed_batch()
+    prompts = vs.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
+    assert [(p.row, p.start, p.token_ids) for p in prompts] == [
+        (0, 0, [10, 11, 12]),  # its last target is -100: nothing to append
+        (0, 3, [20, 21, 22, 23]),  # the row's last position needs the next token
+        (1, 0, [30, 31, 32, 33, 34, 34, 35]),
+    ]
+    assert vs.segment_bounds([0, 1, 0, 0, 1]) == [(0, 2), (2, 3), (3, 5)]
+
+
+def _fake_prompt_logprobs(prompts, k):
+    """vLLM's shape: None first; at j >= 1 the top-k plus the actual token prompt[j] (K + 1 entries when it is
+    not among them), the actual token ranked first here so the mapping is visible."""
+    out = []
+    for p in prompts:
+        per = [None]
+        for j in range(1, len(p.token_ids)):
+            d = {1000 + r: -2.0 - r for r in range(k)}
+            d[p.token_ids[j]] = -0.5
+            per.append(d)
+        out.append(per)
+    return out
+
+
+def test_prompt_logprobs_j_is_the_signal_at_position_start_plus_j_minus_1():
+    b, k = _packed_batch(), 3
+    prompts = vs.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
+    sig = vs.signal_from_prompt_logprobs(prompts, _fake_prompt_logprobs(prompts, k), (2, 6), k)
+    assert sig.topk_ids.shape == (2, 6, k) and sig.topk_ids.dtype == torch.int32
+    valid = b["targets"] != X
+    # The teacher's top token at t is the token at t + 1: the signal at t predicts targets[t].
+    assert torch.equal(sig.topk_ids[..., 0][valid].long(), b["targets"][valid])
+    # The K + 1-th entry vLLM adds is dropped; sorted by log-prob.
+    assert sig.topk_ids[0, 0].tolist() == [11, 1000, 1001]
+    assert sig.topk_logprobs[0, 0].tolist() == [-0.5, -2.0, -3.0]
+    # A document's end (target -100) gets the filler: all mass in the tail.
+    assert sig.topk_logprobs[0, 2].max().item() == vs.LOGP_FILLER
+
+
+def test_request_and_response_formats():
+    prompts = [vs.Prompt(0, 0, [1, 2, 3]), vs.Prompt(1, 0, [4, 5])]
+    body = vs.completions_request("teacher", prompts, 5)
+    assert body["prompt"] == [[1, 2, 3], [4, 5]] and body["prompt_logprobs"] == 5
+    assert body["max_tokens"] == 0 and body["echo"] is True
+    answer = {
+        "choices": [
+            {"index": 1, "prompt_logprobs": [None, {"5": {"logprob": -1.0, "rank": 1}}]},
+            {"index": 0, "prompt_logprobs": [None, {"2": {"logprob": -0.1}}, {"3": {"logprob": -0.2}}]},
+        ]
+    }
+    parsed = vs.parse_completions(answer, 2)
+    assert parsed[0][1] == {2: -0.1} and parsed[1][1] == {5: -1.0}  # request order, integer ids
+    with pytest.raises(LLMDistillError, match="2 prompts"):
+        vs.parse_completions({"choices": answer["choices"][:1]}, 2)
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    replies: list = []
+
+    def do_POST(self):
+        code, body = self.replies.pop(0)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_5xx_is_retried_4xx_explained_and_a_dead_server_is_unavailable(scripted_server):
+    server, url = scripted_server
+    ok = {"choices": [{"index": 0, "prompt_logprobs": [None, {"7": {"logprob": -0.3}}]}]}
+    _Scripted.replies = [(503, {"error": {"message": "busy"}}), (500, {}), (200, ok)]
+    client = vs.ServerClient([url], "teacher", timeout=5, retries=2, backoff=0.0)
+    assert client.score([vs.Prompt(0, 0, [6, 7])], 1) == [[None, {7: -0.3}]]
+    msg = "Requested prompt logprobs of 40, which is greater than max allowed: 20"
+    _Scripted.replies = [(400, {"error": {"message": msg}})]
+    with pytest.raises(LLMDistillError, match="above the server's --max-logprobs"):
+        client.score([vs.Prompt(0, 0, [6, 7])], 40)
+    _Scripted.replies = [(404, {"error": {"message": "The model `x` does not exist."}})]
+    with pytest.raises(LLMDistillError, match="served_model_name"):
+        client.score([vs.Prompt(0, 0, [6, 7])], 1)
+    server.shutdown()
+    server.server_close()
+    dead = vs.ServerClient([url, url], "teacher", timeout=1, retries=2, backoff=0.0)
+    with pytest.raises(TeacherUnavailable, match="after 3 attempts"):
+        dead.score([vs.Prompt(0, 0, [6, 7])], 1)
+
+
+def test_urls_are_used_round_robin_starting_at_the_rank():
+    client = vs.ServerClient(["http://a", "http://b", "http://c"], "t", 1, 0, 0, first=4)
+    seen = []
+    client._once = lambda url, path, payload: seen.append(url) or {}
+    for _ in range(4):
+        client.call("/x")
+    assert seen == ["http://b", "http://c", "http://a", "http://b"]
+
+
+def test_prefetch_keeps_order_and_raises_at_the_failing_batch():
+    def fetch(b):
+        if b == 3:
+            raise TeacherUnavailable("gone")
+        return b * 10
+
+    for depth in (0, 2):
+        got = []
+        with pytest.raises(TeacherUnavailable):
+            for batch, signal in vs.prefetched(iter(range(6)), fetch, depth, threading.Event()):
+                got.append((batch, signal))
+        assert got == [(0, 0), (1, 10), (2, 20)], depth
+
+
+def test_serve_command_cpu_and_gpu():
+    cfg = load_config(None, ["teacher.serve_port=9001", "teacher.top_k=32", "data.seq_len=128"])
+    argv, env = vs.serve_command(cfg, "/py", gpu=False)
+    assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in argv
+    assert argv[argv.index("--max-logprobs") + 1] == "32" and argv[argv.index("--max-model-len") + 1] == "130"
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    argv, env = vs.serve_command(cfg, "/py", gpu=True)
+    assert argv[:2] == ["vllm", "serve"] and env == {}
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_encoding_round_trip_and_size():
+    rng = np.random.default_rng(0)
+    for vocab in (2048, 152064):
+        ids = rng.integers(0, vocab, size=(2, 5, 32))
+        stored = vc.encode_ids(ids, vc.id_bytes_for(vocab))
+        assert np.array_equal(vc.decode_ids(stored), ids)
+    logits = rng.normal(size=(200, 2048)) * 3
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    top = -np.sort(-logp, axis=-1)[:, :32]
+    back = vc.decode_logprobs(vc.encode_logprobs(top))
+    # Rounded down by at most one step: probabilities never grow, so the tail mass never goes negative.
+    assert np.all(back <= top + 1e-6) and np.all(top - back <= 1 / vc.LOGPROB_SCALE + 1e-6)
+    true_tail = 1 - np.exp(top).sum(-1)
+    tail = 1 - np.exp(back.astype(np.float64)).sum(-1)
+    assert np.all(tail >= true_tail - 1e-9) and np.all(tail - true_tail <= 1 / vc.LOGPROB_SCALE)
+    assert vc.bytes_per_token(32, 2048) == 128  # the goal: <= 128 bytes/token at K = 32
+    assert vc.bytes_per_token(32, 152064) == 160
+
+
+def _fake_score(prompts, k):
+    # Deterministic stand-in for the engine: log-probs depend on the prompt's tokens only.
+    out = []
+    for p in prompts:
+        per = [None]
+        for j in range(1, len(p.token_ids)):
+            g = torch.Generator().manual_seed(sum(p.token_ids[: j + 1]) * 31 + j)
+            lp = torch.log_softmax(torch.randn(64, generator=g) * 3, -1)
+            per.append({i: float(v) for i, v in enumerate(lp.tolist())})
+        out.append(per)
+    return out
+
+
+CACHE = [
+    "data.train.path=embedded:validation",
+    "data.train.max_documents=2",
+    "data.seq_len=32",
+    "teacher.source=vllm_cache",
+    "teacher.top_k=8",
+    "teacher.cache_shard_rows=16",
+]
+
+
+def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
+    from llmdistill import train
+    from llmdistill.data import collate
+    from llmdistill.models import EMBEDDED_TEACHER
+
+    cfg = load_config(None, [*CACHE, f"teacher.cache_dir={tmp_path}/straight", f"run.output_dir={tmp_path}"])
+    vc.build_cache(cfg, score=_fake_score)
+    # Interrupted after the second shard, then started again: the same files, byte for byte.
+    calls = []
+
+    def failing(prompts, k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return _fake_score(prompts, k)
+
+    cfg2 = load_config(None, [*CACHE, f"teacher.cache_dir={tmp_path}/resumed", f"run.output_dir={tmp_path}"])
+    with pytest.raises(KeyboardInterrupt):
+        vc.build_cache(cfg2, score=failing)
+    assert not (tmp_path / "resumed" / vc.COMPLETE).exists()
+    plan = train.preflight(cfg2)
+    with pytest.raises(LLMDistillError, match="partial cache"):
+        vc.VLLMCacheTeacher(cfg2, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
+    vc.build_cache(cfg2, score=_fake_score)
+    straight = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert straight == sorted(p.name for p in (tmp_path / "resumed").iterdir()) and len(straight) > 3
+    for name in straight:
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+    # Reading back: any row order, equal to the live signal within one quantisation step.
+    dataset, _ = train.build_datasets(cfg, plan)
+    reader = vc.VLLMCacheTeacher(cfg, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
+    batch = collate([dataset[i] for i in (7, 0, 20)])
+    prompts = vs.build_prompts(batch["input_ids"], batch["position_ids"], batch["targets"])
+    live = vs.signal_from_prompt_logprobs(prompts, _fake_score(prompts, 8), (3, 32), 8)
+    got = reader.signal(batch)
+    valid = batch["targets"] != X
+    assert torch.equal(got.topk_ids[valid], live.topk_ids[valid])
+    assert (got.topk_logprobs - live.topk_logprobs)[valid].abs().max() <= 1 / vc.LOGPROB_SCALE + 1e-6
+    # Fewer K than cached is fine (top-k is sorted); more is refused, as is another teacher dtype or dataset.
+    fewer = load_config(None, [*CACHE, "teacher.top_k=4", f"teacher.cache_dir={tmp_path}/straight"])
+    assert (
+        vc.VLLMCacheTeacher(fewer, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
+        .signal(batch)
+        .topk_ids.shape[-1]
+        == 4
+    )
+    for bad, field in [
+        ("teacher.top_k=16", "k (cache has 8"),
+        ("teacher.dtype=bfloat16", "teacher"),
+        ("data.train.max_documents=3", "dataset"),
+        ("data.seq_len=64", "seq_len"),
+    ]:
+        wrong = load_config(None, [*CACHE, bad, f"teacher.cache_dir={tmp_path}/straight"])
+        with pytest.raises(LLMDistillError, match="built for another run") as err:
+            vc.VLLMCacheTeacher(wrong, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
+        assert field in str(err.value), (bad, err.value)
+    # A row that is not in the cache is an error, never a silent mismatch.
+    batch["input_ids"][0, 0] += 1
+    with pytest.raises(LLMDistillError, match="not in the cache"):
+        reader.signal(batch)
+    # Building into a directory made for another run is refused without --overwrite.
+    other = load_config(None, [*CACHE, "teacher.top_k=4", f"teacher.cache_dir={tmp_path}/straight"])
+    with pytest.raises(LLMDistillError, match="--overwrite"):
+        vc.build_cache(other, score=_fake_score)
+
+
+# ---------------------------------------------------------------------------------------------- on-policy
+
+
+def test_student_batch_masks_the_prompt_and_what_follows_eos():
+    eos = 0
+    sampled = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, eos, 1, 1, 1]])
+    b = student_batch(sampled, prompt_tokens=3, seq_len=6, eos_id=eos)
+    assert b["input_ids"].tolist() == sampled[:, :6].tolist()
+    # Prompt targets masked (the first generated token, at t = 2, is the first target).
+    assert b["targets"][0].tolist() == [X, X, 8, 9, 10, 11]
+    # Row 1 wrote EOS at index 3: it is the last target; the padding after it is its own "document".
+    assert b["targets"][1].tolist() == [X, X, eos, X, X, X]
+    assert b["position_ids"][1].tolist() == [0, 1, 2, 3, 0, 1]
+    prompts = vs.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
+    assert [(p.row, p.start, p.token_ids) for p in prompts] == [
+        (0, 0, [5, 6, 7, 8, 9, 10, 11]),
+        (1, 0, [5, 6, 7, eos]),
+    ]
+
+
+def test_on_policy_choice_is_a_function_of_the_batch():
+    ids = torch.arange(64).reshape(4, 16)
+    assert batch_draw(ids, 0) == batch_draw(ids.clone(), 0)
+    assert batch_draw(ids, 0) != batch_draw(ids, 1)
+    draws = [batch_draw(torch.randint(0, 2048, (2, 8)), 0)[0] for _ in range(400)]
+    assert abs(sum(d < 0.25 for d in draws) / 400 - 0.25) < 0.08
+
+
+def test_on_policy_refuses_zero3_and_vllm_sources_refuse_hidden_states():
+    from llmdistill.teachers import build_teacher_source
+    from llmdistill.teachers.on_policy import OnPolicyTeacher
+
+    cfg = load_config(None, ["teacher.source=on_policy", "deepspeed.zero_stage=3"])
+    with pytest.raises(LLMDistillError, match="zero_stage=3"):
+        OnPolicyTeacher(cfg, None, student=object(), check=False)
+    cfg = load_config(None, ["teacher.source=vllm_server"])
+    with pytest.raises(LLMDistillError, match="hidden states"):
+        build_teacher_source(cfg, None, frozenset({"teacher", "teacher_hidden"}))
+
+
+def test_config_needs_a_cache_dir_for_the_cache_source():
+    with pytest.raises(LLMDistillError, match="teacher.cache_dir"):
+        load_config(None, ["teacher.source=vllm_cache"])
+    assert math.isclose(load_config(None, ["teacher.on_policy.fraction=1"]).teacher.on_policy.fraction, 1.0)
