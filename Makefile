@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint teacher warm clean
+.PHONY: install demo test lint teacher warm clean slurm
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,21 @@ warm: install
 demo: install warm
 	$(BIN)/python -m llmdistill.cli demo
 
-test: install warm
-	$(BIN)/python -m pytest -q tests
+test: install warm slurm
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# Debian's Slurm + munge for tests/integration/test_slurm.py (a real one-node cluster on localhost): installed
+# when missing and when root (CI); otherwise left alone, and that test skips saying why.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm:
+	@if test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/sbin/munged && command -v sbatch >/dev/null; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SLURM_PACKAGES) >/dev/null; \
+	else \
+	  echo "slurm: packages missing and not root: tests/integration/test_slurm.py will be skipped"; \
+	fi
 
 lint: install
 	$(BIN)/ruff check llmdistill launch tests evals

@@ -365,6 +365,8 @@ def held_out_batches(dataset, cfg: Config, rank: int, world: int) -> list[dict]:
 def train(cfg: Config) -> dict:
     import deepspeed
 
+    # Preemption signals are honoured from the start: one that arrives while models load stops after step one.
+    stop = _StopRequest()
     plan = preflight(cfg)
     rank, world, device = init_distributed(cfg.train.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
@@ -466,7 +468,6 @@ def train(cfg: Config) -> dict:
     lm_eval_reference = None
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum * world
     progress = _progress_bar(cfg, rank, step)
-    stop = _StopRequest()
     t_start, tokens_seen = time.time(), 0
     engine.train()
     while step < cfg.train.max_steps:
