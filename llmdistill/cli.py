@@ -62,12 +62,20 @@ def cmd_warm(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """The main job on the embedded default: derive a student by pruning, distil it on 2 DeepSpeed ranks, report."""
+    """The main job on the embedded default: derive a student by pruning, distil it on 2 DeepSpeed ranks,
+    report."""
     cfg = load_config(args.config, args.overrides)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     derive = [sys.executable, str(REPO / "launch" / "derive.py"), "--config", args.derive_config]
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    train = [launcher, "--num_gpus", str(args.ranks), str(REPO / "launch" / "train.py"), "--config", args.config]
+    train = [
+        launcher,
+        "--num_gpus",
+        str(args.ranks),
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        args.config,
+    ]
     for what, cmd in (("derivation", derive), ("training", [*train, *args.overrides])):
         print("$", " ".join(cmd), flush=True)
         if subprocess.call(cmd, env=env) != 0:

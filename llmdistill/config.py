@@ -257,9 +257,14 @@ class BalanceConfig(Section):
 class EvalConfig(Section):
     """lm-eval benchmarking (llmdistill.evaluate): the teacher vs students on a task list."""
 
-    # lm-eval task names: the local offline ones (evals/tasks/, tag llmdistill_code) or standard ones on a cluster.
+    # lm-eval task names: the local offline ones (evals/tasks/, tag llmdistill_code) or standard ones on a
+    # cluster.
     tasks: list[str] = Field(
-        default_factory=lambda: ["llmdistill_code_bpb", "llmdistill_code_nextline", "llmdistill_code_identifier"],
+        default_factory=lambda: [
+            "llmdistill_code_bpb",
+            "llmdistill_code_nextline",
+            "llmdistill_code_identifier",
+        ],
         min_length=1,
     )
     # true: teacher.path; a path: that model; false: students only.
@@ -267,7 +272,8 @@ class EvalConfig(Section):
     # HF model dirs or run directories (their exported student/); empty: this run's student if it exists.
     students: list[str] = Field(default_factory=list)
     backend: Literal["hf", "vllm"] = "hf"
-    # Examples per task (an int, or a fraction < 1); null: all. A limit is a subset: fine for tracking, not a score.
+    # Examples per task (an int, or a fraction < 1); null: all. A limit is a subset: fine for tracking, not a
+    # score.
     limit: int | float | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -281,13 +287,15 @@ class EvalConfig(Section):
     include_paths: list[str] = Field(default_factory=list)
     # Index lm-eval's built-in tasks: null = only when a task is not found locally (indexing costs ~15 s).
     include_defaults: bool | None = None
-    # lm-eval's stderr: mean metrics get a closed form for any value > 0, a few others (f1, bleu, ...) a bootstrap
+    # lm-eval's stderr: mean metrics get a closed form for any value > 0, a few others (f1, bleu, ...) a
+    # bootstrap
     # of this many draws in a process pool; 0 skips all stderrs.
     bootstrap_iters: int = Field(100, ge=0)
     # Where the report goes; null: <run.output_dir>/<run.name>/eval.
     output_dir: str | None = None
     # During training (an `eval` section in a training config): every N steps the student is scored on
-    # `every_limit` examples per task and logged to TensorBoard (0: never); at the end the full report is written.
+    # `every_limit` examples per task and logged to TensorBoard (0: never); at the end the full report is
+    # written.
     every: int = Field(0, ge=0)
     every_limit: int = Field(50, gt=0)
     at_end: bool = True

@@ -272,7 +272,9 @@ def micro_batch_indices(
 
 
 def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -170,9 +170,7 @@ def train_unigram_tokenizer(vocab_size: int, max_lines: int = 300_000):
     tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
     # SentencePiece's whitespace handling: spaces become ▁ and start pieces; no prefix space is invented.
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )

@@ -231,7 +231,8 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
         student = models.model_from_config(plan.student_config, cfg.student.dtype)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
-    # Only an in-process teacher that the objective uses is loaded; other sources need its tokenizer and config.
+    # Only an in-process teacher that the objective uses is loaded; other sources need its tokenizer and
+    # config.
     if (
         plan.teacher_path is not None
         and cfg.teacher.source == "hf"
@@ -249,7 +250,8 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
 def build_datasets(cfg: Config, plan: Plan):
     """Packed training and validation sets (validation may be None), tokenized with the student's tokenizer.
 
-    Every batch has `input_ids`, `position_ids` and shifted `targets`; a cross-tokenizer objective's batches also
+    Every batch has `input_ids`, `position_ids` and shifted `targets`; a cross-tokenizer objective's batches
+    also
     carry the teacher's tokenization of the same text (`teacher_input_ids`, `teacher_position_ids`).
     """
 
@@ -571,7 +573,8 @@ def train(cfg: Config) -> dict:
 
 def lm_eval_student(cfg: Config, student, plan: Plan, rank: int, step: int, runlog: RunLog, reference):
     """Score the training student on a subset of the lm-eval tasks (rank 0) and log it; returns the teacher's
-    reference scores, computed once. Under ZeRO-3 every rank gathers the weights; rank 0 evaluates meanwhile."""
+    reference scores, computed once. Under ZeRO-3 every rank gathers the weights; rank 0 evaluates
+    meanwhile."""
     import deepspeed
 
     from llmdistill.evaluate import evaluate_models, tensorboard_scalars

@@ -113,7 +113,8 @@ def test_lora_student_trains_and_exports_merged(tmp_path):
     summary = json.loads((tmp_path / "tiny-lora" / "summary.json").read_text())
     student = tmp_path / "tiny-lora" / "student"
     assert (student / "model.safetensors").exists() and not (student / "adapter_config.json").exists()
-    # The merged export reproduces the adapter-wrapped engine: merging sums (W + BA)x instead of Wx + B(Ax), so
+    # The merged export reproduces the adapter-wrapped engine: merging sums (W + BA)x instead of Wx + B(Ax),
+    # so
     # fp32 rounding differs at ~1e-6 relative on logits of size ~10, hence 1e-4 absolute.
     assert summary["export_max_abs_diff"] < 1e-4
     # LoRA trained only a small part of the model
@@ -121,11 +122,20 @@ def test_lora_student_trains_and_exports_merged(tmp_path):
 
 
 def test_lm_eval_during_and_after_training(tmp_path):
-    result = run_cli(["train", *QUICK, "train.max_steps=4", f"run.output_dir={tmp_path}", "run.name=ev",
-                      "eval={every: 2, every_limit: 5, limit: 5, tasks: [llmdistill_code_nextline]}"])
+    result = run_cli(
+        [
+            "train",
+            *QUICK,
+            "train.max_steps=4",
+            f"run.output_dir={tmp_path}",
+            "run.name=ev",
+            "eval={every: 2, every_limit: 5, limit: 5, tasks: [llmdistill_code_nextline]}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "ev" / "logs.jsonl").read_text().splitlines()]
     periodic = [r for r in records if any(k.startswith("lm_eval/") for k in r)]
-    assert [r["step"] for r in periodic] == [2, 4]  # every 2 steps on a subset, then the full report at the end
+    # every 2 steps on a subset, then the full report at the end
+    assert [r["step"] for r in periodic] == [2, 4]
     report = json.loads((tmp_path / "ev" / "eval" / "results.json").read_text())
     assert set(report["models"]) >= {"teacher"} and len(report["models"]) == 2

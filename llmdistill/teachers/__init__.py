@@ -1,7 +1,9 @@
 """Sources of teacher signal. Each turns the trainer's batches into (batch, TeacherSignal) pairs.
 
-A source's `stream(batches, device)` yields the batch moved to `device` with its signal, in the batches' order: a
-remote source may fetch ahead (prefetch) as long as it yields in order. A source that can fail (a server) raises
+A source's `stream(batches, device)` yields the batch moved to `device` with its signal, in the batches'
+order: a
+remote source may fetch ahead (prefetch) as long as it yields in order. A source that can fail (a server)
+raises
 `TeacherUnavailable` after its own retries; the trainer then checkpoints the last whole step and stops.
 """
 

@@ -1,4 +1,5 @@
-"""The teacher in-process: an HF model (a DeepSpeed inference engine under ZeRO-3) run on the student's batch."""
+"""The teacher in-process: an HF model (a DeepSpeed inference engine under ZeRO-3) run on the student's
+batch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from llmdistill.signal import TeacherSignal
 
 
 class HFTeacher:
-    # Under ZeRO-3 the forward is a collective: every rank calls it in step, so it never fails on one rank alone.
+    # Under ZeRO-3 the forward is a collective: every rank calls it in step, so it never fails on one rank
+    # alone.
     can_fail = False
 
     def __init__(self, model, hidden_states: bool = False):

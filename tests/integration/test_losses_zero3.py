@@ -4,7 +4,6 @@ held-out loss improves on its own starting value."""
 import json
 
 import pytest
-
 from conftest import QUICK, deepspeed_launcher, read_log, run_cli
 
 pytestmark = pytest.mark.slow
