@@ -126,10 +126,8 @@ def dataset_sha256(dataset) -> str:
     return h.hexdigest()
 
 
-def expected_manifest(cfg: Config, teacher_path: str, tokenizer, vocab_size: int, dataset) -> dict:
-    """What a cache for this run must say about itself; `dataset` is the packed training set."""
-    k = cfg.teacher.top_k
-    n, rows = len(dataset), cfg.teacher.cache_shard_rows
+def run_identity(cfg: Config, teacher_path: str, tokenizer, vocab_size: int) -> dict:
+    """The manifest fields that tie a cache to a run's teacher, tokenizer and sequence length."""
     return {
         "format": FORMAT,
         "teacher": {
@@ -138,14 +136,23 @@ def expected_manifest(cfg: Config, teacher_path: str, tokenizer, vocab_size: int
             "dtype": cfg.teacher.dtype,
         },
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
-        "k": k,
         "vocab_size": vocab_size,
+        "seq_len": cfg.data.seq_len,
+    }
+
+
+def expected_manifest(cfg: Config, teacher_path: str, tokenizer, vocab_size: int, dataset) -> dict:
+    """What a cache for this run must say about itself; `dataset` is the packed training set."""
+    k = cfg.teacher.top_k
+    n, rows = len(dataset), cfg.teacher.cache_shard_rows
+    return {
+        **run_identity(cfg, teacher_path, tokenizer, vocab_size),
+        "k": k,
         "encoding": {
             "ids": f"uint{8 * id_bytes_for(vocab_size)}",
             "logprobs": f"uint16 -q/{LOGPROB_SCALE:g}",
             "bytes_per_token": bytes_per_token(k, vocab_size),
         },
-        "seq_len": cfg.data.seq_len,
         "dataset": {
             "spec": cfg.data.train.model_dump(mode="json"),
             "sequences": n,
@@ -198,17 +205,10 @@ class VLLMCacheTeacher:
             raise LLMDistillError(
                 f"teacher.cache_dir={self.root}: a partial cache build (run launch/cache_teacher.py again)"
             )
+        # The reader has no dataset to hash: it checks the data by spec and size here, and row by row later.
         wanted = {
-            "format": FORMAT,
-            "teacher": {
-                "path": str(cfg.teacher.path),
-                "fingerprint": teacher_fingerprint(teacher_path),
-                "dtype": cfg.teacher.dtype,
-            },
-            "tokenizer_sha256": tokenizer_sha256(tokenizer),
+            **run_identity(cfg, teacher_path, tokenizer, vocab_size),
             "k": self.k,
-            "vocab_size": vocab_size,
-            "seq_len": cfg.data.seq_len,
             "dataset": {
                 "spec": cfg.data.train.model_dump(mode="json"),
                 "sequences": found["dataset"]["sequences"],
