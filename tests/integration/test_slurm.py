@@ -3,7 +3,9 @@
 Needs root (to install Slurm's Debian packages when missing, `make slurm`, and to run munged/slurmctld/
 slurmd); skipped otherwise. Each trainer job is 2 srun tasks on the tiny embedded default (ZeRO-2, gloo).
 A requeued batch job is held by slurmctld for about two minutes (BeginTime) before it may start again; the
-preemption test releases it at once with `scontrol update StartTime=now`, which a real cluster does not need.
+preemption test releases it early with `scontrol update StartTime=now+5`, which a real cluster does not need:
+not at once, since a batch job started within a second of its previous attempt's end finds that attempt's
+credential still revoked on slurmd ("Job credential revoked") and fails.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def test_preempted_job_requeues_resumes_and_loses_no_step(slurm, tmp_path):
 
     info = _wait_until(requeued, 120, "the job to requeue itself", slurm, run_dir)
     assert info["Restarts"] == "1", f"job did not requeue: {info.get('JobState')}\n{_logs(run_dir, slurm)}"
-    released = slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    released = slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now+5"])
     assert released.returncode == 0, released.stderr
     info = _finish(slurm, job, run_dir, timeout=300)
     assert info["Restarts"] == "1"
