@@ -279,6 +279,16 @@ def build_datasets(cfg: Config, plan: Plan):
     return build(cfg.data.train), build(cfg.data.validation) if cfg.data.validation is not None else None
 
 
+def derivation_defaults(student_path: str | None) -> dict:
+    """What a derived student tells its losses: which teacher layer each of its layers came from, the default
+    layer map of the hidden-state losses (a config's own `layer_map` still wins)."""
+    record = Path(student_path) / "derivation.json" if student_path else None
+    if record is None or not record.exists():
+        return {}
+    kept = json.loads(record.read_text()).get("kept", {}).get("layers")
+    return {"layer_map": kept} if kept else {}
+
+
 def lr_schedule(optimizer, cfg: Config):
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -384,10 +394,7 @@ def train(cfg: Config) -> dict:
     teacher, student, hf_ds_config = build_models(cfg, plan, ds_config)
     student_tok = plan.student_tok
     objective = Objective(
-        cfg.loss,
-        student.config,
-        plan.teacher_config,
-        **({"balance": cfg.balance} if cfg.balance is not None else {}),
+        cfg.loss, student.config, plan.teacher_config, cfg.balance, derivation_defaults(plan.student_path)
     )
 
     # Rank 0 tokenizes first so the others read `datasets`' cache instead of repeating the work.

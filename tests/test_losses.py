@@ -521,3 +521,16 @@ def test_eager_and_recompute_paths_agree_under_weights_and_balance():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     for a, b in zip(results[1], results[3], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_context_defaults_fill_only_parameters_a_loss_takes_and_the_config_leaves_unset():
+    from llmdistill.config import LossTerm
+
+    student = SimpleNamespace(hidden_size=8, num_hidden_layers=2)
+    teacher = SimpleNamespace(hidden_size=8, num_hidden_layers=4)
+    terms = [LossTerm(name="hidden_mse"), LossTerm(name="hidden_cos", layer_map=[1, 2]), LossTerm(name="fkl")]
+    objective = Objective(terms, student, teacher, defaults={"layer_map": [0, 3]})
+    # a derived student's kept layers [0, 3] become hidden_mse's map: teacher state k + 1 for student i + 1
+    assert objective.stateful["0"].pairs == [(1, 1), (4, 2)]
+    assert objective.stateful["1"].pairs == [(2, 1), (3, 2)]  # the config's own map wins
+    assert objective.terms[2][3] == {}  # fkl takes no layer_map

@@ -74,7 +74,11 @@ class Objective(torch.nn.Module):
     bad.
     """
 
-    def __init__(self, terms: list[LossTerm], student_config=None, teacher_config=None, balance=None):
+    def __init__(
+        self, terms: list[LossTerm], student_config=None, teacher_config=None, balance=None, defaults=None
+    ):
+        """`defaults`: parameter values from the run's context (e.g. `layer_map` from a derivation's kept
+        layers), given to each term whose loss takes that parameter and whose config does not set it."""
         super().__init__()
         from llmdistill.losses.balance import parse_balance
 
@@ -86,14 +90,16 @@ class Objective(torch.nn.Module):
         for i, term in enumerate(terms):
             fn = get_loss(term.name)
             _check_params(f"loss.{i} ({term.name})", fn, term.params)
+            accepted = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters
+            params = {k: v for k, v in (defaults or {}).items() if k in accepted} | term.params
             # A name used twice gets its index, so the metrics of both survive.
             key = term.name if names.count(term.name) == 1 else f"{term.name}.{i}"
             if inspect.isclass(fn):
-                module = fn(student_config=student_config, teacher_config=teacher_config, **term.params)
+                module = fn(student_config=student_config, teacher_config=teacher_config, **params)
                 self.stateful[str(i)] = module
                 self.terms.append((key, term.weight, self.stateful[str(i)], {}))
             else:
-                self.terms.append((key, term.weight, fn, term.params))
+                self.terms.append((key, term.weight, fn, params))
         self._names = names
         self.balance = parse_balance(balance)
         if "teacher" in self.needs and not self.cross_tokenizer:
