@@ -19,6 +19,7 @@ The data pipeline (`pack_aligned`) runs all of this in `datasets.map` workers: n
 from __future__ import annotations
 
 import json
+import logging
 import re
 from functools import lru_cache
 
@@ -26,6 +27,8 @@ import numpy as np
 
 from llmdistill.config import LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 CHUNK_KINDS = ("unconstrained", "space")
 _WHITESPACE = np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8)
@@ -233,21 +236,45 @@ def align_text(text: str, tokenizer_a, tokenizer_b, kind: str = "unconstrained")
 # ---------------------------------------------------------------------------------------------- packing
 
 
+# A document a tokenizer cannot spell back byte for byte (e.g. a literal "<s>" in code, which a SentencePiece
+# wrapper reads as its special token) is left out of cross-tokenizer data with a warning; when more than
+# share of a batch of documents fails, the tokenizer itself is the problem (it normalises text): it is refused.
+MAX_UNSPELLABLE = 0.01
+
+
 def _tokenize_documents(texts: list[str], tokenizer, table, who: str):
-    """Concatenated ids, byte spans and document index of every token, plus the stream's bytes."""
+    """Concatenated ids, byte spans and document index of every token, and the documents that could not be
+    spelled back (left out)."""
     eos = tokenizer.eos_token_id
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    ids, lengths, doc = [], [], []
+    ids, lengths, doc, unspellable = [], [], [], {}
     for d, (text, row) in enumerate(zip(texts, encoded, strict=True)):
         if eos is not None and (not row or row[-1] != eos):
             row = [*row, eos]
-        n = document_byte_lengths(row, table, text.encode(), who)
+        try:
+            n = document_byte_lengths(row, table, text.encode(), who)
+        except LLMDistillError as err:
+            unspellable[d] = str(err)
+            continue
         n[-1] += 1  # the document's virtual separator byte belongs to its last token (its EOS when present)
         ids.extend(row)
         lengths.append(n)
         doc.extend([d] * len(row))
     start, end = spans_from_lengths(np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
-    return np.asarray(ids, dtype=np.int64), start, end, np.asarray(doc, dtype=np.int64)
+    return np.asarray(ids, dtype=np.int64), start, end, np.asarray(doc, dtype=np.int64), unspellable
+
+
+def _spellable_documents(texts: list[str], student, teacher) -> list[str]:
+    """`texts` less the documents either tokenizer cannot spell back; refuses a tokenizer that fails often."""
+    bad = {**student, **teacher}
+    if len(bad) > MAX_UNSPELLABLE * len(texts):
+        raise LLMDistillError(next(iter(bad.values())))
+    if bad:
+        log.warning(
+            f"cross-tokenizer data: left out {len(bad)} of {len(texts)} documents that a tokenizer "
+            f"cannot spell back byte for byte (first: {next(iter(bad.values()))})"
+        )
+    return [t for d, t in enumerate(texts) if d not in bad]
 
 
 def _positions(doc: np.ndarray) -> np.ndarray:
@@ -272,8 +299,12 @@ def pack_aligned(texts: list[str], student_tok, teacher_tok, seq_len: int, table
     """
     s_table, _ = tables[0] if tables else token_bytes_table(student_tok)
     t_table, _ = tables[1] if tables else token_bytes_table(teacher_tok)
-    s_ids, s_start, s_end, s_doc = _tokenize_documents(texts, student_tok, s_table, "student")
-    t_ids, t_start, t_end, t_doc = _tokenize_documents(texts, teacher_tok, t_table, "teacher")
+    s_ids, s_start, s_end, s_doc, s_bad = _tokenize_documents(texts, student_tok, s_table, "student")
+    t_ids, t_start, t_end, t_doc, t_bad = _tokenize_documents(texts, teacher_tok, t_table, "teacher")
+    if s_bad or t_bad:  # rare: tokenize again without them, so both sides index the same documents
+        texts = _spellable_documents(texts, s_bad, t_bad)
+        s_ids, s_start, s_end, s_doc, _ = _tokenize_documents(texts, student_tok, s_table, "student")
+        t_ids, t_start, t_end, t_doc, _ = _tokenize_documents(texts, teacher_tok, t_table, "teacher")
     # Where "space" chunks may be cut: before whitespace, and at document starts and separators.
     stream = b"".join(t.encode() + b"\n" for t in texts)  # "\n" stands in for each separator byte
     allowed = whitespace_cuts(stream)

@@ -164,7 +164,11 @@ def tables(tokenizers):
 TEXT = st.text(
     alphabet=st.one_of(
         st.sampled_from(list(" \n\t  abcdefxyz_()=:.,\"'#0123456789ABC")),
-        st.characters(min_codepoint=0x80, max_codepoint=0x2FFF, exclude_categories=("Cs",)),
+        # Not U+2581: SentencePiece writes spaces as "▁", so a literal one cannot be spelled back (such documents
+        # are left out of training data, see align.MAX_UNSPELLABLE).
+        st.characters(
+            min_codepoint=0x80, max_codepoint=0x2FFF, exclude_categories=("Cs",), exclude_characters="\u2581"
+        ),
         st.sampled_from(["🐍", "€", "é", "漢"]),
     ),
     max_size=80,
@@ -176,3 +180,15 @@ TEXT = st.text(
 def test_property_random_texts(tokenizers, tables, text, pair):
     a, b = pair
     check_alignment(text, tokenizers[a], tokenizers[b], tables[a], tables[b])
+
+
+def test_a_document_a_tokenizer_cannot_spell_back_is_left_out_not_fatal(tokenizers):
+    from llmdistill.align import MAX_UNSPELLABLE, pack_aligned
+
+    texts = [f"def f{i}(x):\n    return x + {i}\n" * 8 for i in range(120)]
+    texts[7] = "state_<s>[x] = 1\n" * 8  # the SentencePiece wrapper reads the literal <s> as its special token
+    assert 1 < MAX_UNSPELLABLE * len(texts)
+    packed = pack_aligned(texts, tokenizers["sp"], tokenizers["bpe"], seq_len=32)
+    assert packed["input_ids"]
+    with pytest.raises(LLMDistillError, match="spell the text back"):
+        pack_aligned(texts[:20], tokenizers["sp"], tokenizers["bpe"], seq_len=32)  # 1 in 20 is too many
