@@ -237,8 +237,8 @@ def align_text(text: str, tokenizer_a, tokenizer_b, kind: str = "unconstrained")
 
 
 # A document a tokenizer cannot spell back byte for byte (e.g. a literal "<s>" in code, which a SentencePiece
-# wrapper reads as its special token) is left out of cross-tokenizer data with a warning; when more than
-# share of a batch of documents fails, the tokenizer itself is the problem (it normalises text): it is refused.
+# wrapper reads as its special token) is left out of cross-tokenizer data with a warning; when more than this
+# share of a batch of documents fails, the tokenizer itself is the problem (it normalises text): refused.
 MAX_UNSPELLABLE = 0.01
 
 

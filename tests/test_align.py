@@ -164,8 +164,8 @@ def tables(tokenizers):
 TEXT = st.text(
     alphabet=st.one_of(
         st.sampled_from(list(" \n\t  abcdefxyz_()=:.,\"'#0123456789ABC")),
-        # Not U+2581: SentencePiece writes spaces as "▁", so a literal one cannot be spelled back (such documents
-        # are left out of training data, see align.MAX_UNSPELLABLE).
+        # Not U+2581: SentencePiece writes spaces as "▁", so a literal one cannot be spelled back (such
+        # documents are left out of training data, see align.MAX_UNSPELLABLE).
         st.characters(
             min_codepoint=0x80, max_codepoint=0x2FFF, exclude_categories=("Cs",), exclude_characters="\u2581"
         ),
@@ -186,7 +186,8 @@ def test_a_document_a_tokenizer_cannot_spell_back_is_left_out_not_fatal(tokenize
     from llmdistill.align import MAX_UNSPELLABLE, pack_aligned
 
     texts = [f"def f{i}(x):\n    return x + {i}\n" * 8 for i in range(120)]
-    texts[7] = "state_<s>[x] = 1\n" * 8  # the SentencePiece wrapper reads the literal <s> as its special token
+    # the SentencePiece wrapper reads the literal <s> as its special token
+    texts[7] = "state_<s>[x] = 1\n" * 8
     assert 1 < MAX_UNSPELLABLE * len(texts)
     packed = pack_aligned(texts, tokenizers["sp"], tokenizers["bpe"], seq_len=32)
     assert packed["input_ids"]
