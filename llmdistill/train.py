@@ -590,25 +590,14 @@ def lm_eval_student(cfg: Config, student, plan: Plan, rank: int, step: int, runl
     params = [p for p in student.parameters() if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
         if rank == 0:
+            subset = dict(
+                limit=e.every_limit, max_length=e.max_length, batch_size=e.batch_size, device=e.device
+            )
             if reference is None and e.teacher and plan.teacher_path is not None:
                 teacher = plan.teacher_path if e.teacher is True else e.teacher
-                reference = evaluate_models(
-                    {"teacher": teacher},
-                    e.tasks,
-                    limit=e.every_limit,
-                    max_length=e.max_length,
-                    batch_size=e.batch_size,
-                    device=e.device,
-                )
+                reference = evaluate_models({"teacher": teacher}, e.tasks, **subset)
             report = evaluate_models(
-                {"student": student},
-                e.tasks,
-                tokenizer=plan.student_tok,
-                limit=e.every_limit,
-                max_length=e.max_length,
-                batch_size=e.batch_size,
-                device=e.device,
-                reference=reference,
+                {"student": student}, e.tasks, tokenizer=plan.student_tok, reference=reference, **subset
             )
             runlog.write(step, tensorboard_scalars(report, prefix="lm_eval"))
     barrier()
