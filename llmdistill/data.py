@@ -44,8 +44,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMDISTILL_CACHE", Path.home() / ".cache" / "llmdistill"))
 
 
-# ---------------------------------------------------------------------------------------------- embedded
-# corpus
+# -------------------------------------------------------------------------------------------- embedded corpus
 
 
 def stdlib_files() -> list[tuple[str, Path]]:

@@ -46,8 +46,7 @@ PARAM_AXES = {
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-# ---------------------------------------------------------------------------------------------- checks and
-# shapes
+# ------------------------------------------------------------------------------------------ checks and shapes
 
 
 def check_supported(config) -> None:
@@ -150,8 +149,7 @@ def parameter_shapes(model) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-# ---------------------------------------------------------------------------------------------- choosing
-# units
+# --------------------------------------------------------------------------------------------- choosing units
 
 
 def top_indices(scores: torch.Tensor, k: int) -> list[int]:
@@ -276,8 +274,7 @@ def identity_plan(config) -> dict:
     )
 
 
-# ---------------------------------------------------------------------------------------------- applying a
-# plan
+# -------------------------------------------------------------------------------------------- applying a plan
 
 
 def _expand_heads(heads: list[int], d: int) -> torch.Tensor:
