@@ -98,7 +98,7 @@ def main() -> int:
 
     import torch
 
-    from llmdistill import train
+    from llmdistill import session
     from llmdistill.config import load_config
     from llmdistill.distributed import _free_port
     from llmdistill.teachers import vllm_cache as vc
@@ -116,8 +116,8 @@ def main() -> int:
         "teacher.source=vllm_server",
     ]
     cfg = load_config(None, overrides)
-    plan = train.preflight(cfg)
-    dataset, _ = train.build_datasets(cfg, plan)
+    plan = session.preflight(cfg)
+    dataset, _ = session.build_datasets(cfg, plan)
     n = min(args.sequences, len(dataset))
     work = batches(dataset, n, args.batch)
     results: dict[str, dict] = {}

@@ -212,7 +212,7 @@ CACHE = [
 
 
 def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
-    from llmdistill import train
+    from llmdistill import session
     from llmdistill.data import collate
     from llmdistill.models import EMBEDDED_TEACHER
 
@@ -231,7 +231,7 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         vc.build_cache(cfg2, score=failing)
     assert not (tmp_path / "resumed" / vc.COMPLETE).exists()
-    plan = train.preflight(cfg2)
+    plan = session.preflight(cfg2)
     with pytest.raises(LLMDistillError, match="partial cache"):
         vc.VLLMCacheTeacher(cfg2, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
     vc.build_cache(cfg2, score=_fake_score)
@@ -241,7 +241,7 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
     # Reading back: any row order, equal to the live signal within one quantisation step.
-    dataset, _ = train.build_datasets(cfg, plan)
+    dataset, _ = session.build_datasets(cfg, plan)
     reader = vc.VLLMCacheTeacher(cfg, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
     batch = collate([dataset[i] for i in (7, 0, 20)])
     prompts = vs.build_prompts(batch["input_ids"], batch["position_ids"], batch["targets"])

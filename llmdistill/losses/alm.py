@@ -67,7 +67,7 @@ def _check_batch(batch: dict, keys: tuple[str, str], name: str) -> None:
     missing = [k for k in (*keys, "teacher_input_ids") if k not in batch]
     if missing:
         raise ConfigError(
-            f"{name}: the batch has no {missing}; cross-tokenizer batches come from train.build_datasets "
+            f"{name}: the batch has no {missing}; cross-tokenizer batches come from session.build_datasets "
             "when a cross-tokenizer loss is configured"
         )
 

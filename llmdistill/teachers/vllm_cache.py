@@ -309,12 +309,12 @@ def build_cache(cfg: Config, overwrite: bool = False, score=None) -> Path:
     `score(prompts, k)` defaults to vLLM's offline engine (tests pass a stand-in)."""
     from safetensors.numpy import save_file
 
-    from llmdistill import train
+    from llmdistill import session
 
     if not cfg.teacher.cache_dir:
         raise LLMDistillError("teacher.cache_dir: where should the cache go?")
-    plan = train.preflight(cfg)
-    dataset, _ = train.build_datasets(cfg, plan)
+    plan = session.preflight(cfg)
+    dataset, _ = session.build_datasets(cfg, plan)
     root = Path(cfg.teacher.cache_dir)
     vocab = plan.teacher_config.vocab_size
     wanted = expected_manifest(cfg, plan.teacher_path, plan.teacher_tok, vocab, dataset)

@@ -75,10 +75,10 @@ def _cfg(*extra):
 
 
 def _dataset(cfg):
-    from llmdistill import train
+    from llmdistill import session
 
-    plan = train.preflight(cfg)
-    return plan, train.build_datasets(cfg, plan)[0]
+    plan = session.preflight(cfg)
+    return plan, session.build_datasets(cfg, plan)[0]
 
 
 def _multi_document_batch(dataset, n=4):
