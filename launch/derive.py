@@ -9,5 +9,4 @@ import sys
 from llmdistill.cli import main
 
 if __name__ == "__main__":
-    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment already says the same.
-    sys.exit(main(["derive", *[a for a in sys.argv[1:] if not a.startswith("--local_rank")]]))
+    sys.exit(main(["derive", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Benchmark teacher vs students: `python launch/eval.py --config configs/tiny/eval.yaml [key=value ...]`.
 
-The same as `llmdistill eval ...`; see llmdistill/evaluate.py.
+The same as `llmdistill eval ...`; see llmdistill/evaluate/.
 """
 
 import sys

@@ -1,7 +1,7 @@
-"""Train a student: `deepspeed --num_gpus 2 launch/train.py --config configs/tiny/distill.yaml [key=value
-...]`.
+"""Train a student: `deepspeed --num_gpus 2 launch/train.py --config configs/tiny/distill.yaml [k=v ...]`.
 
-Also runs under `torchrun --nproc_per_node N`, `srun`, or as one plain process.
+Also runs under `torchrun --nproc_per_node N`, `srun`, or as one plain process. The same as
+`llmdistill train ...`.
 """
 
 import sys
@@ -9,5 +9,4 @@ import sys
 from llmdistill.cli import main
 
 if __name__ == "__main__":
-    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment already says the same.
-    sys.exit(main(["train", *[a for a in sys.argv[1:] if not a.startswith("--local_rank")]]))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,34 +1,64 @@
-"""`llmdistill train|build-teacher|demo|eval|warm ...`: thin commands over the library; imports stay lazy."""
+"""`llmdistill <command>`: the one front door (train, derive, eval, cache-teacher, serve-teacher, demo, ...).
+
+Thin commands over the library; heavy imports stay inside the commands. launch/*.py are shims onto main().
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 from llmdistill.config import LLMDistillError, load_config
 
-REPO = Path(__file__).resolve().parent.parent
+# The configs shipped with the package: a link to the checkout's configs/ (the one copy); a wheel holds the
+# files.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file")
+def config_path(path: str | None) -> str | None:
+    """A config file as given, or, when `configs/...` is not found from here, the copy shipped with llmdistill
+    (so that the README's commands also run from an installed package, outside the checkout)."""
+    if path is None or Path(path).exists():
+        return path
+    parts = Path(path).parts
+    if parts[:1] == ("configs",) and (PACKAGED_CONFIGS.joinpath(*parts[1:])).is_file():
+        return str(PACKAGED_CONFIGS.joinpath(*parts[1:]))
+    return path  # load_config names the missing file
+
+
+def _load(args):
+    return load_config(config_path(args.config), args.overrides)
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False, default: str | None = None) -> None:
+    p.add_argument(
+        "--config",
+        required=required,
+        default=default,
+        help="YAML config file (configs/... names not found here are taken from the package's own copy)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=50")
 
 
 def cmd_train(args) -> None:
     from llmdistill.train import train
 
-    train(load_config(args.config, args.overrides))
+    train(_load(args))
 
 
 def cmd_build_teacher(args) -> None:
+    # Imported by this name from embedded.py; the builder may move to its own module.
     from llmdistill.embedded import build_teacher
 
-    build_teacher(args.config, args.overrides)
+    build_teacher(config_path(args.config), args.overrides)
 
 
 def cmd_derive(args) -> None:
@@ -39,7 +69,7 @@ def cmd_derive(args) -> None:
     from llmdistill.derive import derive_student
 
     hf_logging.disable_progress_bar()  # per-call "Loading weights" bars would bury the line that matters
-    out = derive_student(load_config(args.config, args.overrides))
+    out = derive_student(_load(args))
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"derived student written to {out} (scores in {out / 'derivation.json'})")
 
@@ -48,9 +78,82 @@ def cmd_eval(args) -> None:
     """Benchmark teacher vs students with lm-eval (the `eval` section of the config)."""
     from llmdistill.evaluate import markdown_table, run_eval
 
-    report = run_eval(load_config(args.config, args.overrides))
+    report = run_eval(_load(args))
     print(markdown_table(report))
     print(f"\nreport: {report['output_dir']}")
+
+
+def cmd_build_tasks(args) -> None:
+    """Write the local lm-eval tasks' data (the plain `lm_eval` CLI reads it; `eval` builds it itself)."""
+    from llmdistill.evaluate import TASKS_DIR, build_task_data
+
+    for task, path in build_task_data(args.data_dir, force=args.force).items():
+        print(f"{task}: {path}")
+    print(f"task YAMLs (lm_eval --include_path): {TASKS_DIR}")
+
+
+def cmd_cache_teacher(args) -> None:
+    """Score the training set once with vLLM's offline engine and write the teacher cache (teacher.cache_dir).
+
+    Shards already on disk are kept, so an interrupted build resumes; a directory built for another teacher,
+    tokenizer, K or dataset is refused unless --overwrite. Train from it with teacher.source=vllm_cache.
+    """
+    # The engine in this process (no engine-core subprocess): simpler to stop; a private compile cache.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # read by the CPU build only
+    import logging
+
+    # Imported here: vLLM is optional, and the cache builder pulls it in.
+    from llmdistill.teachers.vllm_cache import build_cache
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = build_cache(_load(args), overwrite=args.overwrite)
+    print(f"teacher cache complete: {root}")
+
+
+def cmd_serve_teacher(args) -> None:
+    """Start the vLLM server the config's teacher asks for, wait until /health answers, print its URL.
+
+    The server keeps running in the background (its own session); <dir>/teacher_server.{pid,url,log} say
+    where it is. GPU: `vllm serve`; CPU (vllm-cpu): the module entry point, eager.
+    """
+    import torch
+
+    # Imported by this name from the vLLM server teacher, which builds the command for Slurm jobs too.
+    from llmdistill.teachers.vllm_server import serve_command
+
+    cfg = _load(args)
+    argv, extra_env = serve_command(cfg, sys.executable, torch.cuda.is_available(), args.host)
+    port = argv[argv.index("--port") + 1]
+    run_dir = Path(args.dir) if args.dir else cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log, url = run_dir / "teacher_server.log", f"http://{args.host}:{port}"
+    # A private compile cache: vLLM's default one is shared and may hold another version's artefacts.
+    env = {"VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="llmdistill-vllm-"), **os.environ, **extra_env}
+    with log.open("w") as out:
+        server = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    (run_dir / "teacher_server.pid").write_text(f"{server.pid}\n")
+    deadline = time.monotonic() + args.timeout
+    while not _healthy(url):
+        if server.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            raise LLMDistillError(f"teacher server exited before it was healthy; end of {log}:\n{tail}")
+        if time.monotonic() > deadline:
+            server.terminate()
+            raise LLMDistillError(f"teacher server not healthy after {args.timeout} s, stopped (log: {log})")
+        time.sleep(1)
+    (run_dir / "teacher_server.url").write_text(url + "\n")
+    print(f"teacher server healthy at {url} (pid {server.pid}, log {log}); stop it with: kill {server.pid}")
+    print(url)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def cmd_warm(args) -> None:
@@ -63,36 +166,57 @@ def cmd_warm(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job on the embedded default: derive a student by pruning, distil it on 2 DeepSpeed ranks,
-    report."""
-    cfg = load_config(args.config, args.overrides)
+    report. Only the package is needed (no checkout): both steps run as `python -m llmdistill.cli ...`."""
+    config, derive_config = config_path(args.config), config_path(args.derive_config)
+    cfg = load_config(config, args.overrides)
+    load_config(derive_config, args.derive_set)  # a bad derive override fails here, not after a launch
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    derive = [sys.executable, str(REPO / "launch" / "derive.py"), "--config", args.derive_config]
-    launcher = str(Path(sys.executable).parent / "deepspeed")
+    derive = [sys.executable, "-m", "llmdistill.cli", "derive", "--config", derive_config, *args.derive_set]
+    # DeepSpeed's launcher as a module of this interpreter (a venv need not hold its `deepspeed` script);
+    # --module runs each rank as `python -m llmdistill.cli train ...`; LOCAL_RANK comes in the environment.
     train = [
-        launcher,
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
         "--num_gpus",
         str(args.ranks),
-        str(REPO / "launch" / "train.py"),
+        "--master_port",
+        str(args.master_port or _free_port()),
+        "--module",
+        "--no_local_rank",
+        "llmdistill.cli",
+        "train",
         "--config",
-        args.config,
+        config,
+        *args.overrides,
     ]
-    for what, cmd in (("derivation", derive), ("training", [*train, *args.overrides])):
+    for what, cmd in (("derivation", derive), ("training", train)):
         print("$", " ".join(cmd), flush=True)
         if subprocess.call(cmd, env=env) != 0:
             raise LLMDistillError(f"the demo's {what} failed (see its output above)")
-    print_summary(json.loads((cfg.run.dir / "summary.json").read_text()))
-    _demo_eval(cfg)
+    summary = json.loads((cfg.run.dir / "summary.json").read_text())
+    print_summary(summary)
+    _demo_eval(cfg, summary)
 
 
-def _demo_eval(cfg) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _demo_eval(cfg, summary: dict) -> None:
     """The teacher vs the exported student on the local lm-eval tasks, on a subset so the demo stays short."""
     from llmdistill.config import EvalConfig
     from llmdistill.evaluate import markdown_table, run_eval
 
     if not (cfg.run.dir / "student" / "config.json").exists():
         return
-    cfg.eval = cfg.eval or EvalConfig(limit=100, max_length=512)
     print("\nlm-eval: teacher vs student (local code tasks)", flush=True)
+    if "lm_eval" in summary:  # the training config's own `eval` section already ran it at the end
+        print((Path(summary["lm_eval"]) / "results.md").read_text())
+        return
+    cfg.eval = cfg.eval or EvalConfig(limit=100, max_length=512)
     print(markdown_table(run_eval(cfg)))
 
 
@@ -116,8 +240,8 @@ def print_summary(s: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmdistill")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmdistill", description="Derive, distil and benchmark students of a teacher.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="distil (or pretrain) a student under DeepSpeed")
     _config_args(p)
@@ -125,22 +249,50 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("derive", help="derive a student from the teacher by pruning")
     _config_args(p)
     p.set_defaults(fn=cmd_derive)
-    p = sub.add_parser("build-teacher", help="rebuild the embedded tiny teacher from its recipe")
-    p.add_argument("--config", default=str(REPO / "configs" / "tiny" / "teacher.yaml"))
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(fn=cmd_build_teacher)
-    p = sub.add_parser("demo", help="the main job on the embedded default")
-    p.add_argument("--config", default=str(REPO / "configs" / "tiny" / "distill.yaml"))
-    p.add_argument("--derive-config", default=str(REPO / "configs" / "tiny" / "derive.yaml"))
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("eval", help="benchmark teacher vs students with lm-eval")
     _config_args(p)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("build-tasks", help="write the local lm-eval tasks' data (eval does it when needed)")
+    p.add_argument("--data-dir", help="where to write it (default: the directory the task YAMLs read)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the data is up to date")
+    p.set_defaults(fn=cmd_build_tasks)
+    p = sub.add_parser("cache-teacher", help="score the training set once with vLLM into teacher.cache_dir")
+    _config_args(p, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built for another run")
+    p.set_defaults(fn=cmd_cache_teacher)
+    p = sub.add_parser("serve-teacher", help="start the config's vLLM teacher server and wait until healthy")
+    _config_args(p, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dir", help="where teacher_server.{url,pid,log} go (default: the run directory)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for /health")
+    p.set_defaults(fn=cmd_serve_teacher)
+    p = sub.add_parser("demo", help="the main job on the embedded default: derive, distil on 2 ranks, report")
+    _config_args(p, default="configs/tiny/distill.yaml")
+    p.add_argument("--derive-config", default="configs/tiny/derive.yaml")
+    p.add_argument(
+        "--derive-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for the derivation (repeatable); the positional overrides go to training",
+    )
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--master-port", type=int, default=0, help="DeepSpeed's rendezvous port (0: a free one)")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("build-teacher", help="rebuild the embedded tiny teacher from its recipe")
+    _config_args(p, default="configs/tiny/teacher.yaml")
+    p.set_defaults(fn=cmd_build_teacher)
     p = sub.add_parser("warm", help="build DeepSpeed's JIT ops once")
     p.set_defaults(fn=cmd_warm)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Launchers (deepspeed, torch.distributed.launch) append --local_rank=N; LOCAL_RANK in the environment
+    # already says the same.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except LLMDistillError as err:

@@ -1,25 +1,32 @@
 """Helpers our lm-eval task YAMLs reference with `!function utils.<name>`.
 
-No llmdistill imports: the plain `lm_eval` CLI loads them with only `--include_path evals/tasks`.
+No llmdistill imports: the plain `lm_eval` CLI loads them with only `--include_path evals/tasks` (in an
+installed llmdistill: `--include_path $(python -c "import llmdistill.evaluate as e; print(e.TASKS_DIR)")`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-# evals/tasks/utils.py -> the repository root, so a task's `data_file` works from any working directory.
-_REPO = Path(__file__).resolve().parent.parent.parent
-BUILD_COMMAND = "python -m llmdistill.evaluate build-tasks"
+BUILD_COMMAND = "python -m llmdistill.cli build-tasks"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def task_data_dir() -> Path:
+    """Where `llmdistill.evaluate.task_data.task_data_dir()` builds the data: <LLMDISTILL_CACHE>/eval-data.
+
+    The same rule as llmdistill.data.cache_dir (a test checks that they agree), repeated here so that the
+    plain lm_eval CLI needs nothing but this directory.
+    """
+    return Path(os.environ.get("LLMDISTILL_CACHE", Path.home() / ".cache" / "llmdistill")) / "eval-data"
+
+
 def resolve_data_file(data_file: str) -> Path:
-    """A task's data file: absolute, relative to the working directory, or relative to the repository root."""
+    """A task's data file: absolute, or relative to the task data directory."""
     path = Path(data_file)
-    if path.is_absolute() or path.exists():
-        return path
-    return _REPO / path
+    return path if path.is_absolute() else task_data_dir() / path
 
 
 def load_task_data(data_file: str, **_metadata):
@@ -31,10 +38,7 @@ def load_task_data(data_file: str, **_metadata):
 
     path = resolve_data_file(data_file)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"task data not built: {path} is missing; build it with `{BUILD_COMMAND}` "
-            f"(run from the repository root)"
-        )
+        raise FileNotFoundError(f"task data not built: {path} is missing; build it with `{BUILD_COMMAND}`")
     return datasets.DatasetDict({"test": datasets.load_dataset("json", data_files=str(path), split="train")})
 
 
