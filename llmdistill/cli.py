@@ -241,7 +241,9 @@ def print_summary(s: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmdistill", description="Derive, distil and benchmark students of a teacher.")
+    parser = argparse.ArgumentParser(
+        prog="llmdistill", description="Derive, distil and benchmark students of a teacher."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="distil (or pretrain) a student under DeepSpeed")
     _config_args(p)

@@ -24,6 +24,7 @@ from llmdistill.evaluate import (
     check_task_data,
     evaluate_models,
     resolve_model_dir,
+    task_data_dir,
     tensorboard_scalars,
 )
 from llmdistill.models import EMBEDDED_TEACHER, load_tokenizer
@@ -257,3 +258,15 @@ def test_errors_are_clear(tmp_path, capsys):
     spec.loader.exec_module(utils)
     with pytest.raises(FileNotFoundError, match="task data not built.*build-tasks"):
         utils.load_task_data(str(tmp_path / "code_bpb.jsonl"))
+
+
+def test_task_yamls_read_the_directory_we_build(tmp_path, monkeypatch):
+    """tasks/utils.py (no llmdistill imports) looks for the data where build_task_data puts it by default."""
+    spec = importlib.util.spec_from_file_location("task_utils", TASKS_DIR / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    monkeypatch.delenv("LLMDISTILL_CACHE", raising=False)
+    assert utils.resolve_data_file("code_bpb.jsonl") == task_data_dir() / "code_bpb.jsonl"
+    monkeypatch.setenv("LLMDISTILL_CACHE", str(tmp_path))
+    assert utils.resolve_data_file("code_bpb.jsonl") == task_data_dir() / "code_bpb.jsonl"
+    assert task_data_dir().parent == tmp_path

@@ -1,0 +1,72 @@
+"""`llmdistill <command>`: packaged configs found from anywhere, launcher arguments, shims, clear errors.
+
+The commands' real work is tested where it lives (test_evaluate, test_train, integration/); here only what the
+front door itself adds. The installed wheel is tested in test_package.py.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmdistill import cli
+from llmdistill.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_packaged_configs_are_the_checkouts_and_found_from_anywhere(tmp_path, monkeypatch):
+    def files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+    shipped, in_checkout = files(cli.PACKAGED_CONFIGS), files(REPO / "configs")
+    assert shipped == in_checkout and len(shipped) > 10
+    for rel in shipped:  # one copy: the package's configs are the checkout's files, not a copy that may drift
+        assert (cli.PACKAGED_CONFIGS / rel).resolve() == (REPO / "configs" / rel).resolve()
+
+    monkeypatch.chdir(tmp_path)
+    found = cli.config_path("configs/tiny/eval.yaml")
+    assert Path(found) == cli.PACKAGED_CONFIGS / "tiny" / "eval.yaml"
+    assert load_config(found).run.name == "tiny-eval"
+    (tmp_path / "configs" / "tiny").mkdir(parents=True)
+    (tmp_path / "configs" / "tiny" / "eval.yaml").write_text("run: {name: mine}\n")
+    assert cli.config_path("configs/tiny/eval.yaml") == "configs/tiny/eval.yaml"  # a local file wins
+
+
+def test_missing_config_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", "--config", "configs/tiny/no_such.yaml"]) == 2
+    assert "config file not found: configs/tiny/no_such.yaml" in capsys.readouterr().err
+
+
+def test_launcher_rank_argument_is_ignored(tmp_path):
+    """deepspeed and torch.distributed.launch add --local_rank=N (LOCAL_RANK in the environment says it)."""
+    assert cli.main(["--local_rank=1", "build-tasks", "--data-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "code_bpb.jsonl").is_file()
+
+
+@pytest.mark.parametrize("command", ["serve-teacher", "cache-teacher"])
+def test_teacher_commands_fail_clearly_before_starting_vllm(command, tmp_path, capsys):
+    config = "configs/tiny/vllm_server.yaml" if command == "serve-teacher" else "configs/tiny/vllm_cache.yaml"
+    missing = tmp_path / "no-such-teacher"
+    args = [command, "--config", str(REPO / config), f"teacher.path={missing}", f"run.output_dir={tmp_path}"]
+    assert cli.main(args) == 2
+    assert f"teacher.path: model path not found: {missing}" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("teacher_server.pid"))  # no server was started
+
+
+@pytest.mark.parametrize("shim", ["eval.py", "train.py", "derive.py", "cache_teacher.py"])
+def test_launch_scripts_are_the_cli(shim, tmp_path):
+    """launch/*.py pass their arguments (and a launcher's --local_rank) to the same command."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "launch" / shim), "--local_rank=0", "--config", "no_such.yaml"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().endswith("config file not found: no_such.yaml")
