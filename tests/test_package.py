@@ -17,7 +17,10 @@ import pytest
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-WHERE = "import llmdistill.cli as c; print(c.__file__, c.PACKAGED_CONFIGS)"
+# Where the installed package's module, configs and lm-eval tasks are.
+WHERE = (
+    "import llmdistill.cli as c, llmdistill.evaluate as e; print(c.__file__, c.PACKAGED_CONFIGS, e.TASKS_DIR)"
+)
 
 # The demo, shortened: a small calibration and search, a few steps on short sequences, a small lm-eval subset.
 DERIVE_QUICK = [
@@ -88,20 +91,15 @@ def test_installed_wheel_runs_the_demo_and_eval_outside_the_checkout(installed, 
     work.mkdir()
     env = _env(installed)
     where = subprocess.run(
-        [
-            installed / "bin" / "python",
-            "-c",
-            "import llmdistill.cli as c; print(c.__file__, c.PACKAGED_CONFIGS)",
-        ],
+        [installed / "bin" / "python", "-c", WHERE],
         cwd=work,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    module, configs = (Path(p) for p in where.stdout.split())
-    assert module.is_relative_to(installed) and not module.is_relative_to(REPO), module
-    assert configs.is_dir() and not configs.is_symlink()
+    for path in (Path(p) for p in where.stdout.split()):  # the module, its configs and its lm-eval tasks
+        assert path.is_relative_to(installed) and path.exists() and not path.is_symlink(), path
 
     llmdistill = str(installed / "bin" / "llmdistill")
     derive = [a for o in DERIVE_QUICK for a in ("--derive-set", o)]
