@@ -52,7 +52,7 @@ def installed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("package")
     # Build from a copy: an in-tree build leaves build/ behind, whose stale files a later wheel would carry.
     source = root / "source"
-    skip = shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".*_cache")
+    skip = shutil.ignore_patterns(".git", ".venv", ".cache", "runs", "build", "*.egg-info", "__pycache__")
     shutil.copytree(REPO, source, symlinks=True, ignore=skip)
     wheel_dir = root / "dist"
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheel_dir]
