@@ -626,6 +626,28 @@ def test_derive_student_search_ranks_candidates(teacher_dir):
     assert record["student_shape"] == ranking[0]["shape"]
     assert record["held_out_loss"]["student"] == pytest.approx(ranking[0]["loss"], rel=1e-6)
 
+    # The same search under a memory budget alone: 60% of what the teacher needs for 4 x 64 tokens in fp32.
+    from llmdistill.derive.search import memory_gb
+    from llmdistill.models import load_model
+
+    teacher = load_model(str(teacher_dir / "teacher"))
+    memory = {"memory_context": 64, "memory_batch": 4, "memory_dtype": "float32"}
+    budget = 0.6 * memory_gb(
+        record["parameters"]["teacher"],
+        teacher.config,
+        resolve_shape(teacher.config, None),
+        DeriveSearch(memory_budget_gb=1, **memory),
+    )
+    cfg = derive_config(
+        teacher_dir,
+        {"search": {"memory_budget_gb": budget, "max_candidates": 3, **memory}, "plots": False},
+        "search-memory",
+    )
+    record = json.loads((derive_student(cfg) / "derivation.json").read_text())
+    assert record["search"]["memory_budget_gb"] == budget and record["search"]["budget"] is None
+    assert len(record["search"]["ranking"]) == 3
+    assert all(0.9 * budget <= c["memory_gb"] <= budget for c in record["search"]["ranking"])
+
 
 def test_launcher_prints_one_line_errors(teacher_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -364,7 +364,10 @@ def prune_state_dict(state_dict: dict[str, torch.Tensor], config, plan: dict) ->
                 pruned = pruned.index_select(axis, index[unit].to(pruned.device))
         prefix = name.rsplit(".", 1)[0]
         if prefix in scales:
-            pruned = (pruned + 1) * scales[prefix] - 1 if one_plus else pruned * scales[prefix]
+            if one_plus:  # in fp32: in bf16, 1 + w would round w to steps of 1/128
+                pruned = ((pruned.float() + 1) * scales[prefix] - 1).to(pruned.dtype)
+            else:
+                pruned = pruned * scales[prefix]
         if name in embedding_names and embed_factor != 1.0:
             pruned = pruned * embed_factor
         out[new_name] = pruned.contiguous().clone()
