@@ -188,11 +188,19 @@ class DeriveTarget(Section):
 
 
 class DeriveSearch(Section):
-    """Minitron-style search: depth x width shapes under a parameter budget, ranked by held-out loss."""
+    """Minitron-style search: depth x width shapes under a parameter and/or memory budget, ranked by held-out
+    loss."""
 
     # A fraction of the teacher's parameters (<= 1) or an absolute parameter count (> 1).
-    param_budget: float = Field(gt=0)
-    # Candidates must land within [budget * (1 - tolerance), budget].
+    param_budget: float | None = Field(None, gt=0)
+    # Serving memory in GiB (2^30 bytes): the weights plus the KV cache of `memory_batch` sequences of
+    # `memory_context` tokens, all in `memory_dtype`. Every layer is counted at the full context (an upper
+    # bound for sliding-window layers).
+    memory_budget_gb: float | None = Field(None, gt=0)
+    memory_context: int = Field(4096, gt=0)
+    memory_batch: int = Field(1, gt=0)
+    memory_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # Candidates stay under every budget given and use at least (1 - tolerance) of one of them.
     tolerance: float = Field(0.1, ge=0, lt=1)
     # Width grid, as fractions of the teacher's hidden size, MLP size and KV groups.
     width_fractions: list[float] = Field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
@@ -201,6 +209,12 @@ class DeriveSearch(Section):
     size_multiple: int = Field(8, gt=0)
     # At most this many feasible shapes are pruned and scored, spread over depths.
     max_candidates: int = Field(12, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self):
+        if self.param_budget is None and self.memory_budget_gb is None:
+            raise ValueError("give param_budget, memory_budget_gb or both")
+        return self
 
 
 class DeriveMasking(Section):

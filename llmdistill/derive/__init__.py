@@ -49,6 +49,7 @@ from llmdistill.derive.search import feasible_shapes, pick_candidates, rank_cand
 
 __all__ = [
     "derive_student",
+    "derive_output",
     "apply_masks",
     "mask_gradients",
     "load_masks",
@@ -106,6 +107,12 @@ def _tolist(x):
     if isinstance(x, dict):
         return {k: _tolist(v) for k, v in x.items()}
     return x
+
+
+def derive_output(cfg: Config) -> Path:
+    """Where `derive_student` writes the student: derive.output, else <run.dir>/derived."""
+    output = cfg.derive.output if cfg.derive else None
+    return Path(output) if output else cfg.run.dir / "derived"
 
 
 def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path:
@@ -202,7 +209,7 @@ def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path
     student_params = sum(p.numel() for p in student.parameters())
     assert student_params == shape_parameters(named_shapes, tconf, shape), "parameter arithmetic out of sync"
 
-    out = Path(dcfg.output) if dcfg.output else cfg.run.dir / "derived"
+    out = derive_output(cfg)
     if rank == 0:
         _write(
             out,
@@ -239,8 +246,11 @@ def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path
                 if ranking is None
                 else {
                     "budget": dcfg.search.param_budget,
+                    "memory_budget_gb": dcfg.search.memory_budget_gb,
                     "feasible_shapes": len(feasible),
-                    "ranking": [{k: c[k] for k in ("rank", "shape", "params", "loss")} for c in ranking],
+                    "ranking": [
+                        {k: c[k] for k in ("rank", "shape", "params", "memory_gb", "loss")} for c in ranking
+                    ],
                 },
                 "masking": None
                 if masks is None

@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from llmdistill.signal import IGNORE_INDEX
 
 DEPTH_METHODS = ("block_importance", "perplexity", "magnet_grad")
+HIDDEN_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
@@ -31,11 +37,13 @@ def decoder_layers(model):
 
 
 def residual_norms(model) -> dict[str, torch.nn.Module]:
-    """The RMSNorms that read the residual stream (weights on the hidden axis), by prefix."""
+    """The RMSNorms with weights on the hidden axis, by prefix: those that read the residual stream and, in
+    Gemma-2/3, those that normalise the attention and MLP outputs before they are added to it."""
     norms = {"model.norm": model.model.norm}
     for i, layer in enumerate(decoder_layers(model)):
-        norms[f"model.layers.{i}.input_layernorm"] = layer.input_layernorm
-        norms[f"model.layers.{i}.post_attention_layernorm"] = layer.post_attention_layernorm
+        for name in HIDDEN_NORMS:
+            if hasattr(layer, name):
+                norms[f"model.layers.{i}.{name}"] = getattr(layer, name)
     return norms
 
 
