@@ -425,3 +425,48 @@ def test_bad_files_are_named(tmp_path, embedded_tokenizer):
         data.load_rows(DatasetSpec(path=str(tmp_path / "nothing")))
     with pytest.raises(LLMDistillError, match="slicing needs streaming: false"):
         data.load_rows(DatasetSpec(path=str(FIXTURE), name="chat", split="train[:2]", streaming=True))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_training_on_chat_data_scores_only_the_answers(tmp_path, embedded_tokenizer):
+    from conftest import QUICK, read_log, run_cli
+
+    rows = []
+    for i in range(48):
+        answer = f"def scale_{i}(values):\n    return [v * {i} for v in values]"
+        rows.append(
+            _row(("system", "Answer with code."), ("user", f"Scale a list by {i}."), ("assistant", answer))
+        )
+    chat = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    spec = f"{{path: {chat}, format: messages}}"
+    result = run_cli(
+        [
+            "train",
+            *QUICK,
+            f"data.train={spec}",
+            f"data.validation={spec}",
+            f"data.chat_template={template}",
+            "data.seq_len=128",
+            "train.max_steps=3",
+            f"run.output_dir={tmp_path}",
+            "run.name=chat",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "chat" / "summary.json").read_text())
+    assert sorted(read_log(tmp_path / "chat")) == [1, 2, 3]
+    # The held-out batches the trainer scored: the first eval_batches x micro_batch_size sequences.
+    cfg = DataConfig(seq_len=128, chat_template=str(template))
+    held_out = data.build_dataset(DatasetSpec(path=chat, format="messages"), cfg, embedded_tokenizer, seed=0)
+    held_out = [held_out[i] for i in range(2 * 4)]
+    answers = {r["messages"][2]["content"] + "<|im_end|>" for r in rows}
+    runs = [run for s in held_out for run in _trained_runs(embedded_tokenizer, s)]
+    assert runs and set(runs) <= answers
+    trained = sum(int((s["targets"] != IGNORE_INDEX).sum()) for s in held_out)
+    real = sum(int((s["input_ids"] != embedded_tokenizer.pad_token_id).sum()) for s in held_out)
+    assert summary["student_eval"]["tokens"] == trained < real / 2
+    assert summary["teacher_eval"]["tokens"] == trained
