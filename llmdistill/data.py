@@ -215,8 +215,12 @@ def load_rows(spec: DatasetSpec):
 
 def load_texts(spec: DatasetSpec):
     """The documents of one text dataset spec as a `datasets.Dataset` with a `text` column."""
+    if isinstance(spec, list):
+        raise LLMDistillError("a blend of datasets cannot be used here: give one dataset")
     if spec.format != "text" or spec.streaming:
-        raise LLMDistillError(f"dataset {spec.path}: only text data without streaming can be used here")
+        raise LLMDistillError(
+            f"dataset {spec.path}: only text data (format: text, streaming: false) can be used here"
+        )
     ds = load_rows(spec)
     return ds.rename_column(spec.text_field, "text") if spec.text_field != "text" else ds
 
@@ -505,8 +509,8 @@ def _log_counts(name: str, statuses: list[int], data_cfg: DataConfig) -> None:
     if dropped or truncated:
         log.warning(
             f"{name}: {dropped + truncated} of {len(statuses)} samples are longer than data.seq_len="
-            f"{data_cfg.seq_len}: {dropped} dropped, {truncated} cut after their last assistant turn that fits "
-            f"(data.truncation={data_cfg.truncation})"
+            f"{data_cfg.seq_len}: {dropped} dropped, {truncated} cut after their last assistant turn that "
+            f"fits (data.truncation={data_cfg.truncation})"
         )
 
 
@@ -734,6 +738,9 @@ def build_dataset(
             raise LLMDistillError("streaming datasets with a cross-tokenizer objective are not supported")
         streams = [streamed_dataset(s, data_cfg, tokenizer) for s in specs]
         return streams[0] if len(streams) == 1 else _blend_streams(streams, [s.weight for s in specs])
+    if pack_text is not None and len(specs) > 1:
+        # each source pads its teacher columns to its own longest window: rows of two would not stack
+        raise LLMDistillError("a blend of datasets with a cross-tokenizer objective is not supported")
     sources = [packed_dataset(s, data_cfg, tokenizer, pack_text) for s in specs]
     return sources[0] if len(sources) == 1 else blend(sources, [s.weight for s in specs], seed)
 

@@ -470,3 +470,20 @@ def test_training_on_chat_data_scores_only_the_answers(tmp_path, embedded_tokeni
     real = sum(int((s["input_ids"] != embedded_tokenizer.pad_token_id).sum()) for s in held_out)
     assert summary["student_eval"]["tokens"] == trained < real / 2
     assert summary["teacher_eval"]["tokens"] == trained
+
+
+def test_unpacked_text_documents_are_cut_and_padded(tmp_path, embedded_tokenizer):
+    docs = ["x = 1\n" * 30, "y = 2\n"]
+    ds = _build(tmp_path, embedded_tokenizer, [{"text": d} for d in docs], seq_len=32, pack=False)
+    lengths = [len(_document_ids_of(embedded_tokenizer, d)) for d in docs]
+    assert len(ds) == -(-lengths[0] // 32) + 1
+    last = ds[len(ds) - 1]
+    # the short document alone, then padding that is never trained
+    assert last["position_ids"].tolist() == list(range(32))
+    assert _trained_runs(embedded_tokenizer, last) == [
+        embedded_tokenizer.decode(_document_ids_of(embedded_tokenizer, docs[1])[1:])
+    ]
+
+
+def _document_ids_of(tokenizer, text):
+    return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
