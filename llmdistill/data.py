@@ -291,10 +291,11 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def assistant_spans(
-    messages: list[dict], tokenizer, template: str, where: str
+    messages: list[dict], tokenizer, template: str, where: str, only_last: bool = False
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span (answer start, end-of-turn end) of each assistant turn
-    with content."""
+    with content. `only_last`: an earlier turn the template rewrites (some drop reasoning from past turns) is
+    left out instead of being an error."""
     from jinja2 import TemplateError
 
     def render(turns, generation_prompt):
@@ -305,6 +306,9 @@ def assistant_spans(
     try:
         full = render(messages, False)
         spans = []
+        answers = [
+            k for k, m in enumerate(messages) if m["role"] == "assistant" and (m.get("content") or "").strip()
+        ]
         for k, m in enumerate(messages):
             content = (m.get("content") or "").strip()
             if m["role"] != "assistant" or not content:
@@ -314,6 +318,8 @@ def assistant_spans(
             start = _common_prefix(render(messages[:k], True), full)
             turn_end = _common_prefix(render(messages[: k + 1], False), full)
             answer = full.find(content, start, turn_end)
+            if answer < 0 and only_last and k != answers[-1]:
+                continue
             if answer < 0:
                 raise LLMDistillError(
                     f"{where}: the chat template does not reproduce assistant turn {k + 1}'s text in the "
@@ -336,21 +342,24 @@ def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
     return mask
 
 
-def _fit(ids, mask, offsets, spans, data_cfg: DataConfig, seq_len: int):
+def _tokens_before(offsets: list[tuple[int, int]], end: int) -> int:
+    """How many leading tokens lie wholly before character `end`."""
+    return next((i for i, (_, b) in enumerate(offsets) if b > end), len(offsets))
+
+
+def _fit(ids: list[int], offsets: list[tuple[int, int]], spans, data_cfg: DataConfig, seq_len: int):
     """(ids, mask, status) of one chat sample within seq_len by the truncation rule."""
     status = KEPT
     if len(ids) > seq_len:
-        if data_cfg.truncation == "drop":
+        # "turns": cut after the last assistant turn (its end marker included) that ends within seq_len.
+        fits = [s for s in spans if _tokens_before(offsets, s[1]) <= seq_len]
+        if data_cfg.truncation == "drop" or not fits:
             return [], [], DROPPED
-        # Cut after the last assistant turn whose end fits: whole turns only.
-        fits = [s for s in spans if sum(1 for _, b in offsets if b <= s[1]) <= seq_len]
-        if not fits:
-            return [], [], DROPPED
-        keep = sum(1 for _, b in offsets if b <= fits[-1][1])
+        keep = _tokens_before(offsets, fits[-1][1])
         ids, offsets, spans, status = ids[:keep], offsets[:keep], fits, TRUNCATED
     if data_cfg.train_on == "last":
         spans = spans[-1:]
-    return ids, _span_mask(offsets, spans) if offsets is not None else mask, status
+    return ids, _span_mask(offsets, spans), status
 
 
 def row_encoder(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, seq_len: int):
@@ -366,10 +375,10 @@ def row_encoder(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, seq_len: int
     eos = tokenizer.eos_token_id
 
     def encode_chat(turns, where):
-        text, spans = assistant_spans(turns, tokenizer, template, where)
+        text, spans = assistant_spans(turns, tokenizer, template, where, data_cfg.train_on == "last")
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
-        return _fit(enc["input_ids"], None, offsets, spans, data_cfg, seq_len)
+        return _fit(enc["input_ids"], offsets, spans, data_cfg, seq_len)
 
     def encode(row: dict, index: int):
         where = _where(spec, index)

@@ -487,3 +487,21 @@ def test_unpacked_text_documents_are_cut_and_padded(tmp_path, embedded_tokenizer
 
 def _document_ids_of(tokenizer, text):
     return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_a_template_that_rewrites_past_answers_trains_the_last_one(tmp_path, embedded_tokenizer):
+    # like templates that drop the reasoning of past turns: an earlier answer is not in the full rendering
+    rewrites = CHATML.replace(
+        "{{ m.content }}",
+        "{% if m.role == 'assistant' and not loop.last %}(earlier answer)"
+        "{% else %}{{ m.content }}{% endif %}",
+    )
+    rows = [{"messages": CHAT}]
+    with pytest.raises(
+        LLMDistillError, match=r"row 1: the chat template does not reproduce assistant turn 3"
+    ):
+        _build(tmp_path, embedded_tokenizer, rows, format="messages", chat_template=rewrites)
+    ds = _build(
+        tmp_path, embedded_tokenizer, rows, format="messages", chat_template=rewrites, train_on="last"
+    )
+    assert _trained_runs(embedded_tokenizer, ds[0]) == [A2 + "<|im_end|>"]
