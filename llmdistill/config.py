@@ -118,19 +118,56 @@ class StudentConfig(Section):
 
 
 class DatasetSpec(Section):
-    # A local file or directory (jsonl/json/text/parquet), a hub dataset name, or "embedded:<split>".
+    """One data source, named the way `datasets.load_dataset` names it (llmdistill/data.py)."""
+
+    # A local file (jsonl/json/txt/parquet), a local directory (its data files, or a dataset laid out for
+    # `load_dataset` with splits and configs), a hub dataset name, or "embedded:<split>".
     path: str
+    name: str | None = None  # the dataset's config name
+    revision: str | None = None  # a hub branch, tag or commit
+    # With slicing: "train[:5%]", "train[100:200]". A single file has one split, "train".
     split: str = "train"
+    # Read rows as they are needed instead of preparing the whole set on disk (no split slicing).
+    streaming: bool = False
+    # Share of this source in a blend (data.train as a list): weights are normalised over the list.
+    weight: float = Field(1.0, gt=0)
+    # What a row holds: raw text (all tokens trained), a chat (`messages`: a list of {role, content}; only the
+    # assistant turns trained), or a prompt and its completion (only the completion trained).
+    format: Literal["text", "messages", "prompt_completion"] = "text"
     text_field: str = "text"
-    format: Literal["auto", "json", "text", "parquet", "hub"] = "auto"
-    max_documents: int | None = None
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    max_documents: int | None = Field(None, gt=0)  # the first N rows only
 
 
 class DataConfig(Section):
-    train: DatasetSpec = DatasetSpec(path="embedded:train")
-    validation: DatasetSpec | None = DatasetSpec(path="embedded:validation")
+    # One source, or a weighted blend of several ([{path: a, weight: 0.7}, {path: b, weight: 0.3}]).
+    train: DatasetSpec | list[DatasetSpec] = DatasetSpec(path="embedded:train")
+    validation: DatasetSpec | list[DatasetSpec] | None = DatasetSpec(path="embedded:validation")
     seq_len: int = Field(256, gt=1)
     num_workers: int = Field(0, ge=0)
+    # Chat data: a Jinja chat template (a file path or the template itself) instead of the student
+    # tokenizer's own.
+    chat_template: str | None = None
+    # prompt_completion rows: true renders them as one user turn and one assistant turn with the chat
+    # template; false concatenates prompt and completion as they are (then EOS).
+    chat: bool = False
+    # messages rows: train every assistant turn, or only the last one.
+    train_on: Literal["all", "last"] = "all"
+    # true: whole samples packed into each sequence (attention stays inside each); false: one sample per
+    # sequence, padded at the end.
+    pack: bool = True
+    # A chat or prompt_completion sample longer than seq_len is dropped, or ("turns") cut after its last
+    # assistant turn that fits; each is counted in the log. Text documents are cut anywhere.
+    truncation: Literal["drop", "turns"] = "drop"
+
+    @model_validator(mode="after")
+    def _blends_have_sources(self):
+        for field in ("train", "validation"):
+            if isinstance(getattr(self, field), list) and not getattr(self, field):
+                raise ValueError(f"data.{field}: an empty list of datasets")
+        return self
 
 
 class LossTerm(BaseModel):

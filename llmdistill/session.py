@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,24 +125,24 @@ def build_datasets(cfg: Config, plan: Plan):
 
     cross_tokenizer = any(get_loss(t.name).cross_tokenizer for t in cfg.loss) and plan.teacher_tok is not None
 
-    def build(spec):
-        texts = data.load_texts(spec)
-        if not cross_tokenizer:
-            return data.tokenize_and_pack(texts, plan.student_tok, cfg.data.seq_len, spec.path)
+    def aligned(texts, name):
         from llmdistill.align import aligned_dataset
 
         # Both tokenizations of each window's text, and the chunk alignment, computed here once (cached by
         # `datasets`), never in the training step.
-        return aligned_dataset(
-            texts,
-            plan.student_tok,
-            plan.teacher_tok,
-            cfg.data.seq_len,
-            spec.path,
-            models.max_positions(plan.teacher_config),
-        )
+        max_teacher = models.max_positions(plan.teacher_config)
+        return aligned_dataset(texts, plan.student_tok, plan.teacher_tok, cfg.data.seq_len, name, max_teacher)
 
-    return build(cfg.data.train), build(cfg.data.validation) if cfg.data.validation is not None else None
+    def build(specs):
+        pack_text = aligned if cross_tokenizer else None
+        return data.build_dataset(specs, cfg.data, plan.student_tok, cfg.run.seed, pack_text)
+
+    train = build(cfg.data.train)
+    validation = build(cfg.data.validation) if cfg.data.validation is not None else None
+    if isinstance(validation, data.PackedStream):  # a streamed validation set: its first batches, in memory
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validation = validation.head(cfg.train.eval_batches * cfg.train.micro_batch_size * world)
+    return train, validation
 
 
 def derivation_defaults(student_path: str | None) -> dict:
