@@ -26,7 +26,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_build_teacher(args) -> None:
-    from llmdistill.embedded import build_teacher
+    from llmdistill.tools.build_teacher import build_teacher
 
     build_teacher(args.config, args.overrides)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import QUICK, read_log, run_cli
 
-from llmdistill.train import COMPLETE, complete_checkpoints
+from llmdistill.checkpoint import COMPLETE, complete_checkpoints
 
 STEPS = ["train.max_steps=8", "train.save_every=4", "deepspeed.zero_stage=1"]
 

@@ -14,6 +14,7 @@ import re
 import torch
 
 from llmdistill.config import LLMDistillError
+from llmdistill.models import model_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SHAPE_KEYS = ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
@@ -329,7 +330,6 @@ def student_config(config, shape: dict):
 
 def build_student(teacher, plan: dict):
     """A new HF model of the plan's shape holding the teacher's kept weights (teacher is not modified)."""
-    from llmdistill.models import model_from_config
 
     config = student_config(teacher.config, plan["shape"])
     layer_types = getattr(teacher.config, "layer_types", None)
