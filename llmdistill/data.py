@@ -1,13 +1,10 @@
 """Datasets: the embedded stdlib corpus, local files or hub names, tokenized and packed into fixed-length
 sequences.
 
-A packed sequence carries `position_ids` that restart at every document, so transformers builds a block-causal
-mask
-(no attention across documents), and `targets` already shifted by one: `targets[t]` is the token to predict at
-`t`,
--100 where the next token belongs to another document. transformers only derives that mask with no
-attention_mask
-and no KV cache: call models with `position_ids=..., use_cache=False`.
+A packed sequence carries `position_ids` that restart at every document, so transformers builds a
+block-causal mask (no attention across documents), and `targets` already shifted by one: `targets[t]` is the
+token to predict at `t`, -100 where the next token belongs to another document. transformers only derives
+that mask with no attention_mask and no KV cache: call models with `position_ids=..., use_cache=False`.
 """
 
 from __future__ import annotations
@@ -25,8 +22,8 @@ from llmdistill.config import DatasetSpec, LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
 
 SPLITS = ("train", "validation", "test")
-# Directories of the standard library that are tests, vendored packages or generated tables, not code worth
-# learning.
+# Directories of the standard library that are tests, vendored packages or generated tables: not code
+# worth learning.
 _SKIP_DIRS = {
     "test",
     "tests",
@@ -252,8 +249,7 @@ def micro_batch_indices(
     """Index lists for this rank's micro-batches, endlessly, starting after `start` consumed micro-batches.
 
     The position in the data is one integer (micro-batches consumed per rank), so a checkpoint can store it
-    and a
-    resumed run continues with exactly the next batch, without replaying the ones before it.
+    and a resumed run continues with exactly the next batch, without replaying the ones before it.
     """
     per_epoch = num_samples // (micro_batch * world_size)
     if per_epoch == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from llmdistill.config import LLMDistillError, PeftConfig
 from llmdistill.embedded import EMBEDDED_TEACHER, STUDENT_TOKENIZERS, student_tokenizer
@@ -138,9 +139,6 @@ def wrap_peft(model, cfg: PeftConfig):
 
 def state_to_model(state_dict: dict, config, peft: PeftConfig | None):
     """A plain fp32 model holding a full state dict: PEFT adapters merged, tied weights restored."""
-    # lazy: transformers' DeepSpeed integration, needed only when exporting
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     unset_hf_deepspeed_config()  # the skeleton below must be a plain model, not a ZeRO-3 partitioned one
     model = model_from_config(config, "float32")
     if peft is not None:

@@ -92,8 +92,8 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
         student = models.model_from_config(plan.student_config, cfg.student.dtype)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
-    # Only an in-process teacher that the objective uses is loaded; other sources need only its tokenizer
-    # and config.
+    # Only an in-process teacher that the objective uses is loaded; the other sources need only its
+    # tokenizer and config.
     if (
         plan.teacher_path is not None
         and cfg.teacher.source == "hf"

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# `targets` in a batch are already shifted (targets[t] is the token to predict at t); this value marks the
-# positions to skip.
+# `targets` in a batch are already shifted (targets[t] is the token to predict at t); IGNORE_INDEX marks
+# the positions to skip.
 IGNORE_INDEX = -100
 
 

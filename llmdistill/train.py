@@ -48,8 +48,8 @@ log = logging.getLogger("llmdistill.train")
 class DistillationModule(torch.nn.Module):
     """The student and the objective's learnable state, as one module for the DeepSpeed engine.
 
-    The whole loss runs inside the engine's forward, so ZeRO-3 gathers the head's weight whenever a loss calls
-    it.
+    The whole loss runs inside the engine's forward, so ZeRO-3 gathers the head's weight whenever a loss
+    calls it.
     """
 
     def __init__(self, student, objective: Objective):
@@ -118,8 +118,8 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        # Preemption signals are honoured from the start: one that arrives while models load stops after
-        # step one.
+        # Preemption signals are honoured from the start: one that arrives while the models load stops the
+        # run after its first step.
         self.stop = StopRequest()
         self.plan = preflight(cfg)
         self.rank, self.world, self.device = init_distributed(cfg.train.device)

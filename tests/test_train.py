@@ -117,9 +117,8 @@ def test_lora_student_trains_and_exports_merged(tmp_path):
     summary = json.loads((tmp_path / "tiny-lora" / "summary.json").read_text())
     student = tmp_path / "tiny-lora" / "student"
     assert (student / "model.safetensors").exists() and not (student / "adapter_config.json").exists()
-    # The merged export reproduces the adapter-wrapped engine: merging sums (W + BA)x instead of Wx + B(Ax),
-    # so
-    # fp32 rounding differs at ~1e-6 relative on logits of size ~10, hence 1e-4 absolute.
+    # The merged export reproduces the adapter-wrapped engine: merging sums (W + BA)x instead of
+    # Wx + B(Ax), so fp32 rounding differs at ~1e-6 relative on logits of size ~10, hence 1e-4 absolute.
     assert summary["export_max_abs_diff"] < 1e-4
     # LoRA trained only a small part of the model
     assert summary["trainable_parameters"] < 0.2 * summary["student_parameters"]
