@@ -174,9 +174,8 @@ class Trainer:
         if self.plan.student_path is None or not (Path(self.plan.student_path) / MASK_FILE).exists():
             return None
         masks = Path(self.plan.student_path) / MASK_FILE
-        if (
-            self.cfg.student.peft is None
-        ):  # with PEFT the masked base weights are frozen; export re-masks the merge
+        # With PEFT the masked base weights are frozen anyway; export re-masks the merged weights.
+        if self.cfg.student.peft is None:
             mask_gradients(student, masks)
         log.info(f"keeping derivation masks from {masks} during training")
         return masks
