@@ -96,8 +96,7 @@ class PeftConfig(Section):
 
 class StudentConfig(Section):
     # Exactly one way to get the student: an existing HF dir, the teacher's config with overrides (random
-    # init),
-    # or a full model config (random init).
+    # init), or a full model config (random init).
     path: str | None = None
     from_teacher: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
@@ -308,8 +307,8 @@ class BalanceConfig(Section):
 class EvalConfig(Section):
     """lm-eval benchmarking (llmdistill.evaluate): the teacher vs students on a task list."""
 
-    # lm-eval task names: the local offline ones (evals/tasks/, tag llmdistill_code) or standard ones on a
-    # cluster.
+    # lm-eval task names: the local offline ones (evals/tasks/, tag llmdistill_code), or standard ones on
+    # a cluster.
     tasks: list[str] = Field(
         default_factory=lambda: [
             "llmdistill_code_bpb",
@@ -323,8 +322,8 @@ class EvalConfig(Section):
     # HF model dirs or run directories (their exported student/); empty: this run's student if it exists.
     students: list[str] = Field(default_factory=list)
     backend: Literal["hf", "vllm"] = "hf"
-    # Examples per task (an int, or a fraction < 1); null: all. A limit is a subset: fine for tracking, not a
-    # score.
+    # Examples per task (an int, or a fraction < 1); null: all. A limit is a subset: fine for tracking,
+    # not for a score.
     limit: int | float | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -339,14 +338,13 @@ class EvalConfig(Section):
     # Index lm-eval's built-in tasks: null = only when a task is not found locally (indexing costs ~15 s).
     include_defaults: bool | None = None
     # lm-eval's stderr: mean metrics get a closed form for any value > 0, a few others (f1, bleu, ...) a
-    # bootstrap
-    # of this many draws in a process pool; 0 skips all stderrs.
+    # bootstrap of this many draws in a process pool; 0 skips all stderrs.
     bootstrap_iters: int = Field(100, ge=0)
     # Where the report goes; null: <run.output_dir>/<run.name>/eval.
     output_dir: str | None = None
     # During training (an `eval` section in a training config): every N steps the student is scored on
-    # `every_limit` examples per task and logged to TensorBoard (0: never); at the end the full report is
-    # written.
+    # `every_limit` examples per task and logged to TensorBoard (0: never); the full report is written at
+    # the end.
     every: int = Field(0, ge=0)
     every_limit: int = Field(50, gt=0)
     at_end: bool = True

@@ -28,8 +28,8 @@ from llmdistill.signal import IGNORE_INDEX
 log = logging.getLogger("llmdistill.data")
 
 SPLITS = ("train", "validation", "test")
-# Directories of the standard library that are tests, vendored packages or generated tables, not code worth
-# learning.
+# Directories of the standard library that are tests, vendored packages or generated tables: not code
+# worth learning.
 _SKIP_DIRS = {
     "test",
     "tests",
@@ -782,8 +782,7 @@ def micro_batch_indices(
     """Index lists for this rank's micro-batches, endlessly, starting after `start` consumed micro-batches.
 
     The position in the data is one integer (micro-batches consumed per rank), so a checkpoint can store it
-    and a
-    resumed run continues with exactly the next batch, without replaying the ones before it.
+    and a resumed run continues with exactly the next batch, without replaying the ones before it.
     """
     per_epoch = num_samples // (micro_batch * world_size)
     if per_epoch == 0:

@@ -20,6 +20,7 @@ import re
 import torch
 
 from llmdistill.config import LLMDistillError
+from llmdistill.models import model_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # RMSNorm computes x / rms(x) * (1 + weight): a rescale by s maps weight to s * (1 + weight) - 1.
@@ -389,7 +390,6 @@ def student_config(config, shape: dict):
 
 def build_student(teacher, plan: dict):
     """A new HF model of the plan's shape holding the teacher's kept weights (teacher is not modified)."""
-    from llmdistill.models import model_from_config
 
     config = student_config(teacher.config, plan["shape"])
     layer_types = getattr(teacher.config, "layer_types", None)
