@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class LLMDistillError(Exception):
@@ -24,13 +25,18 @@ class ConfigError(LLMDistillError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused in every float field: `train.lr=.inf` is a typo, not a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
+    # A run directory with checkpoints is resumed only under the config that wrote them (train.max_steps and
+    # other settings that do not change what a step computes may differ; see checkpoint.check_run_config).
+    # true: accept a different config and write it over the old config.yaml.
+    overwrite_config: bool = False
 
     @property
     def dir(self) -> Path:
@@ -173,9 +179,16 @@ class LossTerm(BaseModel):
     """One weighted term of the objective; any other key is a parameter of that loss, checked by the
     registry."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _finite_params(self):
+        for key, value in self.params.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key}: Input should be a finite number (got {value})")
+        return self
 
     @property
     def params(self) -> dict[str, Any]:
@@ -189,9 +202,9 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(1, gt=0)
@@ -202,6 +215,16 @@ class TrainConfig(Section):
     resume: str = "auto"  # auto | never | a checkpoint directory
     export: bool = True
     progress: bool = True
+    # Stop (keeping the last checkpoint) after this many optimizer steps in a row were skipped: a non-finite
+    # loss, or DeepSpeed's fp16 overflow check.
+    max_skipped_steps: int = Field(10, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas):
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("each must be in [0, 1)")
+        return betas
 
 
 class DeepSpeedConfig(Section):

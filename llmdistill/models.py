@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -159,6 +160,17 @@ def state_to_model(state_dict: dict, config, peft: PeftConfig | None):
     return model
 
 
+def honour_umask(root: Path) -> None:
+    """Give every file under `root` the permissions the umask asks for (0644 under umask 022): safetensors
+    writes its files 0600 whatever the umask, so a shared run directory's weights would be unreadable to
+    the group."""
+    umask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(umask)
+    for f in [root] if root.is_file() else root.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
 def save_student(
     model, tokenizer, out_dir: Path, dtype: str, card: dict | None = None, extra_files: tuple[Path, ...] = ()
 ) -> Path:
@@ -176,6 +188,7 @@ def save_student(
         shutil.copy(extra, tmp / Path(extra).name)
     if card is not None:
         (tmp / "llmdistill.json").write_text(json.dumps(card, indent=2))
+    honour_umask(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     return out_dir

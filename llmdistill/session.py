@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from llmdistill import data, models
 from llmdistill.align import aligned_dataset
-from llmdistill.config import Config, LLMDistillError
+from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.losses import get_loss
+from llmdistill.losses.registry import check_terms
 
 log = logging.getLogger("llmdistill.session")
 
@@ -35,17 +37,25 @@ class Plan:
 
 
 def preflight(cfg: Config) -> Plan:
-    """Every check that needs no weights and no process group: bad input fails in a second with one line."""
+    """Every check that needs no weights and no process group: bad input fails in a second with one line.
+
+    Checked here: the config's loss terms (names, parameters, no cross-tokenizer term beside per-position
+    ones), the DeepSpeed settings, the teacher's and student's paths, configs, weight files' headers and
+    tokenizers, vocabularies, sequence length, PEFT target modules, and every data source (found, UTF-8,
+    loadable, not empty, its fields present).
+    """
+    check_terms(cfg.loss)
+    deepspeed_config(cfg, 1)  # refuses inconsistent ZeRO settings and a missing config_file
     terms = [get_loss(t.name) for t in cfg.loss]
     needs = frozenset().union(*(t.needs for t in terms))
     cross_tokenizer = any(t.cross_tokenizer for t in terms)
     teacher_path = teacher_tok = teacher_config = None
     if cfg.teacher.source != "none":
         teacher_path = models.resolve_model_path(cfg.teacher.path, "teacher.path")
-        teacher_tok = models.load_tokenizer(teacher_path, cfg.teacher.trust_remote_code)
-        teacher_config = AutoConfig.from_pretrained(
-            teacher_path, trust_remote_code=cfg.teacher.trust_remote_code
-        )
+        teacher_config = _model_config(teacher_path, cfg.teacher.trust_remote_code, "teacher.path")
+        teacher_tok = _tokenizer(teacher_path, cfg.teacher.trust_remote_code, "teacher.path")
+        if cfg.teacher.source == "hf" and needs & {"teacher", "teacher_hidden"}:
+            _check_weight_files(teacher_path, "teacher.path")
     elif needs & {"teacher", "teacher_hidden"}:
         raise LLMDistillError(
             f"loss: {[t.name for t in cfg.loss]} needs a teacher, but teacher.source is 'none'"
@@ -53,9 +63,8 @@ def preflight(cfg: Config) -> Plan:
     student_path = None
     if cfg.student.path is not None:
         student_path = models.resolve_model_path(cfg.student.path, "student.path")
-        student_config = AutoConfig.from_pretrained(
-            student_path, trust_remote_code=cfg.student.trust_remote_code
-        )
+        student_config = _model_config(student_path, cfg.student.trust_remote_code, "student.path")
+        _check_weight_files(student_path, "student.path")
     elif cfg.student.from_teacher is not None:
         student_config = models.config_with_overrides(teacher_config, cfg.student.from_teacher)
     else:
@@ -67,7 +76,8 @@ def preflight(cfg: Config) -> Plan:
         tokenizer_path = models.resolve_model_path(
             cfg.student.tokenizer, "student.tokenizer", tokenizer_only=True
         )
-    student_tok = models.load_tokenizer(tokenizer_path, cfg.student.trust_remote_code)
+    tokenizer_field = "student.tokenizer" if cfg.student.tokenizer is not None else "student.path"
+    student_tok = _tokenizer(tokenizer_path, cfg.student.trust_remote_code, tokenizer_field)
     if teacher_config is not None:
         note = models.check_vocabularies(
             teacher_tok, student_tok, teacher_config, student_config, cross_tokenizer
@@ -76,7 +86,63 @@ def preflight(cfg: Config) -> Plan:
             log.info(note)
         models.check_sequence_length(cfg.data.seq_len, teacher_config, "teacher")
     models.check_sequence_length(cfg.data.seq_len, student_config, "student")
+    if cfg.student.peft is not None:
+        _check_peft_targets(cfg, student_config)
+    check_data_sources(cfg, student_tok)
     return Plan(teacher_path, student_path, teacher_tok, student_tok, teacher_config, student_config, needs)
+
+
+def _model_config(path: str, trust_remote_code: bool, field: str):
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise LLMDistillError(f"{field}: {path}/config.json cannot be read: {_first_line(err)}") from None
+
+
+def _tokenizer(path: str, trust_remote_code: bool, field: str):
+    try:
+        return models.load_tokenizer(path, trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise LLMDistillError(f"{field}: no usable tokenizer in {path}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_weight_files(path: str, field: str) -> None:
+    """Each safetensors file's header against its size: a truncated download fails here, not at load."""
+    for weights in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise LLMDistillError(f"{field}: {weights} is damaged: {_first_line(err)}") from None
+
+
+def _check_peft_targets(cfg: Config, student_config) -> None:
+    """LoRA's target modules on a weightless (meta) copy of the student: a pattern matching nothing fails
+    here."""
+    with torch.device("meta"):
+        skeleton = models.model_from_config(student_config, cfg.student.dtype)
+    try:
+        models.wrap_peft(skeleton, cfg.student.peft)
+    except ValueError as err:
+        raise LLMDistillError(f"student.peft.target_modules: {_first_line(err)}") from None
+
+
+def check_data_sources(cfg: Config, tokenizer) -> None:
+    """Open every training and validation source (a stream: read its first sequence): a missing, empty,
+    undecodable or mis-fielded dataset fails before any weights load. Local files are prepared once by
+    `datasets` and cached, so the build after preflight reuses the work."""
+    for field in ("train", "validation"):
+        specs = getattr(cfg.data, field)
+        for spec in specs if isinstance(specs, list) else [specs] if specs is not None else []:
+            if spec.streaming:
+                next(iter(data.streamed_dataset(spec, cfg.data, tokenizer)))
+            else:
+                data.load_rows(spec)
 
 
 def build_models(cfg: Config, plan: Plan, ds_config: dict):

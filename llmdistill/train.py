@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal as signals
 import sys
@@ -24,25 +25,33 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from llmdistill import data, models
 from llmdistill.checkpoint import (
+    check_run_config,
     checkpoint_dir,
     find_resume_point,
     is_complete,
     load_checkpoint,
+    model_shape,
+    read_marker,
     save_checkpoint,
+    write_config,
 )
-from llmdistill.config import Config, deepspeed_config, save_config
+from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.derive.masks import MASK_FILE, mask_gradients
 from llmdistill.distributed import all_reduce_sum, barrier, init_distributed
 from llmdistill.evaluate import evaluate_models, run_eval, tensorboard_scalars
 from llmdistill.export import export
 from llmdistill.losses import Objective
 from llmdistill.losses.divergences import summed_nll
-from llmdistill.runlog import RunLog
+from llmdistill.runlog import RunLog, truncate_log
 from llmdistill.session import build_datasets, build_models, derivation_defaults, preflight
 from llmdistill.signal import StudentOutput, forward_to_head
 from llmdistill.teachers import TeacherUnavailable, build_teacher_source
 
 log = logging.getLogger("llmdistill.train")
+
+
+class TrainingStopped(LLMDistillError):
+    """The run cannot go on (every step is being skipped); its checkpoints are kept."""
 
 
 class DistillationModule(torch.nn.Module):
@@ -121,24 +130,53 @@ class Trainer:
         # Preemption signals are honoured from the start: one that arrives while the models load stops the
         # run after its first step.
         self.stop = StopRequest()
+        rank = int(os.environ.get("RANK", "0"))
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+        # Everything that needs no weights comes first, so that bad input costs seconds and writes nothing:
+        # the config, its files and data sources, the run directory, the checkpoint to resume from, the data.
         self.plan = preflight(cfg)
-        self.rank, self.world, self.device = init_distributed(cfg.train.device)
-        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+        check_run_config(cfg, self.run_dir)
+        self.resume_point = find_resume_point(cfg, self.ckpt_root, model_shape(self.plan.student_config))
+        self.rank, self.world, self.device = init_distributed(cfg.train.device)
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
-        self._build_engine()
-        self.step = self.consumed = 0
-        self._pairs = None  # the (batch, signal) stream, opened at the first step from `consumed`
-        self.runlog = RunLog(self.run_dir, self.rank)
-        self.summary = self._start_summary()
+        self.train_set, self.val_set = self._build_datasets()
         self.held_out = (
             held_out_batches(self.val_set, cfg, self.rank, self.world) if self.val_set is not None else []
         )
+        if self.val_set is not None and not self.held_out:
+            raise LLMDistillError(
+                f"data.validation: {len(self.val_set)} sequences, fewer than one batch of "
+                f"train.micro_batch_size={cfg.train.micro_batch_size} on each of {self.world} ranks"
+            )
+        if self.rank == 0:
+            write_config(cfg, self.run_dir)
+        self._build_engine()
+        self.step = self.consumed = 0
+        # Steps and micro-batches skipped (non-finite loss, fp16 overflow) since the last applied step.
+        self.skipped_in_a_row = 0
+        # Training time and tokens over every segment of the run (a resume restores them from its checkpoint).
+        self.train_seconds, self.tokens_trained, self._clock = 0.0, 0, None
+        self._pairs = None  # the (batch, signal) stream, opened at the first step from `consumed`
+        # The log keeps what was written up to the step the run continues from (none when it starts over).
+        start = read_marker(self.resume_point)["step"] if self.resume_point is not None else -1
+        if self.rank == 0:
+            truncate_log(self.run_dir / "logs.jsonl", start)
+        self.runlog = RunLog(self.run_dir, self.rank, purge_step=start + 1)
+        self.summary = self._start_summary()
+
+    def _build_datasets(self):
+        """Training and validation sets; rank 0 tokenizes first so the others read `datasets`' cache instead
+        of repeating the work."""
+        if self.rank != 0:
+            barrier()
+        try:
+            return build_datasets(self.cfg, self.plan)
+        finally:
+            if self.rank == 0:
+                barrier()  # also when it failed: the others then fail the same way instead of waiting
 
     def _build_engine(self) -> None:
         import deepspeed  # lazy: importing deepspeed is slow, so `import llmdistill.train` stays cheap
@@ -149,12 +187,6 @@ class Trainer:
         objective = Objective(
             cfg.loss, student.config, plan.teacher_config, cfg.balance, derivation_defaults(plan.student_path)
         )
-        # Rank 0 tokenizes first so the others read `datasets`' cache instead of repeating the work.
-        if self.rank != 0:
-            barrier()
-        self.train_set, self.val_set = build_datasets(cfg, plan)
-        if self.rank == 0:
-            barrier()
         self.masks = self._keep_masks(student)
         module = DistillationModule(student, objective)
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -201,10 +233,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the pieces
 
     def resume(self) -> Path | None:
-        """Continue from the checkpoint `train.resume` names (the newest complete one under `auto`)."""
-        path = find_resume_point(self.cfg, self.ckpt_root)
+        """Continue from the checkpoint found at setup: the one `train.resume` names (under `auto` the newest
+        intact one)."""
+        path = self.resume_point
         if path is not None:
-            self.step, self.consumed = load_checkpoint(self.engine, path, self.rank)
+            meta = load_checkpoint(self.engine, path, self.rank)
+            self.step, self.consumed = meta["step"], meta["consumed_micro_batches"]
+            self.train_seconds, self.tokens_trained = meta.get("train_seconds", 0.0), meta.get("tokens", 0)
             self._pairs = None
             log.info(f"resumed from {path} (step {self.step})")
         return path
@@ -236,14 +271,21 @@ class Trainer:
         return held_out_metrics(run, self.held_out, self.plan.student_tok, self.device)
 
     def train_step(self) -> dict:
-        """One optimizer step over `grad_accum` micro-batches; returns its record, averaged over ranks."""
+        """One optimizer step over `grad_accum` micro-batches; returns its record, averaged over ranks.
+
+        A micro-batch whose loss is not finite on some rank is dropped on every rank before its backward
+        (the next one takes its place); a step DeepSpeed skips (fp16 overflow) counts the same. After
+        `train.max_skipped_steps` of them in a row the run stops with TrainingStopped, keeping its
+        checkpoints.
+        """
         cfg = self.cfg
         if self._pairs is None:
             self._pairs = self._open_stream()
         t0 = time.time()
         metrics: dict[str, float] = {}
         consumed_at_step = self.consumed
-        for _ in range(cfg.train.grad_accum):
+        used = dropped = 0
+        while used < cfg.train.grad_accum:
             batch, signal = self._next_pair()
             if batch is None:  # the teacher failed on some rank: keep the last whole step and stop
                 if not is_complete(checkpoint_dir(self.ckpt_root, self.step)):
@@ -254,22 +296,59 @@ class Trainer:
                     "resume with the same command once the teacher is back"
                 )
             batch["step"], batch["batch_index"] = self.step, self.consumed
-            loss, extra = self.engine(batch, signal)
+            loss, extra, problem = self._forward(batch, signal)
+            self.consumed += 1
+            if problem is not None:
+                dropped += 1
+                self._skipped(f"micro-batch {self.consumed - 1} dropped: {problem}")
+                continue
             self.engine.backward(loss)
             self.engine.step()
-            self.consumed += 1
+            used += 1
             for k, v in {"loss": loss.item(), **extra}.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.train.grad_accum
+        if self.engine.was_step_applied():
+            self.skipped_in_a_row = 0
+        else:
+            self._skipped("DeepSpeed skipped the optimizer step (gradient overflow)")
         self.step += 1
+        self.tokens_trained += self.tokens_per_step
         keys = sorted(metrics)
         reduced = all_reduce_sum([metrics[k] for k in keys])
         record = {k: v / self.world for k, v in zip(keys, reduced, strict=True)}
+        if dropped:
+            record["dropped_micro_batches"] = dropped
         return record | {
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": self.tokens_per_step / (time.time() - t0),
             "consumed_micro_batches": self.consumed,
             "time": time.time(),
         }
+
+    def _forward(self, batch, signal):
+        """(loss, metrics, None), or (None, None, why) when the loss is not finite here or on another rank:
+        every rank must agree before the backward, whose collectives all of them enter."""
+        loss = extra = problem = None
+        try:
+            loss, extra = self.engine(batch, signal)
+            if not bool(torch.isfinite(loss)):
+                problem = f"the loss is {loss.item()}"
+        except FloatingPointError as err:  # the objective names the term and the bad input
+            problem = str(err)
+        if all_reduce_sum([1.0 if problem else 0.0])[0] > 0:
+            return None, None, problem or "a non-finite loss on another rank"
+        return loss, extra, None
+
+    def _skipped(self, why: str) -> None:
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_skipped_steps
+        log.warning(f"step {self.step + 1}: {why} ({self.skipped_in_a_row} skipped in a row, limit {limit})")
+        if self.skipped_in_a_row >= limit:
+            kept = f"checkpoints in {self.ckpt_root} kept" if self.ckpt_root.is_dir() else "no checkpoint"
+            raise TrainingStopped(
+                f"stopped at step {self.step}: {limit} steps or micro-batches in a row skipped, the last: "
+                f"{why}; {kept} (train.max_skipped_steps; check train.lr, the loss weights, train.dtype)"
+            )
 
     @property
     def tokens_per_step(self) -> int:
@@ -303,9 +382,22 @@ class Trainer:
     def save(self, consumed: int | None = None) -> Path:
         """A complete checkpoint of this step (every rank takes part)."""
         consumed = self.consumed if consumed is None else consumed
+        self._tick()
+        meta = {
+            "train_seconds": self.train_seconds,
+            "tokens": self.tokens_trained,
+            "model_shape": model_shape(self.plan.student_config),
+        }
         return save_checkpoint(
-            self.engine, self.ckpt_root, self.step, consumed, self.rank, self.cfg.train.keep_checkpoints
+            self.engine, self.ckpt_root, self.step, consumed, self.rank, self.cfg.train.keep_checkpoints, meta
         )
+
+    def _tick(self) -> None:
+        """Add the wall-clock time since the last tick to the run's training time (while the loop runs)."""
+        if self._clock is not None:
+            now = time.time()
+            self.train_seconds += now - self._clock
+            self._clock = now
 
     def export(self) -> Path:
         """Write and check run_dir/student; the check's figures go into the summary."""
@@ -410,6 +502,7 @@ class Trainer:
         progress = _progress_bar(cfg, self.rank, self.step)
         lm_eval_reference = None
         t_start, tokens_seen = time.time(), 0
+        self._clock = t_start
         self.engine.train()
         while self.step < t.max_steps:
             record = self.train_step()
@@ -438,11 +531,13 @@ class Trainer:
                 break
         if progress is not None:
             progress.close()
-        elapsed = time.time() - t_start
+        self._tick()
+        self._clock = None
+        # Over every segment of the run: a resumed run's summary covers the time before the interruption too.
         self.summary |= {
             "steps": self.step,
-            "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-            "train_seconds": elapsed,
+            "tokens_per_s": self.tokens_trained / max(self.train_seconds, 1e-9),
+            "train_seconds": self.train_seconds,
         }
 
 

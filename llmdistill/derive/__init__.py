@@ -50,7 +50,13 @@ from llmdistill.derive.prune import (
 )
 from llmdistill.derive.search import feasible_shapes, pick_candidates, rank_candidates
 from llmdistill.distributed import init_distributed
-from llmdistill.models import check_sequence_length, load_model, load_tokenizer, resolve_model_path
+from llmdistill.models import (
+    check_sequence_length,
+    honour_umask,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 __all__ = [
     "derive_student",
@@ -278,5 +284,6 @@ def _write(out: Path, student, tokenizer, masks, record: dict, plot_inputs) -> N
     if plot_inputs is not None:
         record["plots"] = plot_scores(*plot_inputs, tmp / "plots")
     (tmp / "derivation.json").write_text(json.dumps(record, indent=1))
+    honour_umask(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)

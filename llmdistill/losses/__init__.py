@@ -19,7 +19,7 @@ from llmdistill.config import ConfigError, LossTerm
 from llmdistill.losses import alm, divergences, features, sinkhorn  # noqa: F401
 from llmdistill.losses.balance import combine_gradients, parse_balance
 from llmdistill.losses.divergences import shared_vocab
-from llmdistill.losses.registry import check_params, get_loss, loss_names, register
+from llmdistill.losses.registry import check_terms, get_loss, loss_names, reads_teacher_per_position, register
 from llmdistill.signal import StudentOutput
 
 __all__ = ["Objective", "get_loss", "loss_names", "register"]
@@ -43,12 +43,12 @@ class Objective(torch.nn.Module):
         super().__init__()
         if not terms:
             raise ConfigError("loss: the objective needs at least one term")
+        check_terms(terms)
         self.terms = []
         self.stateful = torch.nn.ModuleDict()
         names = [term.name for term in terms]
         for i, term in enumerate(terms):
             fn = get_loss(term.name)
-            check_params(f"loss.{i} ({term.name})", fn, term.params)
             accepted = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters
             params = {k: v for k, v in (defaults or {}).items() if k in accepted} | term.params
             # A name used twice gets its index, so the metrics of both survive.
@@ -61,7 +61,9 @@ class Objective(torch.nn.Module):
                 self.terms.append((key, term.weight, fn, params))
         self._names = names
         self.balance = parse_balance(balance)
-        if "teacher" in self.needs and not self.cross_tokenizer:
+        # check_terms refused a cross-tokenizer term beside these, so every term that reads the teacher per
+        # position is checked, whatever else the objective holds.
+        if any(reads_teacher_per_position(get_loss(name)) for name in names):
             vocab_s = getattr(student_config, "vocab_size", None)
             vocab_t = getattr(teacher_config, "vocab_size", None)
             if vocab_s is not None and vocab_t is not None:

@@ -51,3 +51,29 @@ def check_params(where: str, fn: Callable, params: dict) -> None:
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown parameter(s) {unknown}; {fn.loss_name} takes {known or 'none'}")
+
+
+def reads_teacher_per_position(fn: Callable) -> bool:
+    """A token-level or hidden-state loss: it reads the teacher's signal position by position, on the
+    student's tokens (so teacher and student must share the tokenizer)."""
+    return "teacher" in fn.needs and not fn.cross_tokenizer
+
+
+def check_terms(terms) -> None:
+    """The objective's terms as a whole (config `loss` entries): known names, known parameters, and no
+    cross-tokenizer term beside a term that reads the teacher per student position.
+
+    A cross-tokenizer objective's teacher signal is computed on the teacher's own tokens; `fkl`, `sinkhorn`,
+    `hidden_mse`, ... would read it with student rows. `ce` reads no teacher signal: it mixes with anything.
+    """
+    fns = [get_loss(t.name) for t in terms]
+    for i, (term, fn) in enumerate(zip(terms, fns, strict=True)):
+        check_params(f"loss.{i} ({term.name})", fn, term.params)
+    cross = [t.name for t, fn in zip(terms, fns, strict=True) if fn.cross_tokenizer]
+    per_position = [t.name for t, fn in zip(terms, fns, strict=True) if reads_teacher_per_position(fn)]
+    if cross and per_position:
+        raise ConfigError(
+            f"loss: cross-tokenizer terms {cross} cannot be mixed with {per_position}, which read the "
+            "teacher per student token (the teacher's signal is on its own tokens); keep one kind "
+            "(ce mixes with either)"
+        )
