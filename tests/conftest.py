@@ -86,3 +86,17 @@ def tiny_llama():
         pad_token_id=1,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def one_rank():
+    """A world of one in this process, as a launcher would describe it. The process group stays up for the
+    rest of the session (DeepSpeed keeps its own handles on it, so it cannot be rebuilt), but the variables
+    are restored, so later subprocesses do not inherit its address."""
+    saved = dict(os.environ)
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
