@@ -215,6 +215,8 @@ def find_resume_point(cfg: Config, root: Path, shape: dict | None = None) -> Pat
 # Settings that may change between the segments of one run: they do not change what a step computes
 # (extending train.max_steps re-stretches the cosine schedule, which is what extending a run means).
 RESUMABLE_CHANGES = (
+    "run.output_dir",  # a run directory may be moved or copied
+    "run.name",
     "run.overwrite_config",
     "train.max_steps",
     "train.resume",
@@ -238,11 +240,12 @@ RESUMABLE_CHANGES = (
 
 
 def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
+    """{dotted key: leaf value}; list items are keyed by their index, as overrides name them."""
+    if isinstance(tree, dict | list) and tree:
         out = {}
-        for k, v in tree.items():
+        for k, v in tree.items() if isinstance(tree, dict) else enumerate(tree):
             out |= _flatten(v, f"{prefix}{k}.")
-        return out or {prefix[:-1]: {}}
+        return out
     return {prefix[:-1]: tree}
 
 
