@@ -1,8 +1,10 @@
 """The trainer as one plain process: exact resume, crash safety, and one-line errors for bad input."""
 
 import json
+import shutil
 
 import pytest
+import torch
 from conftest import QUICK, read_log, run_cli
 
 from llmdistill.checkpoint import COMPLETE, complete_checkpoints
@@ -64,6 +66,20 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_
     assert log[8]["loss"] == pytest.approx(uninterrupted[8]["loss"], abs=1e-6, rel=0)
     summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
     assert summary["export_max_abs_diff"] < 1e-5
+    # Steps 5-8 ran twice (before the kill and after the resume from step 4); each is logged once.
+    records = [json.loads(line) for line in (tmp_path / "crash" / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    assert [r["loss"] for r in records if "loss" in r] == [log[s]["loss"] for s in range(1, 9)]
+    assert _tensorboard_steps(tmp_path / "crash" / "tb", "loss") == list(range(1, 9))
+
+
+def _tensorboard_steps(tb_dir, tag: str) -> list[int]:
+    """The steps TensorBoard shows for a scalar, as it reads the event files (purged steps hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), purge_orphaned_data=True)
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
 
 
 def test_training_improves_the_student_on_held_out_data(uninterrupted_summary):
@@ -182,3 +198,42 @@ def test_save_then_a_new_trainer_resumes_to_the_same_next_step(tmp_path, one_ran
         second.close()
     assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6, rel=0)
     assert got["consumed_micro_batches"] == expected["consumed_micro_batches"] == 3
+
+
+def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
+    """A teacher with NaN weights makes every loss NaN: each micro-batch is dropped before its backward, and
+    after train.max_skipped_steps of them the run stops, having applied nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from llmdistill.models import EMBEDDED_TEACHER
+    from llmdistill.train import TrainingStopped
+
+    teacher = tmp_path / "nan-teacher"
+    shutil.copytree(EMBEDDED_TEACHER, teacher)
+    weights = load_file(teacher / "model.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, teacher / "model.safetensors"
+    )
+    cfg = load_config(
+        None,
+        [
+            *QUICK,
+            *STEPS,
+            f"teacher.path={teacher}",
+            "train.max_skipped_steps=3",
+            f"run.output_dir={tmp_path}",
+            "run.name=nan",
+        ],
+    )
+    trainer = Trainer(cfg)
+    try:
+        start = [p.detach().clone() for p in trainer.params]
+        with pytest.raises(
+            TrainingStopped, match=r"stopped at step 0: 3 steps or micro-batches in a row skipped"
+        ):
+            trainer.train_step()
+        assert trainer.consumed == 3 and trainer.step == 0
+        assert all(torch.equal(a, b) for a, b in zip(start, trainer.params, strict=True))
+    finally:
+        trainer.close()
+    assert not (tmp_path / "nan" / "checkpoints").exists()
