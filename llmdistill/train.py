@@ -38,7 +38,7 @@ from llmdistill.checkpoint import (
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.derive.masks import MASK_FILE, mask_gradients
 from llmdistill.distributed import all_reduce_sum, barrier, init_distributed
-from llmdistill.evaluate import evaluate_models, run_eval, tensorboard_scalars
+from llmdistill.evaluate import evaluate_models, run_eval, task_manager, tensorboard_scalars
 from llmdistill.export import export
 from llmdistill.losses import Objective
 from llmdistill.losses.divergences import summed_nll
@@ -135,6 +135,9 @@ class Trainer:
         # Everything that needs no weights comes first, so that bad input costs seconds and writes nothing:
         # the config, its files and data sources, the run directory, the checkpoint to resume from, the data.
         self.plan = preflight(cfg)
+        if cfg.eval is not None and (cfg.eval.every or cfg.eval.at_end):
+            e = cfg.eval
+            task_manager(e.tasks, e.include_paths, e.include_defaults)  # unknown task names fail now
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
         check_run_config(cfg, self.run_dir)

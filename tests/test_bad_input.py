@@ -97,6 +97,11 @@ ROWS = [
     ("missing_tokenizer", ["student.tokenizer={inputs}/none"], "student.tokenizer: model path not found"),
     ("seq_len_above_teacher", ["data.seq_len=4096"], "data.seq_len=4096 is above the teacher's maximum"),
     ("peft_matches_nothing", ["student.peft={target_modules: [nothing]}"], "student.peft.target_modules"),
+    (
+        "unknown_eval_task",
+        ["eval={every: 2, tasks: [no_such_task], include_defaults: false}"],
+        "['no_such_task']",
+    ),
     # data
     ("non_utf8", ["data.train.path={inputs}/non_utf8.jsonl"], "non_utf8.jsonl line 1: not UTF-8"),
     ("missing_train", ["data.train.path={inputs}/missing.jsonl"], "data file not found"),
