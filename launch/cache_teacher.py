@@ -1,4 +1,4 @@
-"""Score the training set once with vLLM's offline engine and write the teacher cache (teacher.cache_dir).
+"""Score the training set once with vLLM's offline engine and write the teacher cache (teacher.cache.dir).
 
     python launch/cache_teacher.py --config configs/tiny/vllm_cache.yaml [--overwrite] [key=value ...]
 
@@ -7,9 +7,7 @@ tokenizer, K or dataset is refused unless --overwrite. Train from it with teache
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,14 +19,10 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a cache built for another run")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
-    # The engine in this process (no engine-core subprocess): simpler to stop; a private compile cache.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # read by the CPU build only
     import logging
 
     from llmdistill.config import LLMDistillError, load_config
-    from llmdistill.teachers.vllm_cache import build_cache
+    from llmdistill.teachers.vllm_cache_build import build_cache
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -29,7 +29,11 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def overrides(self) -> list[str]:
-        return [f"teacher.serve_port={self.port}", f"teacher.urls=[{self.url}]", "teacher.top_k=20"]
+        return [
+            f"teacher.serve.port={self.port}",
+            f"teacher.server.urls=[{self.url}]",
+            "teacher.server.top_k=20",
+        ]
 
     def start(self) -> None:
         env = dict(os.environ, **ENV, SERVE_DIR=str(self.tmp), PYTHON=sys.executable)
@@ -143,9 +147,9 @@ def interrupted_run(server, tmp_path_factory):
         "train.save_every=0",
         "train.eval_every=0",
         "train.lr=3e-3",
-        "teacher.retries=2",
-        "teacher.backoff=0.5",
-        "teacher.timeout=20",
+        "teacher.server.retries=2",
+        "teacher.server.backoff=0.5",
+        "teacher.server.timeout=20",
         f"run.output_dir={tmp}",
         "run.name=served",
     ]
@@ -233,15 +237,15 @@ def test_resumed_run_finishes_with_every_batch_used_exactly_once_and_loss_falls(
 CACHE = [
     "data.train.max_documents=2",
     "teacher.source=vllm_cache",
-    "teacher.top_k=20",
-    "teacher.cache_shard_rows=32",
+    "teacher.cache.top_k=20",
+    "teacher.cache.shard_rows=32",
 ]
 
 
 def _build_cache(cache_dir: Path, env_extra=None):
     cmd = [sys.executable, str(REPO / "launch/cache_teacher.py"), "--config", "configs/tiny/vllm_cache.yaml"]
     return subprocess.run(
-        [*cmd, *QUICK, *CACHE, f"teacher.cache_dir={cache_dir}"],
+        [*cmd, *QUICK, *CACHE, f"teacher.cache.dir={cache_dir}"],
         cwd=REPO,
         env=dict(os.environ, **ENV, **(env_extra or {})),
         capture_output=True,
@@ -278,7 +282,7 @@ def test_cache_round_trip_equals_the_live_signal_and_a_mismatch_is_refused(cache
     from llmdistill.teachers.vllm_cache import LOGPROB_SCALE
     from llmdistill.teachers.vllm_server import VLLMServerTeacher
 
-    cfg = _cfg(*CACHE, f"teacher.cache_dir={caches / 'straight'}", *server.overrides())
+    cfg = _cfg(*CACHE, f"teacher.cache.dir={caches / 'straight'}", *server.overrides())
     plan, dataset = _dataset(cfg)
     batch = _multi_document_batch(dataset)
     cached = build_teacher_source(cfg, None, frozenset({"teacher"})).signal(batch)
@@ -287,7 +291,7 @@ def test_cache_round_trip_equals_the_live_signal_and_a_mismatch_is_refused(cache
     assert torch.equal(cached.topk_ids[valid], live.topk_ids[valid])
     # One fixed-point step (rounded down), plus the offline engine vs server arithmetic (~1e-5).
     assert (cached.topk_logprobs - live.topk_logprobs)[valid].abs().max().item() <= 1 / LOGPROB_SCALE + 1e-4
-    wrong = _cfg(*CACHE, "teacher.top_k=32", f"teacher.cache_dir={caches / 'straight'}")
+    wrong = _cfg(*CACHE, "teacher.cache.top_k=32", f"teacher.cache.dir={caches / 'straight'}")
     with pytest.raises(LLMDistillError, match="built for another run: k"):
         build_teacher_source(wrong, None, frozenset({"teacher"}))
 
@@ -300,7 +304,7 @@ def test_training_from_the_cache(caches, tmp_path):
             "configs/tiny/vllm_cache.yaml",
             *QUICK,
             *CACHE,
-            f"teacher.cache_dir={caches / 'straight'}",
+            f"teacher.cache.dir={caches / 'straight'}",
             "train.max_steps=6",
             "train.save_every=0",
             "train.eval_every=0",
