@@ -6,6 +6,7 @@ import http.server
 import json
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,3 +401,131 @@ def test_stream_prefetches_in_order_and_reports_only_consumed_batches():
     assert consumed == [0, 1] and len(source.scored) > 3
     source.close()
     assert consumed == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- cross-tokens
+
+
+def _cross_batch(tmp_path, n=4, seq_len=32):
+    """Rows of a cross-tokenizer dataset (SentencePiece student, embedded BPE teacher), via the session."""
+    from llmdistill import session
+    from llmdistill.data import collate
+
+    docs = tmp_path / "docs.jsonl"
+    text = (Path(json.__file__).read_text()[:6000], Path(threading.__file__).read_text()[:6000])
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+    cfg = load_config(
+        "configs/tiny/alm.yaml",
+        [
+            f"data.train.path={docs}",
+            f"data.seq_len={seq_len}",
+            "data.validation=null",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
+    plan = session.preflight(cfg)
+    dataset, _ = session.build_datasets(cfg, plan)
+    return cfg, plan, dataset, collate([dataset[i] for i in range(n)])
+
+
+def _vllm_like_scorer(model, k):
+    """What vLLM's prompt_logprobs give, from an HF model: per prompt, None first, then the top k plus the
+    actual next token (k + 1 entries when it ranks below k)."""
+
+    @torch.no_grad()
+    def score(prompts, k_asked):
+        assert k_asked == k
+        out = []
+        for p in prompts:
+            ids = torch.tensor([p.token_ids])
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+            per = [None]
+            for j in range(1, len(p.token_ids)):
+                top = logp[j - 1].topk(k)
+                entry = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                entry[p.token_ids[j]] = float(logp[j - 1, p.token_ids[j]])
+                per.append(entry)
+            out.append(per)
+        return out
+
+    return score
+
+
+def test_cross_tokenizer_batches_are_scored_on_the_teachers_tokens_and_alm_agrees(tmp_path):
+    from llmdistill.losses import get_loss
+    from llmdistill.models import load_model, model_from_config
+    from llmdistill.signal import StudentOutput
+    from llmdistill.teachers.hf import HFTeacher
+
+    cfg, plan, _, batch = _cross_batch(tmp_path)
+    ids, pos, targets = pr.scored_tokens(batch)
+    assert torch.equal(ids, batch["teacher_input_ids"]) and ids.shape != batch["input_ids"].shape
+    # The teacher's own next tokens, never across a document start (position 0) or past the window.
+    assert (targets[:, -1] == X).all()
+    inside = pos[:, 1:] != 0
+    assert torch.equal(targets[:, :-1][inside], ids[:, 1:][inside]) and (targets[:, :-1][~inside] == X).all()
+
+    teacher = load_model(plan.teacher_path, "float32").eval()
+    k = 2  # small: many actual tokens rank below the top 2, and alm must still see their log-probs
+    sparse = pr.score_batch(_vllm_like_scorer(teacher, k), batch, k)
+    full = HFTeacher(teacher).signal(batch)
+    assert sparse.topk_ids.shape == (*ids.shape, k) and sparse.target_logprobs.shape == ids.shape
+    used = batch["teacher_chunks"] >= 0
+    in_top = (sparse.topk_ids.long() == pr.scored_tokens(batch)[2][..., None]).any(-1)
+    assert (used & ~in_top).sum() > 10  # the case that made chunks "missing" before
+    torch.manual_seed(0)
+    student_model = model_from_config(plan.student_config, "float32")
+    with torch.no_grad():
+        hidden = student_model.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+    student = StudentOutput(hidden, student_model.lm_head)
+    got, got_metrics = get_loss("alm")(student, sparse, batch)
+    want, want_metrics = get_loss("alm")(student, full, batch)
+    assert got_metrics["alm/chunks_per_seq"] == want_metrics["alm/chunks_per_seq"] > 0
+    assert torch.allclose(got, want, rtol=1e-4), (got.item(), want.item())
+    # A signal of the student's tokens is refused, not read at misaligned rows.
+    wrong = pr.signal_from_prompt_logprobs([], [], tuple(batch["input_ids"].shape), k)
+    with pytest.raises(LLMDistillError, match="not the teacher's own tokens"):
+        get_loss("alm")(student, wrong, batch)
+
+
+def test_cross_tokenizer_cache_holds_teacher_positions_and_actual_token_logprobs(tmp_path):
+    cfg, plan, dataset, batch = _cross_batch(tmp_path)
+    overrides = [
+        f"data.train.path={cfg.data.train.path}",
+        "data.seq_len=32",
+        "data.validation=null",
+        "teacher.source=vllm_cache",
+        f"teacher.cache.dir={tmp_path}/cache",
+        "teacher.cache.top_k=4",
+        f"run.output_dir={tmp_path}",
+    ]
+    cached_cfg = load_config("configs/tiny/alm.yaml", overrides)
+
+    def score(prompts, k):
+        # As vLLM does: the actual token is always among the entries (here mostly outside the top k).
+        out = _fake_score(prompts, k)
+        for p, per in zip(prompts, out, strict=True):
+            for j in range(1, len(per)):
+                per[j].setdefault(p.token_ids[j], -20.0 - j / 64)
+        return out
+
+    build_cache(cached_cfg, score=score)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["cross_tokenizer"] and manifest["encoding"]["bytes_per_token"] == 4 * 4 + 4
+    from llmdistill.teachers import build_teacher_source
+
+    reader = build_teacher_source(cached_cfg, None, frozenset({"teacher"}))
+    got = reader.signal(batch)
+    live = pr.score_batch(score, batch, 4)
+    valid = pr.scored_tokens(batch)[2] != X
+    assert not live.target_logprobs[valid].isnan().any()
+    assert got.topk_ids.shape == (*batch["teacher_input_ids"].shape, 4)
+    assert torch.equal(got.topk_ids[valid], live.topk_ids[valid])
+    assert torch.equal(got.target_logprobs[valid], live.target_logprobs[valid])  # float32: exact
+    assert got.target_logprobs[~valid].isnan().all()
+    # The same cache for a same-tokenizer batch is an error, not a misread.
+    plain = {k: batch[k] for k in ("input_ids", "position_ids", "targets")}
+    with pytest.raises(LLMDistillError, match="not cross-tokenizer"):
+        reader.signal(plain)
