@@ -73,7 +73,7 @@ def _check_batch(batch: dict, keys: tuple[str, str], name: str, signal: TeacherS
         )
     # Rows are read at teacher positions: a signal of the student's tokens would be read misaligned.
     scored = signal.logits if signal.logits is not None else signal.topk_logprobs
-    if tuple(scored.shape[:2]) != tuple(batch["teacher_input_ids"].shape):
+    if scored is not None and tuple(scored.shape[:2]) != tuple(batch["teacher_input_ids"].shape):
         raise ConfigError(
             f"{name}: the teacher signal covers {tuple(scored.shape[:2])} positions, not the teacher's own "
             f"tokens {tuple(batch['teacher_input_ids'].shape)}: its source did not score teacher_input_ids"
