@@ -11,12 +11,12 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from llmdistill.config import LLMDistillError, load_config
+from llmdistill.vllm_env import offline_env, set_offline_env
 
 # The configs shipped with the package: a link to the checkout's configs/ (the one copy); a wheel holds the
 # files.
@@ -97,14 +97,11 @@ def cmd_cache_teacher(args) -> None:
     Shards already on disk are kept, so an interrupted build resumes; a directory built for another teacher,
     tokenizer, K or dataset is refused unless --overwrite. Train from it with teacher.source=vllm_cache.
     """
-    # The engine in this process (no engine-core subprocess): simpler to stop; a private compile cache.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # read by the CPU build only
+    set_offline_env()
     import logging
 
     # Imported here: vLLM is optional, and the cache builder pulls it in.
-    from llmdistill.teachers.vllm_cache import build_cache
+    from llmdistill.teachers.vllm_cache_build import build_cache
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = build_cache(_load(args), overwrite=args.overwrite)
@@ -120,7 +117,7 @@ def cmd_serve_teacher(args) -> None:
     import torch
 
     # Imported by this name from the vLLM server teacher, which builds the command for Slurm jobs too.
-    from llmdistill.teachers.vllm_server import serve_command
+    from llmdistill.teachers.vllm_serve import serve_command
 
     cfg = _load(args)
     argv, extra_env = serve_command(cfg, sys.executable, torch.cuda.is_available(), args.host)
@@ -129,7 +126,7 @@ def cmd_serve_teacher(args) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     log, url = run_dir / "teacher_server.log", f"http://{args.host}:{port}"
     # A private compile cache: vLLM's default one is shared and may hold another version's artefacts.
-    env = {"VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="llmdistill-vllm-"), **os.environ, **extra_env}
+    env = {"VLLM_CACHE_ROOT": offline_env()["VLLM_CACHE_ROOT"], **os.environ, **extra_env}
     with log.open("w") as out:
         server = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     (run_dir / "teacher_server.pid").write_text(f"{server.pid}\n")

@@ -166,7 +166,9 @@ class Trainer:
         )
         self.student = student
         self.teacher = _teacher_engine(teacher, cfg, ds_config, self.device) if teacher is not None else None
-        self.teacher_source = build_teacher_source(cfg, self.teacher, objective.needs, student=student)
+        self.teacher_source = build_teacher_source(
+            cfg, self.teacher, objective.needs, student=student, cross_tokenizer=objective.cross_tokenizer
+        )
         self._source_open = True
 
     def _keep_masks(self, student) -> Path | None:
