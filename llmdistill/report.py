@@ -246,8 +246,11 @@ RUN_PANELS = (
 )
 
 
-def plot_curves(curves: list[Curves], path: str | Path, panels=RUN_PANELS, logy: bool = True) -> Path:
-    """One panel per (curve, value) against training tokens, every run in each; a PNG at `path`."""
+def plot_curves(curves: list[Curves], path: str | Path, panels=RUN_PANELS) -> Path:
+    """One panel per (curve, value) against training tokens, every run in each; a PNG at `path`.
+
+    A panel's y axis is logarithmic unless one of its values is not positive (a KL of a student that starts
+    as the teacher is 0 at first): a log axis would silently drop those points."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display here or on cluster nodes
@@ -259,6 +262,7 @@ def plot_curves(curves: list[Curves], path: str | Path, panels=RUN_PANELS, logy:
     colors = [tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
     groups = list(dict.fromkeys(c.group or c.label for c in curves))
     for ax, (which, value, ylabel, title) in zip(axes[0], panels, strict=True):
+        values = []
         for c in curves:
             points = [p for p in c.points.get(which, []) if p.get(value) is not None]
             color = colors[groups.index(c.group or c.label) % len(colors)]
@@ -271,7 +275,10 @@ def plot_curves(curves: list[Curves], path: str | Path, panels=RUN_PANELS, logy:
                 marker=c.marker,
                 markersize=4,
             )
-        ax.set(xlabel="training tokens", ylabel=ylabel, yscale="log" if logy else "linear")
+            values += [p[value] for p in points]
+        ax.set(
+            xlabel="training tokens", ylabel=ylabel, yscale="log" if min(values, default=0) > 0 else "linear"
+        )
         ax.set_title(title, fontsize=10)
     if any(c.label for c in curves):
         axes[0][-1].legend(fontsize=7, ncol=2, loc="upper right")
