@@ -33,6 +33,21 @@ def check_repo_id(repo_id: str) -> None:
         raise HubError(f"--repo-id {repo_id!r} is not a hub repository name (ORG/NAME): {err}") from None
 
 
+def check_can_push(repo_id: str) -> None:
+    """What a push at the end of training needs, checked before training starts (hours of training should not
+    end in "no token"): a valid repository name, the hub not switched off, a token."""
+    from huggingface_hub import get_token, is_offline_mode
+
+    check_repo_id(repo_id)
+    if is_offline_mode():
+        raise HubError(
+            f"train.push_to_hub ({repo_id}): the hub is offline here (HF_HUB_OFFLINE is set); unset it, or "
+            "drop train.push_to_hub and run `llmdistill push` later from a machine that reaches the hub"
+        )
+    if get_token() is None:
+        raise HubError(f"train.push_to_hub ({repo_id}): no Hugging Face token (`hf auth login` or HF_TOKEN)")
+
+
 def push_student(
     run_dir: str | Path,
     repo_id: str,

@@ -1,6 +1,9 @@
 """Pushing a student to the hub, up to the network call (nothing here reaches the hub), and its errors."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import run_cli
@@ -82,3 +85,16 @@ def test_push_to_hub_config():
         load_config(None, ["train.push_to_hub={repo_id: 'a b'}"])
     with pytest.raises(ConfigError, match="train.push_to_hub needs train.export"):
         load_config(None, ["train.push_to_hub={repo_id: org/x}", "train.export=false"])
+
+
+def test_a_push_at_the_end_of_training_is_checked_before_it(tmp_path):
+    with pytest.raises(hub.HubError, match="the hub is offline here"):
+        hub.check_can_push("org/student")  # HF_HUB_OFFLINE=1 in the tests
+    with pytest.raises(hub.HubError, match="is not a hub repository name"):
+        hub.check_can_push("org/a b")
+    # Online but not logged in (an empty HF home, no HF_TOKEN): nothing is sent, the missing token is named.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path))
+    code = "from llmdistill.hub import check_can_push; check_can_push('org/student')"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "no Hugging Face token" in result.stderr.strip().splitlines()[-1]
