@@ -100,11 +100,11 @@ def main() -> int:
 
     from llmdistill import session
     from llmdistill.config import load_config
-    from llmdistill.distributed import _free_port
+    from llmdistill.distributed import free_port
     from llmdistill.teachers import vllm_cache as vc
     from llmdistill.teachers.vllm_server import VLLMServerTeacher
 
-    port = args.port or _free_port()
+    port = args.port or free_port()
     overrides = [
         f"teacher.path={args.teacher}",
         f"teacher.dtype={args.dtype}",

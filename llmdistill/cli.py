@@ -55,8 +55,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_build_teacher(args) -> None:
-    # Imported by this name from embedded.py; the builder may move to its own module.
-    from llmdistill.embedded import build_teacher
+    from llmdistill.tools.build_teacher import build_teacher
 
     build_teacher(config_path(args.config), args.overrides)
 

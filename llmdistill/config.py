@@ -96,8 +96,7 @@ class PeftConfig(Section):
 
 class StudentConfig(Section):
     # Exactly one way to get the student: an existing HF dir, the teacher's config with overrides (random
-    # init),
-    # or a full model config (random init).
+    # init), or a full model config (random init).
     path: str | None = None
     from_teacher: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
@@ -118,19 +117,56 @@ class StudentConfig(Section):
 
 
 class DatasetSpec(Section):
-    # A local file or directory (jsonl/json/text/parquet), a hub dataset name, or "embedded:<split>".
+    """One data source, named the way `datasets.load_dataset` names it (llmdistill/data.py)."""
+
+    # A local file (jsonl/json/txt/parquet), a local directory (its data files, or a dataset laid out for
+    # `load_dataset` with splits and configs), a hub dataset name, or "embedded:<split>".
     path: str
+    name: str | None = None  # the dataset's config name
+    revision: str | None = None  # a hub branch, tag or commit
+    # With slicing: "train[:5%]", "train[100:200]". A single file has one split, "train".
     split: str = "train"
+    # Read rows as they are needed instead of preparing the whole set on disk (no split slicing).
+    streaming: bool = False
+    # Share of this source in a blend (data.train as a list): weights are normalised over the list.
+    weight: float = Field(1.0, gt=0)
+    # What a row holds: raw text (all tokens trained), a chat (`messages`: a list of {role, content}; only the
+    # assistant turns trained), or a prompt and its completion (only the completion trained).
+    format: Literal["text", "messages", "prompt_completion"] = "text"
     text_field: str = "text"
-    format: Literal["auto", "json", "text", "parquet", "hub"] = "auto"
-    max_documents: int | None = None
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    max_documents: int | None = Field(None, gt=0)  # the first N rows only
 
 
 class DataConfig(Section):
-    train: DatasetSpec = DatasetSpec(path="embedded:train")
-    validation: DatasetSpec | None = DatasetSpec(path="embedded:validation")
+    # One source, or a weighted blend of several ([{path: a, weight: 0.7}, {path: b, weight: 0.3}]).
+    train: DatasetSpec | list[DatasetSpec] = DatasetSpec(path="embedded:train")
+    validation: DatasetSpec | list[DatasetSpec] | None = DatasetSpec(path="embedded:validation")
     seq_len: int = Field(256, gt=1)
     num_workers: int = Field(0, ge=0)
+    # Chat data: a Jinja chat template (a file path or the template itself) instead of the student
+    # tokenizer's own.
+    chat_template: str | None = None
+    # prompt_completion rows: true renders them as one user turn and one assistant turn with the chat
+    # template; false concatenates prompt and completion as they are (then EOS).
+    chat: bool = False
+    # messages rows: train every assistant turn, or only the last one.
+    train_on: Literal["all", "last"] = "all"
+    # true: whole samples packed into each sequence (attention stays inside each); false: one sample per
+    # sequence, padded at the end.
+    pack: bool = True
+    # A chat or prompt_completion sample longer than seq_len is dropped, or ("turns") cut after its last
+    # assistant turn that fits; each is counted in the log. Text documents are cut anywhere.
+    truncation: Literal["drop", "turns"] = "drop"
+
+    @model_validator(mode="after")
+    def _blends_have_sources(self):
+        for field in ("train", "validation"):
+            if isinstance(getattr(self, field), list) and not getattr(self, field):
+                raise ValueError(f"data.{field}: an empty list of datasets")
+        return self
 
 
 class LossTerm(BaseModel):
@@ -202,11 +238,19 @@ class DeriveTarget(Section):
 
 
 class DeriveSearch(Section):
-    """Minitron-style search: depth x width shapes under a parameter budget, ranked by held-out loss."""
+    """Minitron-style search: depth x width shapes under a parameter and/or memory budget, ranked by held-out
+    loss."""
 
     # A fraction of the teacher's parameters (<= 1) or an absolute parameter count (> 1).
-    param_budget: float = Field(gt=0)
-    # Candidates must land within [budget * (1 - tolerance), budget].
+    param_budget: float | None = Field(None, gt=0)
+    # Serving memory in GiB (2^30 bytes): the weights plus the KV cache of `memory_batch` sequences of
+    # `memory_context` tokens, all in `memory_dtype`. Every layer is counted at the full context (an upper
+    # bound for sliding-window layers).
+    memory_budget_gb: float | None = Field(None, gt=0)
+    memory_context: int = Field(4096, gt=0)
+    memory_batch: int = Field(1, gt=0)
+    memory_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # Candidates stay under every budget given and use at least (1 - tolerance) of one of them.
     tolerance: float = Field(0.1, ge=0, lt=1)
     # Width grid, as fractions of the teacher's hidden size, MLP size and KV groups.
     width_fractions: list[float] = Field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
@@ -215,6 +259,12 @@ class DeriveSearch(Section):
     size_multiple: int = Field(8, gt=0)
     # At most this many feasible shapes are pruned and scored, spread over depths.
     max_candidates: int = Field(12, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self):
+        if self.param_budget is None and self.memory_budget_gb is None:
+            raise ValueError("give param_budget, memory_budget_gb or both")
+        return self
 
 
 class DeriveMasking(Section):
@@ -271,8 +321,8 @@ class BalanceConfig(Section):
 class EvalConfig(Section):
     """lm-eval benchmarking (llmdistill.evaluate): the teacher vs students on a task list."""
 
-    # lm-eval task names: the local offline ones (evals/tasks/, tag llmdistill_code) or standard ones on a
-    # cluster.
+    # lm-eval task names: the local offline ones (evals/tasks/, tag llmdistill_code), or standard ones on
+    # a cluster.
     tasks: list[str] = Field(
         default_factory=lambda: [
             "llmdistill_code_bpb",
@@ -286,8 +336,8 @@ class EvalConfig(Section):
     # HF model dirs or run directories (their exported student/); empty: this run's student if it exists.
     students: list[str] = Field(default_factory=list)
     backend: Literal["hf", "vllm"] = "hf"
-    # Examples per task (an int, or a fraction < 1); null: all. A limit is a subset: fine for tracking, not a
-    # score.
+    # Examples per task (an int, or a fraction < 1); null: all. A limit is a subset: fine for tracking,
+    # not for a score.
     limit: int | float | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -302,14 +352,13 @@ class EvalConfig(Section):
     # Index lm-eval's built-in tasks: null = only when a task is not found locally (indexing costs ~15 s).
     include_defaults: bool | None = None
     # lm-eval's stderr: mean metrics get a closed form for any value > 0, a few others (f1, bleu, ...) a
-    # bootstrap
-    # of this many draws in a process pool; 0 skips all stderrs.
+    # bootstrap of this many draws in a process pool; 0 skips all stderrs.
     bootstrap_iters: int = Field(100, ge=0)
     # Where the report goes; null: <run.output_dir>/<run.name>/eval.
     output_dir: str | None = None
     # During training (an `eval` section in a training config): every N steps the student is scored on
-    # `every_limit` examples per task and logged to TensorBoard (0: never); at the end the full report is
-    # written.
+    # `every_limit` examples per task and logged to TensorBoard (0: never); the full report is written at
+    # the end.
     every: int = Field(0, ge=0)
     every_limit: int = Field(50, gt=0)
     at_end: bool = True

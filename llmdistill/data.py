@@ -1,32 +1,35 @@
-"""Datasets: the embedded stdlib corpus, local files or hub names, tokenized and packed into fixed-length
-sequences.
+"""Datasets: the embedded stdlib corpus, local files or hub names, as text, chats or prompt/completion pairs,
+tokenized and packed into fixed-length sequences.
 
-A packed sequence carries `position_ids` that restart at every document, so transformers builds a block-causal
-mask
-(no attention across documents), and `targets` already shifted by one: `targets[t]` is the token to predict at
-`t`,
--100 where the next token belongs to another document. transformers only derives that mask with no
-attention_mask
-and no KV cache: call models with `position_ids=..., use_cache=False`.
+A sequence carries `position_ids` that restart at every document (or conversation), so transformers builds a
+block-causal mask (no attention across them), and `targets` already shifted by one: `targets[t]` is the token
+to predict at `t`, -100 where nothing is trained (the next token belongs to another document, or is a prompt,
+template or padding token). transformers only derives that mask with no attention_mask and no KV cache: call
+models with `position_ids=..., use_cache=False`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
+import logging
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from llmdistill.config import DatasetSpec, LLMDistillError
+from llmdistill.config import DataConfig, DatasetSpec, LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
 
+log = logging.getLogger("llmdistill.data")
+
 SPLITS = ("train", "validation", "test")
-# Directories of the standard library that are tests, vendored packages or generated tables, not code worth
-# learning.
+# Directories of the standard library that are tests, vendored packages or generated tables: not code
+# worth learning.
 _SKIP_DIRS = {
     "test",
     "tests",
@@ -124,97 +127,369 @@ def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int):
 
 # ---------------------------------------------------------------------------------------------- loading
 
+_FILE_TYPES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
 
 def _data_files(path: Path) -> tuple[str, list[str]]:
-    kinds = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in kinds)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _FILE_TYPES)
     if not files:
         raise LLMDistillError(f"no data files (.jsonl/.json/.txt/.parquet) under {path}")
-    formats = {kinds.get(p.suffix) for p in files}
+    formats = {_FILE_TYPES.get(p.suffix) for p in files}
     if len(formats) != 1 or None in formats:
         raise LLMDistillError(f"data path {path}: mixed or unknown file types {sorted(map(str, formats))}")
+    if all(p.stat().st_size == 0 for p in files):
+        raise LLMDistillError(f"dataset {path} is empty")
     return formats.pop(), [str(p) for p in files]
 
 
-def load_texts(spec: DatasetSpec):
-    """The documents of one dataset spec as an HF `datasets.Dataset` with a `text` column."""
+def _check_utf8(files: list[str]) -> None:
+    """pyarrow reads invalid UTF-8 into string columns and fails only when a row is read: find it first."""
+    for name in files:
+        with open(name, "rb") as f:
+            for line_number, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise LLMDistillError(
+                        f"{name} line {line_number}: not UTF-8 (byte {line[err.start]:#x} at column "
+                        f"{err.start + 1})"
+                    ) from None
+
+
+def _where(spec: DatasetSpec, row: int) -> str:
+    split = f" (split {spec.split})" if spec.split != "train" else ""
+    return f"{spec.path}{split} row {row + 1}"
+
+
+def load_rows(spec: DatasetSpec):
+    """The rows of one dataset spec: a `datasets.Dataset`, or an `IterableDataset` when it streams."""
     import datasets
 
     datasets.disable_progress_bars()
+    if spec.streaming and "[" in spec.split:
+        raise LLMDistillError(f"dataset {spec.path}: split {spec.split!r}: slicing needs streaming: false")
+    local = spec.path.startswith("embedded:") or Path(spec.path).exists()
+    if not local and (spec.path.startswith((".", "/")) or Path(spec.path).suffix in _FILE_TYPES):
+        raise LLMDistillError(f"data file not found: {spec.path}")
     if spec.path.startswith("embedded:"):
-        split = spec.path.split(":", 1)[1]
-        if split not in SPLITS:
+        corpus_split = spec.path.split(":", 1)[1]
+        if corpus_split not in SPLITS:
             raise LLMDistillError(f"data path {spec.path}: the embedded corpus has splits {SPLITS}")
-        ds = datasets.load_dataset("json", data_files=str(embedded_corpus()[split]), split="train")
-    elif spec.format == "hub" or (spec.format == "auto" and not Path(spec.path).exists()):
-        if spec.format == "auto" and (spec.path.startswith((".", "/")) or Path(spec.path).suffix):
-            raise LLMDistillError(f"data file not found: {spec.path}")
-        try:
-            ds = datasets.load_dataset(spec.path, split=spec.split)
-        except Exception as err:  # the hub raises many kinds; the user needs the name and the reason
+        builder, files = "json", [str(embedded_corpus()[corpus_split])]
+    elif local:
+        builder, files = _data_files(Path(spec.path))
+        if builder != "parquet":
+            _check_utf8(files)
+    if local and (Path(spec.path).is_file() or spec.path.startswith("embedded:")):
+        if spec.split.split("[", 1)[0] != "train":
             raise LLMDistillError(
-                f"could not load dataset {spec.path!r} (split {spec.split}): {err}"
-            ) from None
-    else:
-        fmt, files = _data_files(Path(spec.path))
-        fmt = fmt if spec.format == "auto" else spec.format
-        if all(Path(f).stat().st_size == 0 for f in files):
-            raise LLMDistillError(f"dataset {spec.path} is empty")
-        try:
-            ds = datasets.load_dataset(fmt, data_files=files, split="train")
-        except Exception as err:  # malformed files surface as many exception types inside datasets
-            raise LLMDistillError(f"could not read dataset {spec.path} as {fmt}: {err}") from None
-    if spec.text_field not in ds.column_names:
+                f"dataset {spec.path}: split {spec.split!r}: a single file has one split, 'train' "
+                "(slices such as train[:5%] work)"
+            )
+        args = dict(path=builder, data_files=files)
+    else:  # a directory laid out for load_dataset (split files, configs in its README), or a hub name
+        args = dict(path=spec.path, name=spec.name, revision=spec.revision)
+    try:
+        ds = datasets.load_dataset(**args, split=spec.split, streaming=spec.streaming)
+    except Exception as err:  # datasets raises many kinds; the user needs the name and the reason
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LLMDistillError(
-            f"dataset {spec.path}: no field {spec.text_field!r} (fields: {ds.column_names})"
-        )
+            f"could not load dataset {spec.path!r} (split {spec.split}): {reason}"
+        ) from None
     if spec.max_documents is not None:
-        ds = ds.select(range(min(spec.max_documents, len(ds))))
-    ds = ds.select_columns([spec.text_field])
-    if spec.text_field != "text":
-        ds = ds.rename_column(spec.text_field, "text")
-    if len(ds) == 0:
+        ds = (
+            ds.take(spec.max_documents)
+            if spec.streaming
+            else ds.select(range(min(spec.max_documents, len(ds))))
+        )
+    fields = _row_fields(spec)
+    columns = ds.column_names
+    if columns is not None:  # a stream may not know its columns before it is read
+        for field in fields:
+            if field not in columns:
+                raise LLMDistillError(f"dataset {spec.path}: no field {field!r} (fields: {columns})")
+    if not spec.streaming and len(ds) == 0:
         raise LLMDistillError(f"dataset {spec.path} is empty")
-    return ds
+    return ds.select_columns(fields) if columns is not None else ds
+
+
+def load_texts(spec: DatasetSpec):
+    """The documents of one text dataset spec as a `datasets.Dataset` with a `text` column."""
+    if isinstance(spec, list):
+        raise LLMDistillError("a blend of datasets cannot be used here: give one dataset")
+    if spec.format != "text" or spec.streaming:
+        raise LLMDistillError(
+            f"dataset {spec.path}: only text data (format: text, streaming: false) can be used here"
+        )
+    ds = load_rows(spec)
+    return ds.rename_column(spec.text_field, "text") if spec.text_field != "text" else ds
+
+
+# ------------------------------------------------------------------------------------- chat and answers
+#
+# A messages row is rendered with the chat template as one text. The trained tokens of an assistant turn are
+# those overlapping its content, plus the end-of-turn marker the template writes right after it (ChatML's
+# <|im_end|>, Llama 3's <|eot_id|>, an EOS), so the model learns to stop. The whitespace after the marker, the
+# headers, and all system, user and tool text are not trained. Where a turn lies is found by rendering the
+# conversation up to it: the text up to an assistant turn (with the generation prompt) ends where its answer
+# starts, and the text up to its end ends where the turn ends. Character spans become token masks through
+# the tokenizer's offsets, so no `{% generation %}` markers are needed.
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+KEPT, TRUNCATED, DROPPED = 0, 1, 2
+
+
+def chat_template(data_cfg: DataConfig, tokenizer) -> str:
+    """The Jinja template chat rows are rendered with: data.chat_template (a file or the template), else the
+    tokenizer's own."""
+    given = data_cfg.chat_template
+    if given is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LLMDistillError(
+                "chat data: the student's tokenizer has no chat template; set data.chat_template to a "
+                "Jinja template or a file holding one"
+            )
+        return tokenizer.chat_template
+    if "{{" in given or "{%" in given:
+        return given
+    path = Path(given)
+    if not path.is_file():
+        raise LLMDistillError(f"data.chat_template: {given!r} is neither a file nor a Jinja template")
+    return path.read_text(encoding="utf-8")
+
+
+def _check_messages(messages, where: str, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise LLMDistillError(f"{where}: {field} must be a non-empty list of {{role, content}} turns")
+    turns = []
+    for t, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or "role" not in m:
+            raise LLMDistillError(f"{where}: turn {t} is not a {{role, content}} mapping")
+        if m["role"] not in ROLES:
+            raise LLMDistillError(
+                f"{where}: turn {t} has unknown role {m['role']!r} (known: {', '.join(ROLES)})"
+            )
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise LLMDistillError(f"{where}: turn {t}: content must be a string")
+        if m["role"] == "assistant" and not (content or "").strip() and not m.get("tool_calls"):
+            raise LLMDistillError(f"{where}: turn {t} is an empty assistant turn")
+        # Arrow gives each turn every key seen in the file; absent ones are None, which templates print.
+        turns.append({k: v for k, v in m.items() if v is not None})
+    if not any(m["role"] == "assistant" and (m.get("content") or "").strip() for m in turns):
+        raise LLMDistillError(f"{where}: no assistant turn with content: nothing to train on")
+    return turns
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def assistant_spans(
+    messages: list[dict], tokenizer, template: str, where: str, only_last: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span (answer start, end-of-turn end) of each assistant turn
+    with content. `only_last`: an earlier turn the template rewrites (some drop reasoning from past turns) is
+    left out instead of being an error."""
+    from jinja2 import TemplateError
+
+    def render(turns, generation_prompt):
+        return tokenizer.apply_chat_template(
+            turns, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    try:
+        full = render(messages, False)
+        spans = []
+        answers = [
+            k for k, m in enumerate(messages) if m["role"] == "assistant" and (m.get("content") or "").strip()
+        ]
+        for k, m in enumerate(messages):
+            content = (m.get("content") or "").strip()
+            if m["role"] != "assistant" or not content:
+                continue
+            # Common prefixes, not equality: a template may end a conversation differently from a turn
+            # followed by more turns (a final EOS), and only the part shared with the full text counts.
+            start = _common_prefix(render(messages[:k], True), full)
+            turn_end = _common_prefix(render(messages[: k + 1], False), full)
+            answer = full.find(content, start, turn_end)
+            if answer < 0 and only_last and k != answers[-1]:
+                continue
+            if answer < 0:
+                raise LLMDistillError(
+                    f"{where}: the chat template does not reproduce assistant turn {k + 1}'s text in the "
+                    "conversation (it rewrites earlier turns?); try data.train_on=last"
+                )
+            end = answer + len(content)
+            end += len(full[end:turn_end].rstrip())
+            spans.append((answer, end))
+    except TemplateError as err:
+        raise LLMDistillError(f"{where}: the chat template failed: {err}") from None
+    return full, spans
+
+
+def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    mask = [0] * len(offsets)
+    for start, end in spans:
+        for i, (a, b) in enumerate(offsets):
+            if a < end and b > start:
+                mask[i] = 1
+    return mask
+
+
+def _tokens_before(offsets: list[tuple[int, int]], end: int) -> int:
+    """How many leading tokens lie wholly before character `end`."""
+    return next((i for i, (_, b) in enumerate(offsets) if b > end), len(offsets))
+
+
+def _fit(ids: list[int], offsets: list[tuple[int, int]], spans, data_cfg: DataConfig, seq_len: int):
+    """(ids, mask, status) of one chat sample within seq_len by the truncation rule."""
+    status = KEPT
+    if len(ids) > seq_len:
+        # "turns": cut after the last assistant turn (its end marker included) that ends within seq_len.
+        fits = [s for s in spans if _tokens_before(offsets, s[1]) <= seq_len]
+        if data_cfg.truncation == "drop" or not fits:
+            return [], [], DROPPED
+        keep = _tokens_before(offsets, fits[-1][1])
+        ids, offsets, spans, status = ids[:keep], offsets[:keep], fits, TRUNCATED
+    if data_cfg.train_on == "last":
+        spans = spans[-1:]
+    return ids, _span_mask(offsets, spans), status
+
+
+def row_encoder(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, seq_len: int):
+    """`encode(row, index) -> (ids, mask, status)` for chat and prompt_completion rows: `mask[i]` is 1 where
+    token i is trained; `status` says whether the row was kept whole, truncated or dropped."""
+    template = None
+    if spec.format == "messages" or data_cfg.chat:
+        template = chat_template(data_cfg, tokenizer)
+        if not tokenizer.is_fast:
+            raise LLMDistillError(
+                "chat data needs a fast tokenizer (its character offsets locate the answers)"
+            )
+    eos = tokenizer.eos_token_id
+
+    def encode_chat(turns, where):
+        text, spans = assistant_spans(turns, tokenizer, template, where, data_cfg.train_on == "last")
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        return _fit(enc["input_ids"], offsets, spans, data_cfg, seq_len)
+
+    def encode(row: dict, index: int):
+        where = _where(spec, index)
+        if spec.format == "messages":
+            return encode_chat(_check_messages(row[spec.messages_field], where, spec.messages_field), where)
+        prompt, completion = row[spec.prompt_field], row[spec.completion_field]
+        for field, value in ((spec.prompt_field, prompt), (spec.completion_field, completion)):
+            if not isinstance(value, str):
+                raise LLMDistillError(f"{where}: {field} is missing or not a string")
+        if not completion.strip():
+            raise LLMDistillError(f"{where}: {spec.completion_field} is empty")
+        if data_cfg.chat:
+            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return encode_chat(turns, where)
+        # Tokenized apart, so no token straddles prompt and completion; EOS teaches the model to stop.
+        head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            tail = [*tail, eos]
+        if len(head) + len(tail) > seq_len:
+            return [], [], DROPPED
+        return head + tail, [0] * len(head) + [1] * len(tail), KEPT
+
+    return encode
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def document_sequences(docs: Iterable[list[int]], seq_len: int) -> Iterator[dict[str, list[int]]]:
+    """Documents concatenated and cut every `seq_len` tokens; a partial tail is dropped."""
+    stream: list[int] = []
+    doc_of: list[int] = []
+    for i, ids in enumerate(docs):
+        stream.extend(ids)
+        doc_of.extend([i] * len(ids))
+        while len(stream) > seq_len:
+            # seq_len inputs and one more token, the last input's target
+            targets = [stream[t + 1] if doc_of[t + 1] == doc_of[t] else IGNORE_INDEX for t in range(seq_len)]
+            pos, p = [], 0
+            for t in range(seq_len):
+                p = 0 if t == 0 or doc_of[t] != doc_of[t - 1] else p + 1
+                pos.append(p)
+            yield {"input_ids": stream[:seq_len], "position_ids": pos, "targets": targets}
+            del stream[:seq_len], doc_of[:seq_len]
+
+
+def sample_sequences(
+    samples: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool
+) -> Iterator[dict[str, list[int]]]:
+    """Whole (ids, mask) samples, each at most seq_len tokens, in sequences of seq_len: packed greedily in
+    order (pack) or one per sequence, padded at the end.
+
+    Positions restart at 0 for each sample, so attention stays inside it. Padding continues the positions of
+    the sample before it: causal attention already keeps every real token from seeing the padding after it,
+    and padding targets are IGNORE_INDEX, so no attention mask is needed.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    targets: list[int] = []
+
+    def full_sequence():
+        pad = seq_len - len(ids)
+        last = pos[-1] + 1 if pos else 0
+        return {
+            "input_ids": ids + [pad_id] * pad,
+            "position_ids": pos + list(range(last, last + pad)),
+            "targets": targets + [IGNORE_INDEX] * pad,
+        }
+
+    for sample_ids, mask in samples:
+        if ids and (not pack or len(ids) + len(sample_ids) > seq_len):
+            yield full_sequence()
+            ids, pos, targets = [], [], []
+        ids = ids + sample_ids
+        pos = pos + list(range(len(sample_ids)))
+        targets = (
+            targets
+            + [sample_ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(sample_ids) - 1)]
+            + [IGNORE_INDEX]
+        )
+    if ids:
+        yield full_sequence()
+
+
+def _columns(sequences: Iterable[dict]) -> dict[str, list[list[int]]]:
+    out = {"input_ids": [], "position_ids": [], "targets": []}
+    for s in sequences:
+        for k in out:
+            out[k].append(s[k])
+    return out
 
 
 def pack_documents(docs: list[list[int]], seq_len: int) -> dict[str, list[list[int]]]:
     """Concatenate token lists and cut into sequences of `seq_len`; a partial tail is dropped."""
-    stream, doc_of = [], []
-    for i, ids in enumerate(docs):
-        stream.extend(ids)
-        doc_of.extend([i] * len(ids))
-    out = {"input_ids": [], "position_ids": [], "targets": []}
-    for start in range(0, len(stream) - seq_len, seq_len):
-        end = start + seq_len
-        ids = stream[start:end]
-        doc = doc_of[start : end + 1]
-        targets = [
-            stream[t + 1] if doc[t - start + 1] == doc[t - start] else IGNORE_INDEX for t in range(start, end)
-        ]
-        pos, p = [], 0
-        for t in range(seq_len):
-            p = 0 if t == 0 or doc[t] != doc[t - 1] else p + 1
-            pos.append(p)
-        out["input_ids"].append(ids)
-        out["position_ids"].append(pos)
-        out["targets"].append(targets)
-    return out
+    return _columns(document_sequences(docs, seq_len))
+
+
+def _document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in encoded]
 
 
 def tokenize_and_pack(texts, tokenizer, seq_len: int, name: str):
     """Tokenized, packed dataset (cached by `datasets`), in torch format."""
-    eos = tokenizer.eos_token_id
-
-    def tokenize(batch):
-        encoded = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
-        return {
-            "ids": [
-                ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in encoded
-            ]
-        }
-
-    tokenized = texts.map(tokenize, batched=True, remove_columns=texts.column_names)
+    tokenized = texts.map(
+        lambda b: {"ids": _document_ids(tokenizer, b["text"])},
+        batched=True,
+        remove_columns=texts.column_names,
+    )
     packed = tokenized.map(
         lambda b: pack_documents(b["ids"], seq_len), batched=True, batch_size=2000, remove_columns=["ids"]
     )
@@ -222,6 +497,261 @@ def tokenize_and_pack(texts, tokenizer, seq_len: int, name: str):
         raise LLMDistillError(f"dataset {name} has fewer than {seq_len + 1} tokens: nothing to train on")
     packed.set_format("torch")
     return packed
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad if pad is not None else 0
+
+
+def _text_samples(tokenizer, texts: list[str], seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
+    """Text documents as whole samples for unpacked sequences: cut into pieces of at most seq_len tokens."""
+    for ids in _document_ids(tokenizer, texts):
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start : start + seq_len]
+            if len(piece) > 1:
+                yield piece, [1] * len(piece)
+
+
+def _log_counts(name: str, statuses: list[int], data_cfg: DataConfig) -> None:
+    dropped, truncated = statuses.count(DROPPED), statuses.count(TRUNCATED)
+    if dropped or truncated:
+        log.warning(
+            f"{name}: {dropped + truncated} of {len(statuses)} samples are longer than data.seq_len="
+            f"{data_cfg.seq_len}: {dropped} dropped, {truncated} cut after their last assistant turn that "
+            f"fits (data.truncation={data_cfg.truncation})"
+        )
+
+
+def packed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, pack_text=None):
+    """One source as a `datasets.Dataset` of sequences (input_ids, position_ids, targets), in torch format.
+
+    `pack_text(texts, name)` replaces the packing of text sources (the cross-tokenizer objectives' aligned
+    dataset)."""
+    seq_len, name = data_cfg.seq_len, spec.path
+    rows = load_rows(spec)
+    if spec.format == "text":
+        texts = rows.rename_column(spec.text_field, "text") if spec.text_field != "text" else rows
+        if pack_text is not None:
+            return pack_text(texts, name)
+        if data_cfg.pack:
+            return tokenize_and_pack(texts, tokenizer, seq_len, name)
+        pad = _pad_id(tokenizer)
+        packed = texts.map(
+            lambda b: _columns(
+                sample_sequences(_text_samples(tokenizer, b["text"], seq_len), seq_len, pad, False)
+            ),
+            batched=True,
+            remove_columns=texts.column_names,
+        )
+    else:
+        if pack_text is not None:
+            raise LLMDistillError(
+                f"dataset {name}: format {spec.format} with a cross-tokenizer objective is not supported "
+                "(text data only)"
+            )
+        encode = row_encoder(spec, data_cfg, tokenizer, seq_len)
+
+        def encode_batch(batch, indices):
+            out = {"ids": [], "mask": [], "status": []}
+            for j, index in enumerate(indices):
+                ids, mask, status = encode({k: v[j] for k, v in batch.items()}, index)
+                out["ids"].append(ids)
+                out["mask"].append(mask)
+                out["status"].append(status)
+            return out
+
+        encoded = rows.map(encode_batch, batched=True, with_indices=True, remove_columns=rows.column_names)
+        _log_counts(name, encoded["status"], data_cfg)
+        pad = _pad_id(tokenizer)
+        packed = encoded.map(
+            lambda b: _columns(
+                sample_sequences(
+                    (
+                        (i, m)
+                        for i, m, s in zip(b["ids"], b["mask"], b["status"], strict=True)
+                        if s != DROPPED
+                    ),
+                    seq_len,
+                    pad,
+                    data_cfg.pack,
+                )
+            ),
+            batched=True,
+            batch_size=2000,
+            remove_columns=encoded.column_names,
+        )
+    if len(packed) == 0:
+        raise LLMDistillError(
+            f"dataset {name}: no sample fits in data.seq_len={seq_len}: nothing to train on"
+        )
+    packed.set_format("torch")
+    return packed
+
+
+# ---------------------------------------------------------------------------------------------- blends
+#
+# A blend interleaves its sources' sequences by weight in one fixed order: the k-th sequence of source s
+# comes at "time" (k + 0.5) / w_s, and the blend takes them in order of time (ties: the earlier source). So
+# every prefix of the blend holds each source in proportion to its weight, and position i is a function of
+# the weights alone, for map-style sets and streams alike.
+
+
+def blend_schedule(weights: list[float]) -> Iterator[tuple[int, int]]:
+    """(source, k) for the blend's sequences in order, endlessly: the k-th sequence of that source."""
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    heap = [((0.5) / w, s, 0) for s, w in enumerate(shares)]
+    heapq.heapify(heap)
+    while True:
+        _, s, k = heapq.heappop(heap)
+        yield s, k
+        heapq.heappush(heap, ((k + 1.5) / shares[s], s, k + 1))
+
+
+def blend(sources: list, weights: list[float], seed: int):
+    """Map-style sources blended into one `datasets.Dataset` as long as all of them together.
+
+    A source with fewer sequences than its share repeats them, one with more contributes a subset; which ones,
+    and in which order, is a permutation drawn from the seed.
+    """
+    import datasets
+
+    length = sum(len(s) for s in sources)
+    offsets = [0]
+    for s in sources[:-1]:
+        offsets.append(offsets[-1] + len(s))
+    perms = [
+        torch.randperm(len(s), generator=torch.Generator().manual_seed(seed * 1_000_003 + i)).tolist()
+        for i, s in enumerate(sources)
+    ]
+    indices = [
+        offsets[s] + perms[s][k % len(sources[s])]
+        for s, k in itertools.islice(blend_schedule(weights), length)
+    ]
+    for s in sources:
+        s.reset_format()
+    out = datasets.concatenate_datasets(sources).select(indices)
+    out.set_format("torch")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+class PackedStream:
+    """Packed sequences of streamed sources in one fixed order, repeated endlessly: the k-th sequence is the
+    same on every run and every rank, so the position in the data stays one integer (see `micro_batches`)."""
+
+    def __init__(self, sequences, name: str):
+        self._sequences = sequences  # () -> an endless iterator of sequences as dicts of tensors
+        self.name = name
+
+    def __iter__(self):
+        return self._sequences()
+
+    def head(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The first n sequences, held in memory (a streamed validation set)."""
+        return list(itertools.islice(iter(self), n))
+
+
+def _stream_epoch(rows, spec: DatasetSpec, data_cfg: DataConfig, tokenizer) -> Iterator[dict]:
+    """One pass over a streamed source: rows encoded and packed as they arrive, exactly as `packed_dataset`
+    does in memory."""
+    seq_len = data_cfg.seq_len
+    pad = _pad_id(tokenizer)
+    counts = []
+
+    def rows_checked():
+        for i, row in enumerate(rows):
+            for field in _row_fields(spec):
+                if field not in row:
+                    raise LLMDistillError(f"{_where(spec, i)}: no field {field!r} (fields: {list(row)})")
+            yield i, row
+
+    if spec.format == "text":
+        docs = (_document_ids(tokenizer, [row[spec.text_field]])[0] for _, row in rows_checked())
+        if data_cfg.pack:
+            sequences = document_sequences(docs, seq_len)
+        else:
+            samples = (
+                sample
+                for _, row in rows_checked()
+                for sample in _text_samples(tokenizer, [row[spec.text_field]], seq_len)
+            )
+            sequences = sample_sequences(samples, seq_len, pad, False)
+    else:
+        encode = row_encoder(spec, data_cfg, tokenizer, seq_len)
+
+        def samples():
+            for i, row in rows_checked():
+                ids, mask, status = encode(row, i)
+                counts.append(status)
+                if status != DROPPED:
+                    yield ids, mask
+
+        # Unlike the in-memory packing, which starts afresh every 2000 rows, a stream packs continuously.
+        sequences = sample_sequences(samples(), seq_len, pad, data_cfg.pack)
+    for s in sequences:
+        yield {k: torch.tensor(v) for k, v in s.items()}
+    _log_counts(f"{spec.path} (one pass of the stream)", counts, data_cfg)
+
+
+def _row_fields(spec: DatasetSpec) -> list[str]:
+    return {"text": [spec.text_field], "messages": [spec.messages_field]}.get(
+        spec.format, [spec.prompt_field, spec.completion_field]
+    )
+
+
+def streamed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer) -> PackedStream:
+    rows = load_rows(spec)
+    if spec.format != "text" or data_cfg.chat:
+        row_encoder(spec, data_cfg, tokenizer, data_cfg.seq_len)  # a missing template fails now, not mid-run
+
+    def sequences():
+        while True:
+            produced = 0
+            for s in _stream_epoch(rows, spec, data_cfg, tokenizer):
+                produced += 1
+                yield s
+            if produced == 0:
+                raise LLMDistillError(
+                    f"dataset {spec.path}: a whole pass gave no sequence of {data_cfg.seq_len} tokens"
+                )
+
+    return PackedStream(sequences, spec.path)
+
+
+def _blend_streams(streams: list[PackedStream], weights: list[float]) -> PackedStream:
+    def sequences():
+        iterators = [iter(s) for s in streams]
+        for s, _ in blend_schedule(weights):
+            yield next(iterators[s])
+
+    return PackedStream(sequences, " + ".join(s.name for s in streams))
+
+
+def build_dataset(
+    specs: DatasetSpec | list[DatasetSpec], data_cfg: DataConfig, tokenizer, seed: int, pack_text=None
+):
+    """One spec or a weighted blend of several, as packed sequences: a `datasets.Dataset`, or a `PackedStream`
+    when the sources stream. Bad rows raise LLMDistillError here, before the trainer needs them."""
+    specs = specs if isinstance(specs, list) else [specs]
+    streaming = {s.streaming for s in specs}
+    if len(streaming) > 1:
+        raise LLMDistillError(
+            "a blend mixes streaming and non-streaming datasets: give all the same streaming"
+        )
+    if streaming.pop():
+        if pack_text is not None:
+            raise LLMDistillError("streaming datasets with a cross-tokenizer objective are not supported")
+        streams = [streamed_dataset(s, data_cfg, tokenizer) for s in specs]
+        return streams[0] if len(streams) == 1 else _blend_streams(streams, [s.weight for s in specs])
+    if pack_text is not None and len(specs) > 1:
+        # each source pads its teacher columns to its own longest window: rows of two would not stack
+        raise LLMDistillError("a blend of datasets with a cross-tokenizer objective is not supported")
+    sources = [packed_dataset(s, data_cfg, tokenizer, pack_text) for s in specs]
+    return sources[0] if len(sources) == 1 else blend(sources, [s.weight for s in specs], seed)
 
 
 def bytes_of_targets(tokenizer, targets: torch.Tensor) -> int:
@@ -252,8 +782,7 @@ def micro_batch_indices(
     """Index lists for this rank's micro-batches, endlessly, starting after `start` consumed micro-batches.
 
     The position in the data is one integer (micro-batches consumed per rank), so a checkpoint can store it
-    and a
-    resumed run continues with exactly the next batch, without replaying the ones before it.
+    and a resumed run continues with exactly the next batch, without replaying the ones before it.
     """
     per_epoch = num_samples // (micro_batch * world_size)
     if per_epoch == 0:
@@ -283,8 +812,23 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 def micro_batches(
     dataset, micro_batch: int, world_size: int, rank: int, seed: int, start: int = 0, workers: int = 0
 ):
-    """A DataLoader over `micro_batch_indices`; the loader's own order is never shuffled."""
+    """This rank's micro-batches, endlessly, after `start` consumed ones.
+
+    A map-style dataset goes through a DataLoader over `micro_batch_indices` (the loader's own order is never
+    shuffled). A `PackedStream` is read in its fixed order: micro-batch p of rank r is sequences
+    [(p * world_size + r) * micro_batch, ... + micro_batch); resuming at `start` reads and packs the
+    sequences before it again (every rank reads the whole stream).
+    """
     from torch.utils.data import DataLoader
 
+    if isinstance(dataset, PackedStream):
+        return _stream_micro_batches(dataset, micro_batch, world_size, rank, start)
     sampler = micro_batch_indices(len(dataset), micro_batch, world_size, rank, seed, start)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+
+
+def _stream_micro_batches(stream: PackedStream, micro_batch: int, world_size: int, rank: int, start: int):
+    sequences = itertools.islice(iter(stream), start * world_size * micro_batch, None)
+    while True:
+        step = list(itertools.islice(sequences, world_size * micro_batch))
+        yield collate(step[rank * micro_batch : (rank + 1) * micro_batch])

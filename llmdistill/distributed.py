@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
 
-def _free_port() -> int:
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -18,8 +20,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int, str]:
     Works under `deepspeed`, `torchrun`, `srun` (SLURM_* variables) and as one plain process: without launcher
     variables we set a world of one, since DeepSpeed would otherwise try MPI discovery.
     """
-    import deepspeed
-    import torch
+    import deepspeed  # lazy: importing deepspeed is slow, and commands that never join a group skip it
 
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
@@ -28,7 +29,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int, str]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -46,15 +47,11 @@ def init_distributed(device: str = "auto") -> tuple[int, int, str]:
 
 
 def barrier() -> None:
-    import torch
-
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    import torch
-
     t = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         # gloo reduces CPU tensors; nccl would need them on the GPU

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from llmdistill.config import LLMDistillError, PeftConfig
+from llmdistill.embedded import EMBEDDED_TEACHER, STUDENT_TOKENIZERS, student_tokenizer
 
-EMBEDDED_TEACHER = Path(__file__).parent / "embedded" / "teacher"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(path: str, what: str, tokenizer_only: bool = False) -> str:
-    """A local dir, a hub name, or "embedded"; a missing local path is an error that names `what` (the
-    field)."""
+    """A local dir, a hub name, or "embedded"; a missing local path is an error naming `what` (the field)."""
     if path == "embedded":
         if not (EMBEDDED_TEACHER / "config.json").exists():
             raise LLMDistillError(f"{what}: the embedded teacher is not built; run `make teacher`")
         return str(EMBEDDED_TEACHER)
     if tokenizer_only and path.startswith("embedded:"):
         # Student tokenizers built on demand from the embedded corpus, for cross-tokenizer configs (alm.yaml).
-        from llmdistill.embedded import STUDENT_TOKENIZERS, student_tokenizer
-
         if path.split(":", 1)[1] not in STUDENT_TOKENIZERS:
             known = sorted(STUDENT_TOKENIZERS)
             raise LLMDistillError(f"{what}: unknown embedded tokenizer {path!r}; known: {known}")
@@ -41,8 +41,6 @@ def resolve_model_path(path: str, what: str, tokenizer_only: bool = False) -> st
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -50,8 +48,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
@@ -62,14 +58,10 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
 
 def model_from_config(config, dtype: str = "float32"):
     """A randomly initialised model; seed torch first for a reproducible init."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
 
 
 def config_with_overrides(base_config, overrides: dict):
-    from transformers import AutoConfig
-
     raw = base_config.to_dict()
     unknown = sorted(k for k in overrides if k not in raw)
     if unknown:
@@ -79,8 +71,6 @@ def config_with_overrides(base_config, overrides: dict):
 
 
 def config_from_dict(raw: dict):
-    from transformers import AutoConfig
-
     raw = dict(raw)
     if "model_type" not in raw:
         raise LLMDistillError("student.config: needs a model_type (e.g. llama, qwen2, mistral)")
@@ -135,7 +125,7 @@ def check_vocabularies(
 
 
 def wrap_peft(model, cfg: PeftConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazy: peft is needed only for LoRA students
 
     lora = LoraConfig(
         r=cfg.r,
@@ -147,24 +137,8 @@ def wrap_peft(model, cfg: PeftConfig):
     return get_peft_model(model, lora)
 
 
-def save_student(
-    state_dict: dict,
-    config,
-    tokenizer,
-    out_dir: Path,
-    dtype: str,
-    peft: PeftConfig | None,
-    card: dict | None = None,
-    masks: Path | None = None,
-) -> Path:
-    """Write a plain HF checkpoint (safetensors) from a full state dict: PEFT adapters merged, ties restored.
-
-    Written into a temporary directory and renamed, so a crash never leaves a half-written student behind.
-    """
-    import shutil
-
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
+def state_to_model(state_dict: dict, config, peft: PeftConfig | None):
+    """A plain fp32 model holding a full state dict: PEFT adapters merged, tied weights restored."""
     unset_hf_deepspeed_config()  # the skeleton below must be a plain model, not a ZeRO-3 partitioned one
     model = model_from_config(config, "float32")
     if peft is not None:
@@ -181,19 +155,25 @@ def save_student(
         )
     if peft is not None:
         model = model.merge_and_unload()
-    if masks is not None:
-        from llmdistill.derive import apply_masks
-
-        # A LoRA update is dense: re-impose derivation's masks on the merged weights.
-        apply_masks(model, masks)
     model.tie_weights()
+    return model
+
+
+def save_student(
+    model, tokenizer, out_dir: Path, dtype: str, card: dict | None = None, extra_files: tuple[Path, ...] = ()
+) -> Path:
+    """Write `model` as a plain HF checkpoint (safetensors) with its tokenizer, `card` as llmdistill.json and
+    `extra_files` copied beside it.
+
+    Written into a temporary directory and renamed, so a crash never leaves a half-written student behind.
+    """
     model = model.to(DTYPES[dtype])
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if masks is not None:
-        shutil.copy(masks, tmp / masks.name)
+    for extra in extra_files:
+        shutil.copy(extra, tmp / Path(extra).name)
     if card is not None:
         (tmp / "llmdistill.json").write_text(json.dumps(card, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

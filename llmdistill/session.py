@@ -1,17 +1,22 @@
-"""From a config to what a job runs on: every check that needs no weights (preflight → Plan), then the models
-and the datasets. Training, the vLLM cache builder, derivation and the benches all start here."""
+"""From a config to what a job runs on: every check that needs no weights (preflight → Plan), then the
+models and the datasets. Training, the vLLM cache builder, derivation and the benches all start here."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
+from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from llmdistill import data, models
+from llmdistill.align import aligned_dataset
 from llmdistill.config import Config, LLMDistillError
+from llmdistill.losses import get_loss
 
 log = logging.getLogger("llmdistill.session")
 
@@ -30,12 +35,7 @@ class Plan:
 
 
 def preflight(cfg: Config) -> Plan:
-    """Every check that needs no weights and no process group, so bad input fails in a second with one
-    line."""
-    from transformers import AutoConfig
-
-    from llmdistill.losses import get_loss
-
+    """Every check that needs no weights and no process group: bad input fails in a second with one line."""
     terms = [get_loss(t.name) for t in cfg.loss]
     needs = frozenset().union(*(t.needs for t in terms))
     cross_tokenizer = any(t.cross_tokenizer for t in terms)
@@ -85,19 +85,16 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     Returns the HfDeepSpeedConfig too: it must stay alive while models load, since transformers reads it to
     partition weights at load time.
     """
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
     student = None
     if plan.student_path is None:
         # A random init is built before ZeRO-3's context exists, so it is the same under every stage
-        # (zero.Init
-        # draws random numbers in another order); the engine partitions it at deepspeed.initialize.
+        # (zero.Init draws random numbers in another order); the engine partitions it at deepspeed.initialize.
         torch.manual_seed(cfg.run.seed)
         student = models.model_from_config(plan.student_config, cfg.student.dtype)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
-    # Only an in-process teacher that the objective uses is loaded; other sources need its tokenizer and
-    # config.
+    # Only an in-process teacher that the objective uses is loaded; the other sources need only its
+    # tokenizer and config.
     if (
         plan.teacher_path is not None
         and cfg.teacher.source == "hf"
@@ -116,32 +113,26 @@ def build_datasets(cfg: Config, plan: Plan):
     """Packed training and validation sets (validation may be None), tokenized with the student's tokenizer.
 
     Every batch has `input_ids`, `position_ids` and shifted `targets`; a cross-tokenizer objective's batches
-    also
-    carry the teacher's tokenization of the same text (`teacher_input_ids`, `teacher_position_ids`).
+    also carry the teacher's tokenization of the same text (`teacher_input_ids`, `teacher_position_ids`).
     """
-
-    from llmdistill.losses import get_loss
-
     cross_tokenizer = any(get_loss(t.name).cross_tokenizer for t in cfg.loss) and plan.teacher_tok is not None
 
-    def build(spec):
-        texts = data.load_texts(spec)
-        if not cross_tokenizer:
-            return data.tokenize_and_pack(texts, plan.student_tok, cfg.data.seq_len, spec.path)
-        from llmdistill.align import aligned_dataset
-
+    def aligned(texts, name):
         # Both tokenizations of each window's text, and the chunk alignment, computed here once (cached by
         # `datasets`), never in the training step.
-        return aligned_dataset(
-            texts,
-            plan.student_tok,
-            plan.teacher_tok,
-            cfg.data.seq_len,
-            spec.path,
-            models.max_positions(plan.teacher_config),
-        )
+        max_teacher = models.max_positions(plan.teacher_config)
+        return aligned_dataset(texts, plan.student_tok, plan.teacher_tok, cfg.data.seq_len, name, max_teacher)
 
-    return build(cfg.data.train), build(cfg.data.validation) if cfg.data.validation is not None else None
+    def build(specs):
+        pack_text = aligned if cross_tokenizer else None
+        return data.build_dataset(specs, cfg.data, plan.student_tok, cfg.run.seed, pack_text)
+
+    train = build(cfg.data.train)
+    validation = build(cfg.data.validation) if cfg.data.validation is not None else None
+    if isinstance(validation, data.PackedStream):  # a streamed validation set: its first batches, in memory
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validation = validation.head(cfg.train.eval_batches * cfg.train.micro_batch_size * world)
+    return train, validation
 
 
 def derivation_defaults(student_path: str | None) -> dict:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# `targets` in a batch are already shifted (targets[t] is the token to predict at t); this marks positions to
-# skip.
+# `targets` in a batch are already shifted (targets[t] is the token to predict at t); IGNORE_INDEX marks
+# the positions to skip.
 IGNORE_INDEX = -100
 
 
@@ -46,8 +46,7 @@ class StudentOutput:
     """The student's forward, stopped before the LM head so losses can apply the head chunk by chunk.
 
     `head` is the model's output-embedding module itself: calling it inside the engine's forward lets ZeRO-3
-    gather
-    its partitioned weight, so a loss never needs the full [B, T, V] logits at once.
+    gather its partitioned weight, so a loss never needs the full [B, T, V] logits at once.
     """
 
     hidden: torch.Tensor  # [B, T, H], after the final norm
@@ -60,3 +59,18 @@ class StudentOutput:
         if self._logits is None:
             self._logits = self.head(self.hidden)
         return self._logits
+
+
+def forward_to_head(model, batch: dict, hidden_states: bool = False) -> StudentOutput:
+    """Run an HF causal LM's decoder on a packed batch and stop before its LM head.
+
+    position_ids restart at each packed document and no attention_mask is passed: HF builds a block-causal
+    mask. The head is called later, chunk by chunk, by whoever reads the output (a loss, a held-out NLL).
+    """
+    out = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        output_hidden_states=hidden_states,
+        use_cache=False,
+    )
+    return StudentOutput(out.last_hidden_state, model.get_output_embeddings(), out.hidden_states)

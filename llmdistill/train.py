@@ -1,7 +1,10 @@
-"""The DeepSpeed training loop: teacher and student setup, the step, held-out evaluation, checkpoints, export.
+"""The DeepSpeed training loop: a `Trainer` holds one run's state (engine, teacher source, data position,
+log), and `train(cfg)` runs it from setup to export.
 
 One run directory holds everything a run makes: config.yaml (the resolved config), logs.jsonl, tb/,
 checkpoints/step_XXXXXXXX/ (complete only once its COMPLETE marker exists), student/, summary.json.
+Checkpoints live in llmdistill.checkpoint, the export and its check in llmdistill.export, the log in
+llmdistill.runlog.
 """
 
 from __future__ import annotations
@@ -9,32 +12,44 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import signal as signals
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from llmdistill import data, models
-from llmdistill.config import Config, LLMDistillError, deepspeed_config, save_config
+from llmdistill.checkpoint import (
+    checkpoint_dir,
+    find_resume_point,
+    is_complete,
+    load_checkpoint,
+    save_checkpoint,
+)
+from llmdistill.config import Config, deepspeed_config, save_config
+from llmdistill.derive.masks import MASK_FILE, mask_gradients
 from llmdistill.distributed import all_reduce_sum, barrier, init_distributed
+from llmdistill.evaluate import evaluate_models, run_eval, tensorboard_scalars
+from llmdistill.export import export
 from llmdistill.losses import Objective
-from llmdistill.session import Plan, build_datasets, build_models, derivation_defaults, preflight
-from llmdistill.signal import IGNORE_INDEX, StudentOutput
+from llmdistill.losses.divergences import summed_nll
+from llmdistill.runlog import RunLog
+from llmdistill.session import build_datasets, build_models, derivation_defaults, preflight
+from llmdistill.signal import StudentOutput, forward_to_head
 from llmdistill.teachers import TeacherUnavailable, build_teacher_source
 
 log = logging.getLogger("llmdistill.train")
-COMPLETE = "COMPLETE"
 
 
 class DistillationModule(torch.nn.Module):
     """The student and the objective's learnable state, as one module for the DeepSpeed engine.
 
-    The whole loss runs inside the engine's forward, so ZeRO-3 gathers the head's weight whenever a loss calls
-    it.
+    The whole loss runs inside the engine's forward, so ZeRO-3 gathers the head's weight whenever a loss
+    calls it.
     """
 
     def __init__(self, student, objective: Objective):
@@ -43,150 +58,20 @@ class DistillationModule(torch.nn.Module):
         self.objective = objective
 
     def forward(self, batch: dict, signal=None, evaluate: bool = False):
-        decoder = self.student.get_decoder()
-        out = decoder(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            output_hidden_states="student_hidden" in self.objective.needs and not evaluate,
-            use_cache=False,
-        )
-        student = StudentOutput(
-            out.last_hidden_state, self.student.get_output_embeddings(), out.hidden_states
-        )
+        hidden_states = "student_hidden" in self.objective.needs and not evaluate
+        student = forward_to_head(self.student, batch, hidden_states)
         if evaluate:
-            return held_out_nll(student, batch)
+            return _nll_and_count(student, batch)
         return self.objective(student, signal, batch)
 
 
-def held_out_nll(student: StudentOutput, batch: dict) -> torch.Tensor:
-    """Summed next-token NLL and token count, for loss / perplexity / bits-per-byte."""
-    targets = batch["targets"].reshape(-1)
-    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, index.numel(), 4096):
-        c = index[start : start + 4096]
-        logits = student.head(hidden[c]).float()
-        total += torch.nn.functional.cross_entropy(logits, targets[c], reduction="sum").double()
-    return torch.stack([total, torch.tensor(float(index.numel()), dtype=torch.float64, device=total.device)])
+def _nll_and_count(output: StudentOutput, batch: dict) -> torch.Tensor:
+    """[summed NLL, target tokens] in float64, for loss / perplexity / bits-per-byte."""
+    nll, count = summed_nll(output, batch)
+    return torch.stack([nll.double(), torch.tensor(float(count), dtype=torch.float64, device=nll.device)])
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoints whose COMPLETE marker exists, oldest first; half-written ones are never listed."""
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if (p / COMPLETE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
-def _failpoint(name: str, step: int) -> None:
-    # Fault injection for the crash-safety test: LLMDISTILL_FAILPOINT=<name>@<step> kills this process there.
-    if os.environ.get("LLMDISTILL_FAILPOINT") == f"{name}@{step}":
-        os.kill(os.getpid(), signals.SIGKILL)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(x) for x in state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(engine, root: Path, step: int, consumed: int, rank: int, keep: int) -> Path:
-    tag = f"step_{step:08d}"
-    path = root / tag
-    if rank == 0 and path.exists():
-        shutil.rmtree(path)  # a half-written leftover of a crashed run at this step
-    barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
-    barrier()
-    _failpoint("checkpoint_before_complete", step)
-    if rank == 0:
-        marker = path / (COMPLETE + ".tmp")
-        marker.write_text(json.dumps({"step": step, "consumed_micro_batches": consumed, "time": time.time()}))
-        marker.replace(path / COMPLETE)  # atomic: a checkpoint is complete or it is not
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
-    barrier()
-    _failpoint("checkpoint_complete", step)
-    return path
-
-
-def load_checkpoint(engine, path: Path, rank: int) -> tuple[int, int]:
-    meta = json.loads((path / COMPLETE).read_text())
-    load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise LLMDistillError(f"could not load checkpoint {path}")
-    rng = path / f"rng_rank{rank}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=True))
-    return meta["step"], meta["consumed_micro_batches"]
-
-
-def find_resume_point(cfg: Config, root: Path) -> Path | None:
-    if cfg.train.resume == "never":
-        return None
-    if cfg.train.resume == "auto":
-        done = complete_checkpoints(root)
-        return done[-1] if done else None
-    path = Path(cfg.train.resume)
-    if not (path / COMPLETE).is_file():
-        raise LLMDistillError(f"train.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)")
-    return path
-
-
-def lr_schedule(optimizer, cfg: Config):
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=cfg.train.min_lr_ratio
-    )
-
-
-class RunLog:
-    """logs.jsonl and TensorBoard on rank 0; every other rank writes nothing."""
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.rank = rank
-        self.file = self.tb = None
-        if rank == 0:
-            self.file = (run_dir / "logs.jsonl").open("a")
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def write(self, step: int, record: dict) -> None:
-        if self.rank != 0:
-            return
-        self.file.write(json.dumps({"step": step, **record}) + "\n")
-        self.file.flush()
-        for k, v in record.items():
-            if isinstance(v, int | float) and k != "time":
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.rank == 0:
-            self.file.close()
-            self.tb.close()
-
-
-# ---------------------------------------------------------------------------------------------- the loop
-
-
-def evaluate(model_fn, batches, tokenizer, device: str) -> dict:
+def held_out_metrics(model_fn, batches, tokenizer, device: str) -> dict:
     """Held-out loss, perplexity and bits-per-byte, summed over ranks."""
     nll = tokens = nbytes = 0.0
     for batch in batches:
@@ -204,25 +89,8 @@ def evaluate(model_fn, batches, tokenizer, device: str) -> dict:
     }
 
 
-def _teacher_eval_fn(teacher):
-    @torch.no_grad()
-    def run(batch):
-        logits = teacher(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
-        targets = batch["targets"].reshape(-1)
-        keep = targets != IGNORE_INDEX
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1])[keep].float(), targets[keep], reduction="sum"
-        )
-        return torch.stack([nll.double(), keep.sum().double()])
-
-    return run
-
-
 def held_out_batches(dataset, cfg: Config, rank: int, world: int) -> list[dict]:
-    """The first `eval_batches` global batches of the validation set, in order: the same tokens at every
-    eval."""
+    """The first `eval_batches` global batches of the validation set, in order: the same tokens each eval."""
     mb = cfg.train.micro_batch_size
     out = []
     for i in range(cfg.train.eval_batches):
@@ -233,253 +101,360 @@ def held_out_batches(dataset, cfg: Config, rank: int, world: int) -> list[dict]:
     return out
 
 
-def train(cfg: Config) -> dict:
-    import deepspeed
-
-    # Preemption signals are honoured from the start: one that arrives while models load stops after step one.
-    stop = _StopRequest()
-    plan = preflight(cfg)
-    rank, world, device = init_distributed(cfg.train.device)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    run_dir = cfg.run.dir
-    ckpt_root = run_dir / "checkpoints"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
-
-    ds_config = deepspeed_config(cfg, world)
-    teacher, student, hf_ds_config = build_models(cfg, plan, ds_config)
-    student_tok = plan.student_tok
-    objective = Objective(
-        cfg.loss, student.config, plan.teacher_config, cfg.balance, derivation_defaults(plan.student_path)
+def lr_schedule(optimizer, cfg: Config):
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=cfg.train.min_lr_ratio
     )
 
-    # Rank 0 tokenizes first so the others read `datasets`' cache instead of repeating the work.
-    if rank != 0:
-        barrier()
-    train_set, val_set = build_datasets(cfg, plan)
-    if rank == 0:
-        barrier()
 
-    masks = None
-    if plan.student_path is not None:
-        from llmdistill.derive import MASK_FILE, mask_gradients
+class Trainer:
+    """One training run. Building it does the setup (preflight, process group, models, data, engine, teacher
+    source); then `resume()`, `train_step()`, `evaluate()`, `save()`, `export()`, `close()`, which `run()`
+    strings together as `train(cfg)` does.
 
-        if (Path(plan.student_path) / MASK_FILE).exists():
-            # MAGNET in-block masks from derivation: masked weights get no gradient, so they stay zero.
-            masks = Path(plan.student_path) / MASK_FILE
-            if (
-                cfg.student.peft is None
-            ):  # with PEFT the masked base weights are frozen; export re-masks the merge
-                mask_gradients(student, masks)
-            log.info(f"keeping derivation masks from {masks} during training")
-    module = DistillationModule(student, objective)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
-    )
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=ds_config
-    )
-    if teacher is not None:
-        teacher = _teacher_engine(teacher, cfg, ds_config, device)
-    teacher_source = build_teacher_source(cfg, teacher, objective.needs, student=engine.module.student)
+    State: `step` (optimizer steps done), `consumed` (micro-batches this rank has drawn from the training
+    set), `summary` (what summary.json will hold), `engine`, `teacher_source`, `runlog`.
+    """
 
-    step, consumed = 0, 0
-    resume = find_resume_point(cfg, ckpt_root)
-    if resume is not None:
-        step, consumed = load_checkpoint(engine, resume, rank)
-        log.info(f"resumed from {resume} (step {step})")
-
-    runlog = RunLog(run_dir, rank)
-    n_student = models.count_parameters(student)
-    summary = {
-        "run_dir": str(run_dir),
-        "world_size": world,
-        "zero_stage": cfg.deepspeed.zero_stage,
-        "student_parameters": n_student,
-        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
-    }
-    if cfg.deepspeed.zero_stage == 3:
-        # Under ZeRO-3 each rank holds only its shard; record how much, so partitioning can be checked.
-        local = sum(p.ds_tensor.numel() for p in student.parameters() if hasattr(p, "ds_tensor"))
-        summary["zero3_local_fraction"] = local / n_student
-    held_out = held_out_batches(val_set, cfg, rank, world) if val_set is not None else []
-    if teacher is not None:
-        summary["teacher_parameters"] = models.count_parameters(
-            teacher.module if hasattr(teacher, "module") else teacher
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        # Preemption signals are honoured from the start: one that arrives while the models load stops the
+        # run after its first step.
+        self.stop = StopRequest()
+        self.plan = preflight(cfg)
+        self.rank, self.world, self.device = init_distributed(cfg.train.device)
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
+        self.run_dir = cfg.run.dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        random.seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)
+        self._build_engine()
+        self.step = self.consumed = 0
+        self._pairs = None  # the (batch, signal) stream, opened at the first step from `consumed`
+        self.runlog = RunLog(self.run_dir, self.rank)
+        self.summary = self._start_summary()
+        self.held_out = (
+            held_out_batches(self.val_set, cfg, self.rank, self.world) if self.val_set is not None else []
         )
-        # Cross-tokenizer batches: the teacher reads other token ids than the student's targets, so its
-        # per-token figures here would be meaningless; it is only evaluated on a shared tokenizer.
-        if held_out and "teacher_input_ids" not in held_out[0]:
-            summary["teacher_eval"] = evaluate(_teacher_eval_fn(teacher), held_out, student_tok, device)
-    student_eval_fn = _student_eval_fn(engine)
-    if held_out and step == 0:
-        first = evaluate(student_eval_fn, held_out, student_tok, device)
-        summary["student_eval_start"] = first
-        runlog.write(0, {f"eval/{k}": v for k, v in first.items()})
 
-    batches = iter(
-        data.micro_batches(
-            train_set,
-            cfg.train.micro_batch_size,
-            world,
-            rank,
-            cfg.run.seed,
-            start=consumed,
-            workers=cfg.data.num_workers,
+    def _build_engine(self) -> None:
+        import deepspeed  # lazy: importing deepspeed is slow, so `import llmdistill.train` stays cheap
+
+        cfg, plan = self.cfg, self.plan
+        ds_config = deepspeed_config(cfg, self.world)
+        teacher, student, self._hf_ds_config = build_models(cfg, plan, ds_config)
+        objective = Objective(
+            cfg.loss, student.config, plan.teacher_config, cfg.balance, derivation_defaults(plan.student_path)
         )
-    )
-    pairs = teacher_source.stream(batches, device)
-    lm_eval_reference = None
-    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum * world
-    progress = _progress_bar(cfg, rank, step)
-    t_start, tokens_seen = time.time(), 0
-    engine.train()
-    while step < cfg.train.max_steps:
+        # Rank 0 tokenizes first so the others read `datasets`' cache instead of repeating the work.
+        if self.rank != 0:
+            barrier()
+        self.train_set, self.val_set = build_datasets(cfg, plan)
+        if self.rank == 0:
+            barrier()
+        self.masks = self._keep_masks(student)
+        module = DistillationModule(student, objective)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+        )
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=ds_config
+        )
+        self.student = student
+        self.teacher = _teacher_engine(teacher, cfg, ds_config, self.device) if teacher is not None else None
+        self.teacher_source = build_teacher_source(cfg, self.teacher, objective.needs, student=student)
+        self._source_open = True
+
+    def _keep_masks(self, student) -> Path | None:
+        """MAGNET in-block masks from derivation: masked weights get no gradient, so they stay zero."""
+        if self.plan.student_path is None or not (Path(self.plan.student_path) / MASK_FILE).exists():
+            return None
+        masks = Path(self.plan.student_path) / MASK_FILE
+        # With PEFT the masked base weights are frozen anyway; export re-masks the merged weights.
+        if self.cfg.student.peft is None:
+            mask_gradients(student, masks)
+        log.info(f"keeping derivation masks from {masks} during training")
+        return masks
+
+    def _start_summary(self) -> dict:
+        n_student = models.count_parameters(self.student)
+        summary = {
+            "run_dir": str(self.run_dir),
+            "world_size": self.world,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "student_parameters": n_student,
+            "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.params),
+        }
+        if self.cfg.deepspeed.zero_stage == 3:
+            # Under ZeRO-3 each rank holds only its shard; record how much, so partitioning can be checked.
+            local = sum(p.ds_tensor.numel() for p in self.student.parameters() if hasattr(p, "ds_tensor"))
+            summary["zero3_local_fraction"] = local / n_student
+        if self.teacher is not None:
+            teacher = self.teacher.module if hasattr(self.teacher, "module") else self.teacher
+            summary["teacher_parameters"] = models.count_parameters(teacher)
+        return summary
+
+    # ------------------------------------------------------------------------------------------ the pieces
+
+    def resume(self) -> Path | None:
+        """Continue from the checkpoint `train.resume` names (the newest complete one under `auto`)."""
+        path = find_resume_point(self.cfg, self.ckpt_root)
+        if path is not None:
+            self.step, self.consumed = load_checkpoint(self.engine, path, self.rank)
+            self._pairs = None
+            log.info(f"resumed from {path} (step {self.step})")
+        return path
+
+    def evaluate(self) -> dict:
+        """The student's held-out loss, perplexity and bits-per-byte (every rank takes part)."""
+
+        @torch.no_grad()
+        def run(batch):
+            self.engine.eval()
+            return self.engine(batch, evaluate=True)
+
+        metrics = held_out_metrics(run, self.held_out, self.plan.student_tok, self.device)
+        self.engine.train()
+        return metrics
+
+    def evaluate_teacher(self) -> dict:
+        """The in-process teacher's held-out figures, on the student's batches."""
+
+        @torch.no_grad()
+        def run(batch):
+            logits = self.teacher(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            ).logits
+            # The teacher's forward (an engine's under ZeRO-3) yields full logits; an identity head lets the
+            # one NLL function read them.
+            return _nll_and_count(StudentOutput(logits, torch.nn.Identity()), batch)
+
+        return held_out_metrics(run, self.held_out, self.plan.student_tok, self.device)
+
+    def train_step(self) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its record, averaged over ranks."""
+        cfg = self.cfg
+        if self._pairs is None:
+            self._pairs = self._open_stream()
         t0 = time.time()
-        step_metrics: dict[str, float] = {}
-        consumed_at_step = consumed
+        metrics: dict[str, float] = {}
+        consumed_at_step = self.consumed
         for _ in range(cfg.train.grad_accum):
-            batch, signal = _next_pair(pairs, teacher_source)
+            batch, signal = self._next_pair()
             if batch is None:  # the teacher failed on some rank: keep the last whole step and stop
-                if not (ckpt_root / f"step_{step:08d}" / COMPLETE).exists():
-                    save_checkpoint(
-                        engine, ckpt_root, step, consumed_at_step, rank, cfg.train.keep_checkpoints
-                    )
+                if not is_complete(checkpoint_dir(self.ckpt_root, self.step)):
+                    self.save(consumed_at_step)
+                reason = signal or "the teacher failed on another rank"
                 raise TeacherUnavailable(
-                    f"{signal or 'the teacher failed on another rank'}; checkpoint saved at step {step}, "
+                    f"{reason}; checkpoint saved at step {self.step}, "
                     "resume with the same command once the teacher is back"
                 )
-            batch["step"], batch["batch_index"] = step, consumed
-            loss, metrics = engine(batch, signal)
-            engine.backward(loss)
-            engine.step()
-            consumed += 1
-            for k, v in {"loss": loss.item(), **metrics}.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.train.grad_accum
-        step += 1
-        tokens_seen += tokens_per_step
-        keys = sorted(step_metrics)
-        reduced = all_reduce_sum([step_metrics[k] for k in keys])
-        record = {k: v / world for k, v in zip(keys, reduced, strict=True)}
-        record |= {
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": tokens_per_step / (time.time() - t0),
-            "consumed_micro_batches": consumed,
+            batch["step"], batch["batch_index"] = self.step, self.consumed
+            loss, extra = self.engine(batch, signal)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.consumed += 1
+            for k, v in {"loss": loss.item(), **extra}.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.train.grad_accum
+        self.step += 1
+        keys = sorted(metrics)
+        reduced = all_reduce_sum([metrics[k] for k in keys])
+        record = {k: v / self.world for k, v in zip(keys, reduced, strict=True)}
+        return record | {
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": self.tokens_per_step / (time.time() - t0),
+            "consumed_micro_batches": self.consumed,
             "time": time.time(),
         }
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            runlog.write(step, record)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{record['loss']:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}"
-            )
-        if (
-            cfg.eval is not None
-            and cfg.eval.every
-            and step % cfg.eval.every == 0
-            and step < cfg.train.max_steps
-        ):
-            lm_eval_reference = lm_eval_student(cfg, student, plan, rank, step, runlog, lm_eval_reference)
-        if (
-            held_out
-            and cfg.train.eval_every
-            and step % cfg.train.eval_every == 0
-            and step < cfg.train.max_steps
-        ):
-            runlog.write(
-                step,
-                {f"eval/{k}": v for k, v in evaluate(student_eval_fn, held_out, student_tok, device).items()},
-            )
-            engine.train()
-        stopping = stop()
-        if (
-            (cfg.train.save_every and step % cfg.train.save_every == 0)
-            or step == cfg.train.max_steps
-            or stopping
-        ):
-            save_checkpoint(engine, ckpt_root, step, consumed, rank, cfg.train.keep_checkpoints)
-        if stopping and step < cfg.train.max_steps:
-            log.warning(
-                f"stopping at step {step} on {stop.signal_name}; "
-                "checkpoint saved, resume with the same command"
-            )
-            summary["stopped_early"] = step
-            break
-    if progress is not None:
-        progress.close()
-    elapsed = time.time() - t_start
-    summary |= {"steps": step, "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "train_seconds": elapsed}
-    if held_out:
-        summary["student_eval"] = evaluate(student_eval_fn, held_out, student_tok, device)
-        runlog.write(step, {f"eval/{k}": v for k, v in summary["student_eval"].items()})
-    if cfg.train.export and "stopped_early" not in summary:
-        summary["student_dir"] = str(
-            export(engine, cfg, student, student_tok, run_dir, rank, held_out, device, summary, masks)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world
+
+    def _open_stream(self):
+        batches = data.micro_batches(
+            self.train_set,
+            self.cfg.train.micro_batch_size,
+            self.world,
+            self.rank,
+            self.cfg.run.seed,
+            start=self.consumed,
+            workers=self.cfg.data.num_workers,
         )
-    teacher_source.close()
-    if cfg.eval is not None and cfg.eval.at_end and "student_dir" in summary:
-        if rank == 0:
-            from llmdistill.evaluate import run_eval, tensorboard_scalars
+        return self.teacher_source.stream(iter(batches), self.device)
 
-            report = run_eval(cfg)
-            summary["lm_eval"] = report["output_dir"]
-            runlog.write(step, tensorboard_scalars(report, prefix="lm_eval"))
+    def _next_pair(self) -> tuple[dict | None, object]:
+        """The next (batch, signal); (None, reason) when the teacher failed here or on another rank."""
+        failure = ""
+        try:
+            batch, signal = next(self._pairs)
+        except TeacherUnavailable as err:
+            batch, signal, failure = None, None, str(err)
+        # Ranks must agree before the forward, or one would wait in a collective the others never enter.
+        if self.teacher_source.can_fail and all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
+            return None, failure
+        return batch, signal
+
+    def save(self, consumed: int | None = None) -> Path:
+        """A complete checkpoint of this step (every rank takes part)."""
+        consumed = self.consumed if consumed is None else consumed
+        return save_checkpoint(
+            self.engine, self.ckpt_root, self.step, consumed, self.rank, self.cfg.train.keep_checkpoints
+        )
+
+    def export(self) -> Path:
+        """Write and check run_dir/student; the check's figures go into the summary."""
+        card = {
+            "teacher": self.cfg.teacher.path,
+            "loss": [t.model_dump() for t in self.cfg.loss],
+            "steps": self.summary.get("steps", self.step),
+            "student_eval": self.summary.get("student_eval"),
+            "teacher_eval": self.summary.get("teacher_eval"),
+        }
+        probe = self.held_out[0] if self.held_out else None
+        out_dir, figures = export(
+            self.engine,
+            self.cfg,
+            self.plan.student_tok,
+            self.run_dir,
+            self.rank,
+            probe,
+            self.device,
+            card,
+            self.masks,
+        )
+        self.summary |= figures
+        self.summary["student_dir"] = str(out_dir)
+        return out_dir
+
+    def lm_eval(self, reference):
+        """Score the training student on a subset of the lm-eval tasks (rank 0) and log it; returns the
+        teacher's reference scores, computed once. Under ZeRO-3 every rank gathers the weights; rank 0
+        evaluates meanwhile."""
+        import deepspeed  # lazy: importing deepspeed is slow, and it is loaded by now anyway
+
+        e, plan = self.cfg.eval, self.plan
+        params = [p for p in self.student.parameters() if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+            if self.rank == 0:
+                subset = dict(
+                    limit=e.every_limit, max_length=e.max_length, batch_size=e.batch_size, device=e.device
+                )
+                if reference is None and e.teacher and plan.teacher_path is not None:
+                    teacher = plan.teacher_path if e.teacher is True else e.teacher
+                    reference = evaluate_models({"teacher": teacher}, e.tasks, **subset)
+                report = evaluate_models(
+                    {"student": self.student},
+                    e.tasks,
+                    tokenizer=plan.student_tok,
+                    reference=reference,
+                    **subset,
+                )
+                self.runlog.write(self.step, tensorboard_scalars(report, prefix="lm_eval"))
         barrier()
-    runlog.close()
-    if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    del hf_ds_config
-    return summary
+        return reference
+
+    def close_teacher(self) -> None:
+        if self._source_open:
+            self.teacher_source.close()
+            self._source_open = False
+
+    def close(self) -> None:
+        """Release the teacher source and the log, and give the preemption signals back."""
+        self.close_teacher()
+        self.runlog.close()
+        self.stop.restore()
+        self._hf_ds_config = None
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        """Resume, evaluate, train to `max_steps` (or a preemption), evaluate, export, report; the summary."""
+        cfg = self.cfg
+        self.resume()
+        # Cross-tokenizer batches: the teacher reads other token ids than the student's targets, so its
+        # per-token figures here would be meaningless; it is only evaluated on a shared tokenizer.
+        if self.teacher is not None and self.held_out and "teacher_input_ids" not in self.held_out[0]:
+            self.summary["teacher_eval"] = self.evaluate_teacher()
+        if self.held_out and self.step == 0:
+            self.summary["student_eval_start"] = self._log_eval()
+        self._train_loop()
+        if self.held_out:
+            self.summary["student_eval"] = self._log_eval()
+        if cfg.train.export and "stopped_early" not in self.summary:
+            self.export()
+        self.close_teacher()  # before the final lm-eval, which may need the memory a teacher holds
+        if cfg.eval is not None and cfg.eval.at_end and "student_dir" in self.summary:
+            if self.rank == 0:
+                report = run_eval(cfg)
+                self.summary["lm_eval"] = report["output_dir"]
+                self.runlog.write(self.step, tensorboard_scalars(report, prefix="lm_eval"))
+            barrier()
+        self.close()
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        return self.summary
+
+    def _log_eval(self) -> dict:
+        metrics = self.evaluate()
+        self.runlog.write(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def _train_loop(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        progress = _progress_bar(cfg, self.rank, self.step)
+        lm_eval_reference = None
+        t_start, tokens_seen = time.time(), 0
+        self.engine.train()
+        while self.step < t.max_steps:
+            record = self.train_step()
+            tokens_seen += self.tokens_per_step
+            last = self.step == t.max_steps
+            if self.step % t.log_every == 0 or last:
+                self.runlog.write(self.step, record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}"
+                )
+            if cfg.eval is not None and cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
+                lm_eval_reference = self.lm_eval(lm_eval_reference)
+            if self.held_out and t.eval_every and self.step % t.eval_every == 0 and not last:
+                self._log_eval()
+            stopping = self.stop()
+            if (t.save_every and self.step % t.save_every == 0) or last or stopping:
+                self.save()
+            if stopping and not last:
+                log.warning(
+                    f"stopping at step {self.step} on {self.stop.signal_name}; "
+                    "checkpoint saved, resume with the same command"
+                )
+                self.summary["stopped_early"] = self.step
+                break
+        if progress is not None:
+            progress.close()
+        elapsed = time.time() - t_start
+        self.summary |= {
+            "steps": self.step,
+            "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            "train_seconds": elapsed,
+        }
 
 
-def lm_eval_student(cfg: Config, student, plan: Plan, rank: int, step: int, runlog: RunLog, reference):
-    """Score the training student on a subset of the lm-eval tasks (rank 0) and log it; returns the teacher's
-    reference scores, computed once. Under ZeRO-3 every rank gathers the weights; rank 0 evaluates
-    meanwhile."""
-    import deepspeed
-
-    from llmdistill.evaluate import evaluate_models, tensorboard_scalars
-
-    e = cfg.eval
-    params = [p for p in student.parameters() if hasattr(p, "ds_id")]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
-        if rank == 0:
-            subset = dict(
-                limit=e.every_limit, max_length=e.max_length, batch_size=e.batch_size, device=e.device
-            )
-            if reference is None and e.teacher and plan.teacher_path is not None:
-                teacher = plan.teacher_path if e.teacher is True else e.teacher
-                reference = evaluate_models({"teacher": teacher}, e.tasks, **subset)
-            report = evaluate_models(
-                {"student": student}, e.tasks, tokenizer=plan.student_tok, reference=reference, **subset
-            )
-            runlog.write(step, tensorboard_scalars(report, prefix="lm_eval"))
-    barrier()
-    return reference
-
-
-def _next_pair(pairs, source) -> tuple[dict | None, object]:
-    """The next (batch, signal); (None, reason) when the teacher failed here or on another rank."""
-    failure = ""
-    try:
-        batch, signal = next(pairs)
-    except TeacherUnavailable as err:
-        batch, signal, failure = None, None, str(err)
-    # Ranks must agree before the forward, or one would wait in a collective the others never enter.
-    if source.can_fail and all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
-        return None, failure
-    return batch, signal
+def train(cfg: Config) -> dict:
+    """Run one training job from its config (every rank calls this); returns the summary."""
+    return Trainer(cfg).run()
 
 
 def _teacher_engine(teacher, cfg: Config, ds_config: dict, device: str):
     """Under ZeRO-3 the teacher is a partitioned inference-only engine; otherwise a replicated module."""
     if cfg.deepspeed.zero_stage == 3:
-        import deepspeed
+        import deepspeed  # lazy: importing deepspeed is slow, and it is loaded by now anyway
 
         inference = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
         engine, *_ = deepspeed.initialize(model=teacher, config=inference)
@@ -488,22 +463,14 @@ def _teacher_engine(teacher, cfg: Config, ds_config: dict, device: str):
     return teacher.to(device)
 
 
-def _student_eval_fn(engine):
-    @torch.no_grad()
-    def run(batch):
-        engine.eval()
-        return engine(batch, evaluate=True)
-
-    return run
-
-
-class _StopRequest:
+class StopRequest:
     """SIGTERM / SIGUSR1 (preemption) ask the loop to checkpoint and stop at the next step boundary."""
+
+    SIGNALS = (signals.SIGTERM, signals.SIGUSR1)
 
     def __init__(self):
         self.signal_name = None
-        for sig in (signals.SIGTERM, signals.SIGUSR1):
-            signals.signal(sig, self._handle)
+        self._previous = {sig: signals.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.signal_name = signals.Signals(signum).name
@@ -512,87 +479,16 @@ class _StopRequest:
         # Every rank must agree, or one would wait in a collective the others never enter.
         return all_reduce_sum([1.0 if self.signal_name else 0.0])[0] > 0
 
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signals.signal(sig, handler)
+
 
 def _progress_bar(cfg: Config, rank: int, step: int):
     if rank != 0 or not cfg.train.progress:
         return None
-    import sys
-
-    from tqdm import tqdm
-
     # Redraw often on a terminal, rarely into a log file.
     interval = 0.5 if sys.stderr.isatty() else 30
     return tqdm(
         total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=interval
     )
-
-
-def gather_state_dict(engine, module, rank: int) -> dict | None:
-    """The full state dict of `module` on rank 0, gathered one parameter at a time under ZeRO-3."""
-    import deepspeed
-
-    state = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=hasattr(param, "ds_id")):
-            if rank == 0:
-                state[name] = param.detach().to("cpu", torch.float32).clone()
-    return state if rank == 0 else None
-
-
-def export(
-    engine, cfg: Config, student, tokenizer, run_dir: Path, rank: int, held_out, device, summary, masks=None
-) -> Path:
-    """Write the student as a plain HF checkpoint, and verify it reproduces the engine's logits."""
-    out_dir = run_dir / "student"
-    state = gather_state_dict(engine, student, rank)
-    probe = held_out[0] if held_out else None
-    probe_logits = None
-    if probe is not None:
-        engine.eval()
-        with torch.no_grad():
-            decoder_batch = data.to_device(probe, device)
-            probe_logits = _engine_logits(engine, decoder_batch)
-    if rank == 0:
-        card = {
-            "teacher": cfg.teacher.path,
-            "loss": [t.model_dump() for t in cfg.loss],
-            "steps": summary["steps"],
-            "student_eval": summary.get("student_eval"),
-            "teacher_eval": summary.get("teacher_eval"),
-        }
-        config = student.get_base_model().config if cfg.student.peft is not None else student.config
-        models.save_student(
-            state, config, tokenizer, out_dir, cfg.student.dtype, cfg.student.peft, card, masks
-        )
-        if probe is not None:
-            from safetensors.torch import save_file
-
-            save_file(
-                {
-                    "input_ids": probe["input_ids"],
-                    "position_ids": probe["position_ids"],
-                    "logits": probe_logits.float().cpu().contiguous(),
-                },
-                str(run_dir / "export_probe.safetensors"),
-            )
-            summary["export_max_abs_diff"] = _check_export(out_dir, probe, probe_logits)
-    barrier()
-    return out_dir
-
-
-def _engine_logits(engine, batch) -> torch.Tensor:
-    module = engine.module
-    return module.student(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-    ).logits
-
-
-def _check_export(out_dir: Path, probe: dict, expected: torch.Tensor) -> float:
-    exported = models.load_model(str(out_dir), "float32")
-    with torch.no_grad():
-        got = exported(
-            input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False
-        ).logits
-    diff = (got - expected.float().cpu()).abs().max().item()
-    log.info(f"exported student reproduces the engine's logits: max |diff| = {diff:.2e}")
-    return diff

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmdistill.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -55,14 +57,6 @@ def deepspeed_launcher(ranks: int = 2) -> list[str]:
         "--master_port",
         str(free_port()),
     ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

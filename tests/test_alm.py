@@ -176,7 +176,7 @@ def test_objective_accepts_alm_params_and_rejects_bad_ones():
 
 
 def test_mixed_tokenizers_without_alm_or_uld_are_refused(tmp_path):
-    from llmdistill.train import preflight
+    from llmdistill.session import preflight
 
     cfg = load_config(
         "configs/tiny/alm.yaml",

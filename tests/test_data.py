@@ -1,11 +1,13 @@
+import copy
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmdistill import data
-from llmdistill.config import DatasetSpec, LLMDistillError
+from llmdistill.config import DataConfig, DatasetSpec, LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
 
 
@@ -87,3 +89,419 @@ def test_bad_datasets_are_named(tmp_path, content, field, message):
 def test_missing_data_file_is_named(tmp_path):
     with pytest.raises(LLMDistillError, match="data file not found"):
         data.load_texts(DatasetSpec(path=str(tmp_path / "missing.jsonl")))
+
+
+# ------------------------------------------------------------------------------ chat and prompt/completion
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Mistral-style: no generation prompt, no newline, the answer ends with EOS (a special token).
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+    "{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+A1, A2, A3 = "def add(a, b):\n    return a + b", "def add3(a, b, c):\n    return a + b + c", "return 0"
+CHAT = [
+    {"role": "system", "content": "Answer with code."},
+    {"role": "user", "content": "Add two numbers."},
+    {"role": "assistant", "content": A1},
+    {"role": "user", "content": "Now three."},
+    {"role": "assistant", "content": A2},
+]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _n_tokens(tokenizer, turns) -> int:
+    text = tokenizer.apply_chat_template(turns, chat_template=CHATML, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _trained_runs(tokenizer, sample) -> list[str]:
+    """The text of each run of consecutive trained targets."""
+    runs, run = [], []
+    for t in [*sample["targets"].tolist(), IGNORE_INDEX]:
+        if t != IGNORE_INDEX:
+            run.append(t)
+        elif run:
+            runs.append(tokenizer.decode(run))
+            run = []
+    return runs
+
+
+def _build(tmp_path, tokenizer, rows, seed=0, **cfg):
+    spec = {k: cfg.pop(k) for k in list(cfg) if k in DatasetSpec.model_fields}
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    data_cfg = DataConfig(**{"seq_len": 256, **cfg})
+    return data.build_dataset(DatasetSpec(path=path, **spec), data_cfg, tokenizer, seed)
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(embedded_tokenizer):
+    """The embedded tokenizer with its own chat template (no data.chat_template needed)."""
+    tok = copy.deepcopy(embedded_tokenizer)
+    tok.chat_template = MISTRAL
+    return tok
+
+
+def test_messages_train_every_assistant_answer_and_its_end_marker(tmp_path, embedded_tokenizer):
+    ds = _build(tmp_path, embedded_tokenizer, [{"messages": CHAT}], format="messages", chat_template=CHATML)
+    sample = ds[0]
+    assert _trained_runs(embedded_tokenizer, sample) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
+    # each answer is predicted from the last token of its header, and nothing before it is trained
+    first = next(t for t, y in enumerate(sample["targets"].tolist()) if y != IGNORE_INDEX)
+    assert embedded_tokenizer.decode(sample["input_ids"][: first + 1]).endswith(
+        "Add two numbers.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_messages_train_on_last(tmp_path, embedded_tokenizer):
+    ds = _build(
+        tmp_path,
+        embedded_tokenizer,
+        [{"messages": CHAT}],
+        format="messages",
+        chat_template=CHATML,
+        train_on="last",
+    )
+    assert _trained_runs(embedded_tokenizer, ds[0]) == [A2 + "<|im_end|>"]
+
+
+def test_messages_with_the_tokenizers_own_template(tmp_path, mistral_tokenizer):
+    ds = _build(tmp_path, mistral_tokenizer, [{"messages": CHAT[1:]}], format="messages")
+    eos = mistral_tokenizer.eos_token
+    assert _trained_runs(mistral_tokenizer, ds[0]) == [A1 + eos, A2 + eos]
+    # the template's text is all there: the conversation rendered, then padding
+    ids = [i for i in ds[0]["input_ids"].tolist() if i != mistral_tokenizer.pad_token_id]
+    assert mistral_tokenizer.decode(ids) == mistral_tokenizer.apply_chat_template(CHAT[1:], tokenize=False)
+
+
+def test_template_from_a_file(tmp_path, embedded_tokenizer):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    ds = _build(
+        tmp_path, embedded_tokenizer, [{"messages": CHAT}], format="messages", chat_template=str(template)
+    )
+    assert _trained_runs(embedded_tokenizer, ds[0]) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
+
+
+def test_prompt_completion_plain_and_as_chat(tmp_path, embedded_tokenizer):
+    rows = [{"question": "# add two numbers\n", "answer": A1}]
+    fields = {"format": "prompt_completion", "prompt_field": "question", "completion_field": "answer"}
+    plain = _build(tmp_path, embedded_tokenizer, rows, **fields)[0]
+    assert _trained_runs(embedded_tokenizer, plain) == [A1 + embedded_tokenizer.eos_token]
+    prompt_len = len(embedded_tokenizer(rows[0]["question"])["input_ids"])
+    first = next(t for t, y in enumerate(plain["targets"].tolist()) if y != IGNORE_INDEX)
+    assert first == prompt_len - 1  # the completion's first token is predicted from the prompt's last
+    chat = _build(tmp_path, embedded_tokenizer, rows, **fields, chat=True, chat_template=CHATML)[0]
+    assert _trained_runs(embedded_tokenizer, chat) == [A1 + "<|im_end|>"]
+
+
+def test_packed_conversations_do_not_attend_to_each_other(tmp_path, embedded_tokenizer, tiny_llama):
+    rows = [
+        {"messages": CHAT[1:3]},
+        {"messages": [{"role": "user", "content": "Zero."}, {"role": "assistant", "content": A3}]},
+    ]
+    packed = _build(tmp_path, embedded_tokenizer, rows, format="messages", chat_template=CHATML)
+    assert len(packed) == 1  # both in one sequence
+    first_len = _n_tokens(embedded_tokenizer, CHAT[1:3])
+    pos = packed[0]["position_ids"]
+    assert pos[first_len] == 0 and pos[first_len - 1] == first_len - 1
+    single = _build(tmp_path, embedded_tokenizer, rows[1:], format="messages", chat_template=CHATML)[0]
+    second_len = int((single["targets"] != IGNORE_INDEX).nonzero().max()) + 2
+    with torch.no_grad():
+        together = tiny_llama(
+            input_ids=packed[0]["input_ids"][None], position_ids=pos[None], use_cache=False
+        ).logits
+        alone = tiny_llama(input_ids=single["input_ids"][None, :second_len]).logits
+    torch.testing.assert_close(
+        together[0, first_len : first_len + second_len], alone[0], atol=1e-5, rtol=1e-5
+    )
+    # the second conversation's targets are the same packed or alone
+    assert (
+        packed[0]["targets"][first_len : first_len + second_len].tolist()
+        == single["targets"][:second_len].tolist()
+    )
+
+
+def test_unpacked_samples_are_padded_and_padding_changes_nothing(tmp_path, embedded_tokenizer, tiny_llama):
+    rows = [{"messages": CHAT}, {"messages": CHAT[1:3]}]
+    ds = _build(
+        tmp_path, embedded_tokenizer, rows, format="messages", chat_template=CHATML, pack=False, seq_len=200
+    )
+    assert len(ds) == 2
+    sample = ds[1]
+    n = _n_tokens(embedded_tokenizer, CHAT[1:3])
+    pad = embedded_tokenizer.pad_token_id
+    assert sample["input_ids"][n:].eq(pad).all() and sample["targets"][n - 1 :].eq(IGNORE_INDEX).all()
+    assert sample["position_ids"].tolist() == list(range(200))
+    # Padding comes after the sample and attention is causal: the sample's logits are those of it alone, so
+    # no attention mask is needed.
+    with torch.no_grad():
+        padded = tiny_llama(
+            input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None], use_cache=False
+        ).logits
+        alone = tiny_llama(input_ids=sample["input_ids"][None, :n]).logits
+    torch.testing.assert_close(padded[0, :n], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_long_conversations_are_dropped_or_cut_at_a_turn(tmp_path, embedded_tokenizer, caplog):
+    short = [{"role": "user", "content": "Zero."}, {"role": "assistant", "content": A3}]
+    rows = [{"messages": CHAT}, {"messages": short}]
+    full_len = _n_tokens(embedded_tokenizer, CHAT)
+    first_turns = _n_tokens(embedded_tokenizer, CHAT[:3])
+    seq_len = (first_turns + full_len) // 2
+    common = dict(format="messages", chat_template=CHATML, pack=False, seq_len=seq_len)
+    with caplog.at_level("WARNING", logger="llmdistill.data"):
+        dropped = _build(tmp_path, embedded_tokenizer, rows, **common)
+    assert [_trained_runs(embedded_tokenizer, s) for s in dropped] == [[A3 + "<|im_end|>"]]
+    assert "1 of 2 samples are longer than data.seq_len" in caplog.text and "1 dropped, 0 cut" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmdistill.data"):
+        cut = _build(tmp_path, embedded_tokenizer, rows, **common, truncation="turns")
+    assert [_trained_runs(embedded_tokenizer, s) for s in cut] == [[A1 + "<|im_end|>"], [A3 + "<|im_end|>"]]
+    assert "0 dropped, 1 cut" in caplog.text
+    # the cut conversation ends at its first answer's end marker: the rest of the sequence is padding
+    ids = cut[0]["input_ids"].tolist()
+    text = embedded_tokenizer.decode([i for i in ids if i != embedded_tokenizer.pad_token_id])
+    assert text.endswith(A1 + "<|im_end|>")
+    # a conversation whose first answer does not fit is dropped under both rules (the cut one ends at the
+    # end marker, one token before first_turns, which renders the newline after it)
+    tiny = _build(
+        tmp_path, embedded_tokenizer, rows, **{**common, "seq_len": first_turns - 2}, truncation="turns"
+    )
+    assert len(tiny) == 1
+
+
+# ---------------------------------------------------------------------------------------------- naming
+
+
+FIXTURE = Path(__file__).parent / "data" / "chat_dataset"
+
+
+def test_splits_slices_and_configs_of_a_local_dataset():
+    assert len(data.load_rows(DatasetSpec(path=str(FIXTURE), name="chat", format="messages"))) == 10
+    assert (
+        len(
+            data.load_rows(
+                DatasetSpec(path=str(FIXTURE), name="chat", split="train[:30%]", format="messages")
+            )
+        )
+        == 3
+    )
+    assert (
+        len(
+            data.load_rows(DatasetSpec(path=str(FIXTURE), name="chat", split="validation", format="messages"))
+        )
+        == 2
+    )
+    assert data.load_rows(DatasetSpec(path=str(FIXTURE), name="docs"))[0]["text"].startswith("x0 = 0")
+    one_file = str(FIXTURE / "chat" / "train.jsonl")
+    rows = data.load_rows(DatasetSpec(path=one_file, split="train[2:5]", format="messages"))
+    assert [r["messages"][0]["content"] for r in rows] == ["Write f2.", "Write f3.", "Write f4."]
+    with pytest.raises(LLMDistillError, match="'nope' not found"):
+        data.load_rows(DatasetSpec(path=str(FIXTURE), name="nope"))
+    with pytest.raises(LLMDistillError, match="a single file has one split"):
+        data.load_rows(DatasetSpec(path=one_file, split="validation", format="messages"))
+
+
+def _stream_spec(**kw):
+    return DatasetSpec(path=str(FIXTURE), name="chat", format="messages", **kw)
+
+
+def test_streaming_gives_the_in_memory_sequences_and_resumes_exactly(embedded_tokenizer):
+    cfg = DataConfig(seq_len=96, chat_template=CHATML)
+    in_memory = data.build_dataset(_stream_spec(), cfg, embedded_tokenizer, seed=0)
+    stream = data.build_dataset(_stream_spec(streaming=True), cfg, embedded_tokenizer, seed=0)
+    assert isinstance(stream, data.PackedStream)
+    streamed = stream.head(len(in_memory) + 2)
+    for i in range(len(in_memory)):
+        for k in ("input_ids", "position_ids", "targets"):
+            assert streamed[i][k].tolist() == in_memory[i][k].tolist(), (i, k)
+    # endless: a second pass starts again from the first sequence
+    assert streamed[len(in_memory)]["input_ids"].tolist() == in_memory[0]["input_ids"].tolist()
+    _assert_resumes(stream, world=2)
+
+
+def _assert_resumes(dataset, world, mb=2, steps=9, start=4):
+    for rank in range(world):
+        straight = list(itertools.islice(data.micro_batches(dataset, mb, world, rank, seed=1), steps))
+        resumed = list(
+            itertools.islice(data.micro_batches(dataset, mb, world, rank, seed=1, start=start), steps - start)
+        )
+        for a, b in zip(straight[start:], resumed, strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ranks = [next(iter(data.micro_batches(dataset, mb, world, r, seed=1)))["input_ids"] for r in range(world)]
+    assert not torch.equal(ranks[0], ranks[1])
+
+
+def test_blend_follows_the_weights_and_resumes_exactly(tmp_path, embedded_tokenizer):
+    docs = tmp_path / "docs.jsonl"
+    _write_jsonl(docs, [{"text": f"value_{i} = {i}\n" * 30} for i in range(40)])
+    specs = [
+        DatasetSpec(path=str(docs), weight=0.7),
+        DatasetSpec(path=str(FIXTURE), name="chat", format="messages", weight=0.3),
+    ]
+    cfg = DataConfig(seq_len=64, chat_template=CHATML)
+    parts = [data.build_dataset(s, cfg, embedded_tokenizer, seed=0) for s in specs]
+    blended = data.build_dataset(specs, cfg, embedded_tokenizer, seed=0)
+    assert len(blended) == len(parts[0]) + len(parts[1])
+    chat_sequences = {tuple(s["input_ids"].tolist()) for s in parts[1]}
+    from_chat = [tuple(s["input_ids"].tolist()) in chat_sequences for s in blended]
+    for n in (10, 20, len(blended)):
+        assert abs(sum(from_chat[:n]) - 0.3 * n) <= 1, n
+    again = data.build_dataset(specs, cfg, embedded_tokenizer, seed=0)
+    assert torch.equal(blended[:]["input_ids"], again[:]["input_ids"])
+    _assert_resumes(blended, world=2)
+    # the same blend, streamed: the same order of sources, and an exact resume
+    streamed = data.build_dataset(
+        [s.model_copy(update={"streaming": True}) for s in specs], cfg, embedded_tokenizer, seed=0
+    )
+    assert [tuple(s["input_ids"].tolist()) in chat_sequences for s in streamed.head(20)] == from_chat[:20]
+    _assert_resumes(streamed, world=2)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _row(*turns):
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+GOOD = _row(("user", "q"), ("assistant", "a"))
+BAD_ROWS = [
+    ([GOOD, _row(("user", "q"), ("robot", "a"))], {}, r"rows.jsonl row 2: turn 2 has unknown role 'robot'"),
+    (
+        [GOOD, GOOD, _row(("user", "q"), ("assistant", " "))],
+        {},
+        r"rows.jsonl row 3: turn 2 is an empty assistant turn",
+    ),
+    ([_row(("system", "s"), ("user", "q"))], {}, r"rows.jsonl row 1: no assistant turn"),
+    ([{"messages": "hello"}], {}, r"rows.jsonl row 1: messages must be a non-empty list"),
+    ([GOOD], {"chat_template": None}, r"tokenizer has no chat template; set data.chat_template"),
+    (
+        [GOOD],
+        {"chat_template": "missing.jinja"},
+        r"data.chat_template: 'missing.jinja' is neither a file nor",
+    ),
+    (
+        [GOOD],
+        {"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}{{ raise_exception('no') }}"},
+        r"row 1: the chat template failed: no",
+    ),
+    (
+        [{"prompt": "p", "completion": "c"}, {"prompt": "p"}],
+        {"format": "prompt_completion"},
+        r"row 2: completion is missing",
+    ),
+    ([{"prompt": "p", "answer": "c"}], {"format": "prompt_completion"}, r"no field 'completion'"),
+    ([{"prompt": "p", "completion": "  "}], {"format": "prompt_completion"}, r"row 1: completion is empty"),
+    ([{"body": "x"}], {"format": "text"}, r"rows.jsonl: no field 'text'"),
+]
+
+
+@pytest.mark.parametrize("rows, cfg, message", BAD_ROWS)
+def test_bad_rows_are_named_with_file_and_row(tmp_path, embedded_tokenizer, rows, cfg, message):
+    cfg = {"format": "messages", "chat_template": CHATML, **cfg}
+    with pytest.raises(LLMDistillError, match=message):
+        _build(tmp_path, embedded_tokenizer, rows, **cfg)
+
+
+def test_bad_files_are_named(tmp_path, embedded_tokenizer):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(LLMDistillError, match=r"bad.jsonl line 2: not UTF-8 \(byte 0xe9 at column 14\)"):
+        data.build_dataset(DatasetSpec(path=str(bad)), DataConfig(), embedded_tokenizer, seed=0)
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "notes.md").write_text("no data here")
+    with pytest.raises(
+        LLMDistillError, match=r"no data files \(.jsonl/.json/.txt/.parquet\) under .*nothing"
+    ):
+        data.load_rows(DatasetSpec(path=str(tmp_path / "nothing")))
+    with pytest.raises(LLMDistillError, match="slicing needs streaming: false"):
+        data.load_rows(DatasetSpec(path=str(FIXTURE), name="chat", split="train[:2]", streaming=True))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_training_on_chat_data_scores_only_the_answers(tmp_path, embedded_tokenizer):
+    from conftest import QUICK, read_log, run_cli
+
+    rows = []
+    for i in range(48):
+        answer = f"def scale_{i}(values):\n    return [v * {i} for v in values]"
+        rows.append(
+            _row(("system", "Answer with code."), ("user", f"Scale a list by {i}."), ("assistant", answer))
+        )
+    chat = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    spec = f"{{path: {chat}, format: messages}}"
+    result = run_cli(
+        [
+            "train",
+            *QUICK,
+            f"data.train={spec}",
+            f"data.validation={spec}",
+            f"data.chat_template={template}",
+            "data.seq_len=128",
+            "train.max_steps=3",
+            f"run.output_dir={tmp_path}",
+            "run.name=chat",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "chat" / "summary.json").read_text())
+    assert sorted(read_log(tmp_path / "chat")) == [1, 2, 3]
+    # The held-out batches the trainer scored: the first eval_batches x micro_batch_size sequences.
+    cfg = DataConfig(seq_len=128, chat_template=str(template))
+    held_out = data.build_dataset(DatasetSpec(path=chat, format="messages"), cfg, embedded_tokenizer, seed=0)
+    held_out = [held_out[i] for i in range(2 * 4)]
+    answers = {r["messages"][2]["content"] + "<|im_end|>" for r in rows}
+    runs = [run for s in held_out for run in _trained_runs(embedded_tokenizer, s)]
+    assert runs and set(runs) <= answers
+    trained = sum(int((s["targets"] != IGNORE_INDEX).sum()) for s in held_out)
+    real = sum(int((s["input_ids"] != embedded_tokenizer.pad_token_id).sum()) for s in held_out)
+    assert summary["student_eval"]["tokens"] == trained < real / 2
+    assert summary["teacher_eval"]["tokens"] == trained
+
+
+def test_unpacked_text_documents_are_cut_and_padded(tmp_path, embedded_tokenizer):
+    docs = ["x = 1\n" * 30, "y = 2\n"]
+    ds = _build(tmp_path, embedded_tokenizer, [{"text": d} for d in docs], seq_len=32, pack=False)
+    lengths = [len(_document_ids_of(embedded_tokenizer, d)) for d in docs]
+    assert len(ds) == -(-lengths[0] // 32) + 1
+    last = ds[len(ds) - 1]
+    # the short document alone, then padding that is never trained
+    assert last["position_ids"].tolist() == list(range(32))
+    assert _trained_runs(embedded_tokenizer, last) == [
+        embedded_tokenizer.decode(_document_ids_of(embedded_tokenizer, docs[1])[1:])
+    ]
+
+
+def _document_ids_of(tokenizer, text):
+    return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_a_template_that_rewrites_past_answers_trains_the_last_one(tmp_path, embedded_tokenizer):
+    # like templates that drop the reasoning of past turns: an earlier answer is not in the full rendering
+    rewrites = CHATML.replace(
+        "{{ m.content }}",
+        "{% if m.role == 'assistant' and not loop.last %}(earlier answer)"
+        "{% else %}{{ m.content }}{% endif %}",
+    )
+    rows = [{"messages": CHAT}]
+    with pytest.raises(
+        LLMDistillError, match=r"row 1: the chat template does not reproduce assistant turn 3"
+    ):
+        _build(tmp_path, embedded_tokenizer, rows, format="messages", chat_template=rewrites)
+    ds = _build(
+        tmp_path, embedded_tokenizer, rows, format="messages", chat_template=rewrites, train_on="last"
+    )
+    assert _trained_runs(embedded_tokenizer, ds[0]) == [A2 + "<|im_end|>"]

@@ -51,8 +51,19 @@ VOCAB = 300
 
 
 def tiny_config(family: str = "llama", **overrides):
-    """A small random decoder of the given family; GQA (4 query heads over 2 KV heads), head_dim 32."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """A small random decoder of the given family; GQA (4 query heads over 2 KV heads), head_dim 32.
+
+    Gemma-2/3 alternate sliding-window and full layers with a window shorter than the test sequences, so a
+    layer kept with the wrong attention type changes the logits."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=VOCAB,
@@ -63,10 +74,26 @@ def tiny_config(family: str = "llama", **overrides):
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=256,
-        tie_word_embeddings=family in ("llama", "qwen3"),
+        tie_word_embeddings=family in ("llama", "qwen3", "gemma2", "gemma3_text"),
     )
+    if family in ("gemma2", "gemma3_text"):
+        # soft-capping on, at values the random logits reach, so that it is exercised
+        common.update(sliding_window=8, final_logit_softcapping=3.0, attn_logit_softcapping=5.0)
+        common.update(query_pre_attn_scalar=32)
+    if family == "gemma3_text":
+        common.update(sliding_window_pattern=2)
+    if family == "phi3":
+        common.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma2": Gemma2Config,
+        "gemma3_text": Gemma3TextConfig,
+        "phi3": Phi3Config,
+    }[family]
     return cls(**common)
 
 
@@ -104,7 +131,7 @@ def logits(model, batch):
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"]
 
 
 # ---------------------------------------------------------------------------------------------- exactness
@@ -125,10 +152,10 @@ def test_pruning_nothing_gives_the_teachers_logits(family):
         torch.testing.assert_close(logits(student, batch), logits(teacher, batch), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_dropping_layers_equals_removing_them_by_hand(family):
     teacher = tiny_model(family, num_hidden_layers=5)
-    keep = [0, 2, 4]  # drop {1, 3}
+    keep = [0, 3, 4]  # drop {1, 2}: one sliding and one full layer in Gemma's alternation
     plan = identity_plan(teacher.config)
     plan = {
         **plan,
@@ -147,6 +174,9 @@ def test_dropping_layers_equals_removing_them_by_hand(family):
     torch.testing.assert_close(logits(student, batch), logits(by_hand, batch), atol=1e-5, rtol=0)
     assert student.config.num_hidden_layers == 3
     assert len(getattr(student.config, "layer_types", None) or [0] * 3) == 3
+    if family.startswith("gemma"):  # the kept layers keep their sliding / full attention
+        assert student.config.layer_types == [teacher.config.layer_types[i] for i in keep]
+        assert len(set(student.config.layer_types)) == 2
 
 
 def test_select_layers_contiguous_and_independent():
@@ -170,27 +200,35 @@ def zeroed_model(family: str):
     A zero v_proj row block silences every query head of that KV group; a zero up_proj row silences a neuron;
     a channel that the embedding, o_proj and down_proj never write stays zero in the residual stream. The tiny
     rms_norm_eps keeps RMSNorm exactly scale-free, so removing zero channels changes nothing once norms are
-    rescaled.
+    rescaled. Phi-3's fused projections get the same rows zeroed inside qkv_proj and gate_up_proj.
     """
+    ffn = 48
     model = tiny_model(
-        family, num_key_value_heads=2, num_attention_heads=4, intermediate_size=48, rms_norm_eps=1e-12
+        family, num_key_value_heads=2, num_attention_heads=4, intermediate_size=ffn, rms_norm_eps=1e-12
     )
     d = 32
     dead_group, dead_neurons, dead_channels = {0: 1, 1: 0, 2: 1, 3: 1}, [3, 17, 40], [5, 6, 33, 60]
+    v_offset = 4 * d + 2 * d if family == "phi3" else 0  # v rows follow the q and k rows in qkv_proj
     with torch.no_grad():
         model.model.embed_tokens.weight[:, dead_channels] = 0
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            attn.v_proj.weight[dead_group[i] * d : (dead_group[i] + 1) * d] = 0
-            if attn.v_proj.bias is not None:
-                attn.v_proj.bias[dead_group[i] * d : (dead_group[i] + 1) * d] = 0
+            v_proj = attn.qkv_proj if family == "phi3" else attn.v_proj
+            rows = slice(v_offset + dead_group[i] * d, v_offset + (dead_group[i] + 1) * d)
+            v_proj.weight[rows] = 0
+            if v_proj.bias is not None:
+                v_proj.bias[rows] = 0
             attn.o_proj.weight[dead_channels] = 0
-            mlp.up_proj.weight[[(n + 7 * i) % 48 for n in dead_neurons]] = 0
+            up_rows = [(n + 7 * i) % ffn for n in dead_neurons]
+            if family == "phi3":  # up rows follow the gate rows in gate_up_proj
+                mlp.gate_up_proj.weight[[ffn + r for r in up_rows]] = 0
+            else:
+                mlp.up_proj.weight[up_rows] = 0
             mlp.down_proj.weight[dead_channels] = 0
     return model, dead_group, dead_neurons, dead_channels
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_width_pruning_removes_exactly_the_dead_units_and_keeps_outputs(family):
     model, dead_group, dead_neurons, dead_channels = zeroed_model(family)
     cfg = model.config
@@ -226,6 +264,37 @@ def test_mha_prunes_single_query_heads():
     )
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "phi3"])
+def test_kept_heads_and_neurons_are_the_planned_ones(family, tmp_path):
+    """A random plan's student equals the teacher with every other head and neuron masked out by hand.
+
+    A query head writes only through its o_proj columns and a neuron only through its down_proj column, so
+    zeroing those in the teacher removes exactly the units the plan drops: for Phi-3 this checks that the
+    fused qkv_proj and gate_up_proj rows were cut at the right offsets. The student goes through
+    save_pretrained / AutoModelForCausalLM.from_pretrained, as a derived checkpoint does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    teacher = tiny_model(family, num_attention_heads=4, num_key_value_heads=2)
+    shape = resolve_shape(
+        teacher.config, {"intermediate_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1}
+    )
+    plan = random_plan(teacher.config, shape, seed=3)
+    assert any(h != [0, 1] for h in plan["heads"])  # the plan really picks among heads
+    build_student(teacher, plan).save_pretrained(tmp_path)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+
+    masked = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for i, layer in enumerate(masked.model.layers):
+            for h in set(range(4)) - set(plan["heads"][i]):
+                layer.self_attn.o_proj.weight[:, h * 32 : (h + 1) * 32] = 0
+            layer.mlp.down_proj.weight[:, sorted(set(range(96)) - set(plan["neurons"][i]))] = 0
+    batch = random_batches()[0]
+    torch.testing.assert_close(logits(student, batch), logits(masked, batch), atol=1e-5, rtol=1e-5)
+    assert type(student) is type(teacher) and student.config.intermediate_size == 40
+
+
 # ---------------------------------------------------------------------------------------------- scores
 
 
@@ -256,7 +325,7 @@ def test_block_importance_of_an_identity_layer_is_zero():
 # ------------------------------------------------------------------------------------------ shapes and search
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3"])
 def test_parameter_arithmetic_matches_built_students(family):
     teacher = tiny_model(family)
     named = parameter_shapes(teacher)
@@ -282,6 +351,75 @@ def test_search_enumerates_feasible_shapes_under_the_budget():
     assert len(picked) == 5 and len({c["shape"]["num_layers"] for c in picked}) > 1
 
 
+def test_memory_counts_weights_and_the_kv_cache_a_forward_pass_fills():
+    """memory_gb equals the student's weight bytes plus the KV cache transformers builds for that batch."""
+    from llmdistill.derive.search import memory_gb
+
+    teacher = tiny_model("llama")
+    shape = resolve_shape(teacher.config, {"num_layers": 3, "hidden_size": 48, "num_attention_heads": 2})
+    student = build_student(teacher, random_plan(teacher.config, shape, seed=0)).to(torch.bfloat16)
+    search = DeriveSearch(memory_budget_gb=1.0, memory_context=20, memory_batch=3, memory_dtype="bfloat16")
+    with torch.no_grad():
+        cache = student(input_ids=torch.randint(0, VOCAB, (3, 20)), use_cache=True).past_key_values
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    params = shape_parameters(parameter_shapes(teacher), teacher.config, shape)
+    assert memory_gb(params, teacher.config, shape, search) * 2**30 == weight_bytes + kv_bytes
+
+
+def test_search_keeps_shapes_under_every_budget():
+    from llmdistill.derive.search import memory_gb
+
+    teacher = tiny_model("llama", num_hidden_layers=6)
+    total = sum(p.numel() for p in teacher.parameters())
+    named = parameter_shapes(teacher)
+    memory = dict(memory_context=256, memory_batch=8, memory_dtype="float32")
+    full = resolve_shape(teacher.config, None)
+    teacher_gb = memory_gb(total, teacher.config, full, DeriveSearch(param_budget=1, **memory))
+    by_params = feasible_shapes(teacher.config, named, DeriveSearch(param_budget=0.6, tolerance=0.3), total)
+    by_memory = feasible_shapes(
+        teacher.config, named, DeriveSearch(memory_budget_gb=0.5 * teacher_gb, tolerance=0.3, **memory), total
+    )
+    both = feasible_shapes(
+        teacher.config,
+        named,
+        DeriveSearch(param_budget=0.6, memory_budget_gb=0.5 * teacher_gb, tolerance=0.3, **memory),
+        total,
+    )
+    assert all(0.35 * teacher_gb <= c["memory_gb"] <= 0.5 * teacher_gb for c in by_memory)
+    # The KV cache weighs here: the memory budget favours fewer layers and KV heads than the parameter budget.
+    key = lambda c: tuple(c["shape"].values())  # noqa: E731
+    assert {key(c) for c in by_memory} != {key(c) for c in by_params}
+    assert both and all(c["params"] <= 0.6 * total and c["memory_gb"] <= 0.5 * teacher_gb for c in both)
+    assert all(c["params"] >= 0.42 * total or c["memory_gb"] >= 0.35 * teacher_gb for c in both)
+    assert {key(c) for c in both} < {key(c) for c in by_params} | {key(c) for c in by_memory}
+    with pytest.raises(LLMDistillError, match="no shape on the grid fits memory_budget_gb="):
+        feasible_shapes(teacher.config, named, DeriveSearch(memory_budget_gb=1e-6, **memory), total)
+    with pytest.raises(ConfigError, match="give param_budget, memory_budget_gb or both"):
+        config_from_dict({"derive": {"search": {"tolerance": 0.1}}})
+
+
+def test_phi3_longrope_keeps_the_ratio_transformers_checks():
+    """transformers sizes Phi-3's longrope factors by hidden_size // num_attention_heads: a shape that changes
+    it is a clear error, and the search leaves such shapes out."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 16,
+        "long_factor": [2.0] * 16,
+        "original_max_position_embeddings": 64,
+    }
+    teacher = tiny_model("phi3", hidden_size=128, num_key_value_heads=4, rope_parameters=rope)
+    with pytest.raises(LLMDistillError, match="longrope.*keep it at 32 \\(got 96 // 2 = 48\\)"):
+        resolve_shape(teacher.config, {"hidden_size": 96, "num_attention_heads": 2})
+    shape = resolve_shape(teacher.config, {"hidden_size": 96, "num_attention_heads": 3})
+    student = build_student(teacher, random_plan(teacher.config, shape, seed=0))
+    assert student.config.hidden_size == 96 and student.config.num_key_value_heads == 3
+    search = DeriveSearch(param_budget=0.7, width_fractions=[1.0, 0.75, 0.5])
+    shapes = enumerate_shapes(teacher.config, search)
+    assert shapes and all(s["hidden_size"] // s["num_attention_heads"] == 32 for s in shapes)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -297,17 +435,20 @@ def test_bad_targets_are_clear_errors():
         resolve_shape(cfg, {"num_attention_heads": 4, "num_key_value_heads": 1})
     teacher = tiny_model("llama")
     total = sum(p.numel() for p in teacher.parameters())
-    with pytest.raises(LLMDistillError, match="no shape on the grid"):
+    with pytest.raises(LLMDistillError, match="no shape on the grid fits param_budget=0.01"):
         feasible_shapes(cfg, parameter_shapes(teacher), DeriveSearch(param_budget=0.01), total)
     with pytest.raises(LLMDistillError, match="larger than the teacher"):
         feasible_shapes(cfg, parameter_shapes(teacher), DeriveSearch(param_budget=10 * total), total)
 
 
 def test_unsupported_architecture_is_named():
-    from transformers import GPT2Config
+    from transformers import Gemma3Config, GPT2Config
 
     with pytest.raises(LLMDistillError, match="'gpt2' .*GPT2LMHeadModel.* not supported"):
         check_supported(GPT2Config(architectures=["GPT2LMHeadModel"]))
+    # Gemma-3's image-text checkpoints: only the text model (gemma3_text) is supported
+    with pytest.raises(LLMDistillError, match="'gemma3' .*Gemma3ForConditionalGeneration.* not supported"):
+        check_supported(Gemma3Config(architectures=["Gemma3ForConditionalGeneration"]))
 
 
 def test_config_rejects_target_and_search_together():
@@ -376,11 +517,11 @@ def teacher_dir(tmp_path_factory):
     return root
 
 
-def derive_config(root: Path, derive: dict, name: str):
+def derive_config(root: Path, derive: dict, name: str, teacher: str = "teacher"):
     return config_from_dict(
         {
             "run": {"name": name, "output_dir": str(root / "runs")},
-            "teacher": {"path": str(root / "teacher")},
+            "teacher": {"path": str(root / teacher)},
             "data": {
                 "train": {"path": str(root / "corpus.jsonl")},
                 "validation": {"path": str(root / "corpus.jsonl")},
@@ -437,6 +578,41 @@ def test_derive_student_writes_a_plain_hf_checkpoint(teacher_dir):
     assert all((params[n][~m] == 0).all() for n, m in masks.items())
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3"])
+def test_derive_student_on_other_families(teacher_dir, family):
+    """The whole derivation on a Gemma-2 / Gemma-3 / Phi-3 teacher gives a checkpoint that plain transformers
+    loads, equal to the plan written in derivation.json applied to the teacher."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = tiny_model(family, vocab_size=VOCAB)
+    teacher.save_pretrained(teacher_dir / family)
+    for f in (teacher_dir / "teacher").glob("tokenizer*"):
+        (teacher_dir / family / f.name).write_bytes(f.read_bytes())
+    cfg = derive_config(
+        teacher_dir,
+        {
+            "target": {"num_layers": 3, "hidden_size": 48, "intermediate_size": 64, "num_attention_heads": 2},
+            "depth_methods": ["block_importance", "perplexity"],
+            "plots": False,
+        },
+        f"derive-{family}",
+        teacher=family,
+    )
+    out = derive_student(cfg)
+    record = json.loads((out / "derivation.json").read_text())
+    student = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(student) is type(teacher)
+    assert sum(p.numel() for p in student.parameters()) == record["parameters"]["student"]
+    kept = record["kept"]
+    if family != "phi3":
+        assert student.config.layer_types == [teacher.config.layer_types[i] for i in kept["layers"]]
+    plan = {"shape": record["student_shape"], **kept, "norm_scale": record["norm_scale"]}
+    batch = random_batches()[0]
+    torch.testing.assert_close(
+        logits(student, batch), logits(build_student(teacher, plan), batch), atol=1e-5, rtol=0
+    )
+
+
 def test_derive_student_search_ranks_candidates(teacher_dir):
     cfg = derive_config(
         teacher_dir,
@@ -449,6 +625,28 @@ def test_derive_student_search_ranks_candidates(teacher_dir):
     assert [c["loss"] for c in ranking] == sorted(c["loss"] for c in ranking)
     assert record["student_shape"] == ranking[0]["shape"]
     assert record["held_out_loss"]["student"] == pytest.approx(ranking[0]["loss"], rel=1e-6)
+
+    # The same search under a memory budget alone: 60% of what the teacher needs for 4 x 64 tokens in fp32.
+    from llmdistill.derive.search import memory_gb
+    from llmdistill.models import load_model
+
+    teacher = load_model(str(teacher_dir / "teacher"))
+    memory = {"memory_context": 64, "memory_batch": 4, "memory_dtype": "float32"}
+    budget = 0.6 * memory_gb(
+        record["parameters"]["teacher"],
+        teacher.config,
+        resolve_shape(teacher.config, None),
+        DeriveSearch(memory_budget_gb=1, **memory),
+    )
+    cfg = derive_config(
+        teacher_dir,
+        {"search": {"memory_budget_gb": budget, "max_candidates": 3, **memory}, "plots": False},
+        "search-memory",
+    )
+    record = json.loads((derive_student(cfg) / "derivation.json").read_text())
+    assert record["search"]["memory_budget_gb"] == budget and record["search"]["budget"] is None
+    assert len(record["search"]["ranking"]) == 3
+    assert all(0.9 * budget <= c["memory_gb"] <= budget for c in record["search"]["ranking"])
 
 
 def test_launcher_prints_one_line_errors(teacher_dir):

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmdistill.config import ConfigError, LossTerm
+from llmdistill.config import BalanceConfig, ConfigError, LossTerm
 from llmdistill.losses import Objective, get_loss, loss_names
-from llmdistill.losses.balance import BalanceSpec, combine_gradients
+from llmdistill.losses.balance import combine_gradients
 from llmdistill.losses.divergences import jsd_rows, shared_vocab
 from llmdistill.losses.features import layer_pairs
 from llmdistill.losses.sinkhorn import sinkhorn_cost, sinkhorn_log_plan
@@ -474,12 +474,12 @@ def test_curriculum_schedule():
 
 def test_pcgrad_removes_conflicts_and_equalises_norms():
     g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-10.0, 10.0])
-    combined, metrics = combine_gradients([g1, g2], [1.0, 1.0], ["ce", "fkl"], BalanceSpec())
+    combined, metrics = combine_gradients([g1, g2], [1.0, 1.0], ["ce", "fkl"], BalanceConfig())
     assert metrics["balance/cos_ce_fkl"] < 0
     for g in (g1, g2):
         assert torch.dot(combined, g) >= -1e-6
     plain, _ = combine_gradients(
-        [g1, g2], [1.0, 1.0], ["ce", "fkl"], BalanceSpec(normalize="none", project=False)
+        [g1, g2], [1.0, 1.0], ["ce", "fkl"], BalanceConfig(normalize="none", project=False)
     )
     torch.testing.assert_close(plain, g1 + g2)
 
@@ -502,7 +502,7 @@ def test_balanced_objective_gradient_and_value():
         h = hidden.clone().requires_grad_(True)
         value, _ = get_loss(name)(StudentOutput(hidden=h, head=head), TeacherSignal(logits=teacher), batch)
         grads.append(torch.autograd.grad(value, h)[0])
-    expected, _ = combine_gradients(grads, [1.0, 0.5], ["ce", "fkl"], BalanceSpec())
+    expected, _ = combine_gradients(grads, [1.0, 0.5], ["ce", "fkl"], BalanceConfig())
     torch.testing.assert_close(base.grad, expected, rtol=1e-5, atol=1e-7)
     assert "balance/norm_ce" in metrics and head.weight.grad is not None
 

@@ -47,9 +47,8 @@ def test_save_student_merges_lora_and_loads_with_plain_transformers(tmp_path, ti
     with torch.no_grad():
         expected = student(input_ids=ids).logits
     state = {k: v.clone() for k, v in student.state_dict().items()}
-    out = models.save_student(
-        state, tiny_llama.config, embedded_tokenizer, tmp_path / "student", "float32", peft_cfg
-    )
+    merged = models.state_to_model(state, tiny_llama.config, peft_cfg)
+    out = models.save_student(merged, embedded_tokenizer, tmp_path / "student", "float32")
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():

@@ -1,11 +1,15 @@
 """The trainer as one plain process: exact resume, crash safety, and one-line errors for bad input."""
 
 import json
+import os
 
 import pytest
 from conftest import QUICK, read_log, run_cli
 
-from llmdistill.train import COMPLETE, complete_checkpoints
+from llmdistill.checkpoint import COMPLETE, complete_checkpoints
+from llmdistill.config import load_config
+from llmdistill.distributed import free_port
+from llmdistill.train import Trainer
 
 STEPS = ["train.max_steps=8", "train.save_every=4", "deepspeed.zero_stage=1"]
 
@@ -113,9 +117,8 @@ def test_lora_student_trains_and_exports_merged(tmp_path):
     summary = json.loads((tmp_path / "tiny-lora" / "summary.json").read_text())
     student = tmp_path / "tiny-lora" / "student"
     assert (student / "model.safetensors").exists() and not (student / "adapter_config.json").exists()
-    # The merged export reproduces the adapter-wrapped engine: merging sums (W + BA)x instead of Wx + B(Ax),
-    # so
-    # fp32 rounding differs at ~1e-6 relative on logits of size ~10, hence 1e-4 absolute.
+    # The merged export reproduces the adapter-wrapped engine: merging sums (W + BA)x instead of
+    # Wx + B(Ax), so fp32 rounding differs at ~1e-6 relative on logits of size ~10, hence 1e-4 absolute.
     assert summary["export_max_abs_diff"] < 1e-4
     # LoRA trained only a small part of the model
     assert summary["trainable_parameters"] < 0.2 * summary["student_parameters"]
@@ -139,3 +142,59 @@ def test_lm_eval_during_and_after_training(tmp_path):
     assert [r["step"] for r in periodic] == [2, 4]
     report = json.loads((tmp_path / "ev" / "eval" / "results.json").read_text())
     assert set(report["models"]) >= {"teacher"} and len(report["models"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+
+
+@pytest.fixture
+def one_rank():
+    """A world of one in this process, as a launcher would describe it. The process group stays up for the
+    rest of the session (DeepSpeed keeps its own handles on it, so it cannot be rebuilt), but the variables
+    are restored, so later subprocesses do not inherit its address."""
+    saved = dict(os.environ)
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _trainer_config(tmp_path, name):
+    return load_config(
+        None, [*QUICK, *STEPS, "train.export=false", f"run.output_dir={tmp_path}", f"run.name={name}"]
+    )
+
+
+def test_single_steps_in_process_lower_the_held_out_loss(tmp_path, one_rank):
+    trainer = Trainer(_trainer_config(tmp_path, "steps"))
+    try:
+        before = trainer.evaluate()["loss"]
+        records = [trainer.train_step() for _ in range(8)]
+        after = trainer.evaluate()["loss"]
+    finally:
+        trainer.close()
+    assert trainer.step == 8 and [r["consumed_micro_batches"] for r in records] == list(range(1, 9))
+    assert after < before, (before, after)
+
+
+def test_save_then_a_new_trainer_resumes_to_the_same_next_step(tmp_path, one_rank):
+    cfg = _trainer_config(tmp_path, "resume")
+    first = Trainer(cfg)
+    try:
+        first.train_step()
+        first.train_step()
+        saved = first.save()
+        expected = first.train_step()
+    finally:
+        first.close()
+    second = Trainer(cfg)
+    try:
+        assert second.resume() == saved
+        assert (second.step, second.consumed) == (2, 2)
+        got = second.train_step()
+    finally:
+        second.close()
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6, rel=0)
+    assert got["consumed_micro_batches"] == expected["consumed_micro_batches"] == 3

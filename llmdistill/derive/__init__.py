@@ -1,9 +1,9 @@
 """Derive a student from the teacher by pruning (Minitron depth + width, MAGNET gradient saliency).
 
-`derive_student(cfg)` is the one entry point: it scores the teacher on a calibration set (split across ranks,
-scores summed), picks a shape (explicit `derive.target`, or a `derive.search` under a parameter budget),
-prunes, optionally masks in-block weights, and writes a plain HF checkpoint with `derivation.json`, plots and
-`masks.safetensors`."""
+`derive_student(cfg)` is the one entry point: it scores the teacher on a calibration set (split across
+ranks, scores summed), picks a shape (explicit `derive.target`, or a `derive.search` under a parameter
+budget), prunes, optionally masks in-block weights, and writes a plain HF checkpoint with `derivation.json`,
+plots and `masks.safetensors`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from llmdistill.config import Config, DatasetSpec, DeriveConfig, LLMDistillError
+from llmdistill.data import load_texts, tokenize_and_pack
 from llmdistill.derive.importance import (
     activation_scores,
     combine_depth_scores,
@@ -34,6 +36,7 @@ from llmdistill.derive.masks import (
     saliency_masks,
     save_masks,
 )
+from llmdistill.derive.plots import plot_scores
 from llmdistill.derive.prune import (
     axes_of,
     build_student,
@@ -46,9 +49,12 @@ from llmdistill.derive.prune import (
     teacher_shape,
 )
 from llmdistill.derive.search import feasible_shapes, pick_candidates, rank_candidates
+from llmdistill.distributed import init_distributed
+from llmdistill.models import check_sequence_length, load_model, load_tokenizer, resolve_model_path
 
 __all__ = [
     "derive_student",
+    "derive_output",
     "apply_masks",
     "mask_gradients",
     "load_masks",
@@ -65,8 +71,6 @@ __all__ = [
 def _setup(cfg: Config) -> tuple[int, int, str]:
     """Join the process group only under a multi-rank launcher: one plain process needs no DeepSpeed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from llmdistill.distributed import init_distributed
-
         return init_distributed(cfg.train.device)
     device = cfg.train.device
     if device == "auto":
@@ -76,8 +80,6 @@ def _setup(cfg: Config) -> tuple[int, int, str]:
 
 def packed_subset(spec: DatasetSpec, tokenizer, seq_len: int, n: int, name: str):
     """n packed sequences spread evenly over the dataset (not just its first documents)."""
-    from llmdistill.data import load_texts, tokenize_and_pack
-
     packed = tokenize_and_pack(load_texts(spec), tokenizer, seq_len, name)
     idx = torch.linspace(0, len(packed) - 1, min(n, len(packed))).round().long().unique().tolist()
     return packed.select(idx)
@@ -108,14 +110,18 @@ def _tolist(x):
     return x
 
 
+def derive_output(cfg: Config) -> Path:
+    """Where `derive_student` writes the student: derive.output, else <run.dir>/derived."""
+    output = cfg.derive.output if cfg.derive else None
+    return Path(output) if output else cfg.run.dir / "derived"
+
+
 def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path:
     """Prune the teacher into the student described by `cfg.derive`; returns the output HF directory.
 
     `candidate_score(student_model, held_out_batches) -> float` (lower is better) replaces the search's
     score, the held-out loss right after pruning: the trainer can pass one that distils K steps first.
     """
-    from llmdistill.models import check_sequence_length, load_model, load_tokenizer, resolve_model_path
-
     dcfg = cfg.derive or DeriveConfig()
     started = time.time()
     rank, world, device = _setup(cfg)
@@ -123,8 +129,6 @@ def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path
         raise LLMDistillError("derive needs a teacher: set teacher.path")
     teacher_path = resolve_model_path(cfg.teacher.path, "teacher.path")
     if dcfg.search is None:  # a bad target fails on the config alone, before any weights are read
-        from transformers import AutoConfig
-
         tconf = AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
         check_supported(tconf)
         resolve_shape(tconf, dcfg.target.model_dump() if dcfg.target else None)
@@ -202,7 +206,7 @@ def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path
     student_params = sum(p.numel() for p in student.parameters())
     assert student_params == shape_parameters(named_shapes, tconf, shape), "parameter arithmetic out of sync"
 
-    out = Path(dcfg.output) if dcfg.output else cfg.run.dir / "derived"
+    out = derive_output(cfg)
     if rank == 0:
         _write(
             out,
@@ -239,8 +243,11 @@ def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path
                 if ranking is None
                 else {
                     "budget": dcfg.search.param_budget,
+                    "memory_budget_gb": dcfg.search.memory_budget_gb,
                     "feasible_shapes": len(feasible),
-                    "ranking": [{k: c[k] for k in ("rank", "shape", "params", "loss")} for c in ranking],
+                    "ranking": [
+                        {k: c[k] for k in ("rank", "shape", "params", "memory_gb", "loss")} for c in ranking
+                    ],
                 },
                 "masking": None
                 if masks is None
@@ -269,8 +276,6 @@ def _write(out: Path, student, tokenizer, masks, record: dict, plot_inputs) -> N
     if masks is not None:
         save_masks(masks, tmp / MASK_FILE)
     if plot_inputs is not None:
-        from llmdistill.derive.plots import plot_scores
-
         record["plots"] = plot_scores(*plot_inputs, tmp / "plots")
     (tmp / "derivation.json").write_text(json.dumps(record, indent=1))
     shutil.rmtree(out, ignore_errors=True)

@@ -13,9 +13,16 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from llmdistill.signal import IGNORE_INDEX
+from llmdistill.losses.divergences import summed_nll
+from llmdistill.signal import forward_to_head
 
 DEPTH_METHODS = ("block_importance", "perplexity", "magnet_grad")
+HIDDEN_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
@@ -31,28 +38,24 @@ def decoder_layers(model):
 
 
 def residual_norms(model) -> dict[str, torch.nn.Module]:
-    """The RMSNorms that read the residual stream (weights on the hidden axis), by prefix."""
+    """The RMSNorms with weights on the hidden axis, by prefix: those that read the residual stream and, in
+    Gemma-2/3, those that normalise the attention and MLP outputs before they are added to it."""
     norms = {"model.norm": model.model.norm}
     for i, layer in enumerate(decoder_layers(model)):
-        norms[f"model.layers.{i}.input_layernorm"] = layer.input_layernorm
-        norms[f"model.layers.{i}.post_attention_layernorm"] = layer.post_attention_layernorm
+        for name in HIDDEN_NORMS:
+            if hasattr(layer, name):
+                norms[f"model.layers.{i}.{name}"] = getattr(layer, name)
     return norms
 
 
 def _forward(model, batch):
-    # position_ids restart at each packed document and no attention_mask is passed: HF builds a block-causal
-    # mask.
+    # Packed batch: position_ids restart at each document and no attention_mask is passed (block-causal).
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
 
-def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens."""
-    logits = _forward(model, batch)
-    targets = batch["targets"]
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, (targets != IGNORE_INDEX).sum()
+def batch_nll(model, batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens (losses' summed_nll)."""
+    return summed_nll(forward_to_head(model, batch), batch)
 
 
 @torch.no_grad()
@@ -63,7 +66,8 @@ def held_out_loss(model, batches) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=model.device)
     for batch in batches:
         nll, n = batch_nll(model, batch)
-        total += torch.stack([nll.double(), n.double()])
+        total[0] += nll.double()
+        total[1] += n
     all_reduce_(total)
     model.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
@@ -196,7 +200,7 @@ def gradient_magnitudes(model, batches, names: list[str] | None = None) -> dict[
         for batch in batches:
             model.zero_grad(set_to_none=True)
             nll, n_tok = batch_nll(model, batch)
-            (nll / n_tok.clamp(min=1)).backward()
+            (nll / max(n_tok, 1)).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     sums[n] += p.grad.detach().float().abs()

@@ -5,9 +5,10 @@ keyed by the student's parameter names. The checkpoint's masked weights are alre
 
 - `mask_gradients(model, masks)` once, before `deepspeed.initialize`: a tensor hook multiplies each masked
   parameter's gradient by its mask before it is accumulated, so neither the optimizer's fp32 master copy nor
-  Adam's moments ever move a masked weight (AdamW's decoupled decay keeps a zero weight at zero).
-- `apply_masks(model, masks)` after each optimizer step (cheap: one multiply per masked matrix) as insurance
-  against anything that writes weights directly (loading a checkpoint, an optimizer with coupled decay).
+  Adam's moments ever move a masked weight (AdamW's decoupled decay keeps a zero weight at zero). Nothing runs
+  after the optimizer step: the hooks alone keep masked weights at zero.
+- `apply_masks(model, masks)` zeroes masked weights in place: derivation applies it to the pruned student, and
+  export applies it to a LoRA student's merged weights (a LoRA update is dense, so the merge would undo them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmdistill.config import LLMDistillError
 
@@ -53,8 +55,6 @@ def saliency_masks(
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in masks.items()}, str(path))
 
 
@@ -66,14 +66,11 @@ def load_masks(masks: str | Path | dict) -> dict[str, torch.Tensor]:
         path = path / MASK_FILE
     if not path.is_file():
         raise LLMDistillError(f"mask file not found: {path}")
-    from safetensors.torch import load_file
-
     return load_file(str(path))
 
 
 def _canonical(name: str) -> str:
-    # PEFT wraps the model (base_model.model.) and moves weights to .base_layer.; DeepSpeed engines add
-    # module.
+    # PEFT wraps the model (base_model.model., weights in .base_layer.); DeepSpeed engines add module.
     for prefix in ("module.", "base_model.model."):
         if name.startswith(prefix):
             name = name[len(prefix) :]
@@ -95,7 +92,7 @@ def apply_masks(model, masks: str | Path | dict) -> None:
     """Zero every masked weight in place. ZeRO-3 parameters are gathered, masked, repartitioned."""
     for param, mask in _masked_parameters(model, load_masks(masks)):
         if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
-            import deepspeed
+            import deepspeed  # lazy: only a ZeRO-3 parameter needs it, and importing deepspeed is slow
 
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 param.mul_(mask.to(param.device, param.dtype))

@@ -9,7 +9,7 @@ import torch
 
 def plot_scores(scores: dict, depth: dict[str, torch.Tensor], plan: dict, out_dir: Path) -> list[str]:
     """Per-layer scores, per-head heatmap, neuron histogram and sorted channel scores; returns file names."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is needed only when derive.plots is on
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,10 +1,16 @@
-"""Apply a pruning plan to an HF decoder (Llama / Mistral / Qwen2 / Qwen3 layout) to get a plain HF model.
+"""Apply a pruning plan to an HF decoder (Llama / Mistral / Qwen2 / Qwen3 / Gemma-2 / Gemma-3 / Phi-3 layout).
 
 A *shape* is the student's five sizes (num_layers, hidden_size, intermediate_size, num_attention_heads,
 num_key_value_heads); head_dim never changes. A *plan* says which teacher units survive: kept layers, kept
 hidden channels, and per kept layer its query heads, KV heads and MLP neurons. Pruning works on the state
 dict, driven by one table (`PARAM_AXES`) saying which unit each axis of each parameter indexes; the same table
-counts the parameters of any shape, so the search's budget arithmetic and the pruning never disagree."""
+counts the parameters of any shape, so the search's budget arithmetic and the pruning never disagree.
+
+Family differences the table and `prune_state_dict` absorb: Phi-3 fuses q/k/v into `qkv_proj` and gate/up
+into `gate_up_proj` (fused axes `qkv` and `ffn2`); Gemma-2/3 add norms after attention and the MLP, write
+RMSNorm weights as (1 + w), and multiply the embedding by sqrt(hidden_size), a factor that changes with the
+hidden size. Soft-capping, `head_dim` and `query_pre_attn_scalar` depend on no pruned size and stay as they
+are."""
 
 from __future__ import annotations
 
@@ -14,8 +20,13 @@ import re
 import torch
 
 from llmdistill.config import LLMDistillError
+from llmdistill.models import model_from_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# RMSNorm computes x / rms(x) * (1 + weight): a rescale by s maps weight to s * (1 + weight) - 1.
+ONE_PLUS_NORM_TYPES = ("gemma2", "gemma3_text")
+# The embedding output is multiplied by sqrt(hidden_size), recomputed from the student's (smaller) config.
+SCALED_EMBEDDING_TYPES = ("gemma2", "gemma3_text")
 SHAPE_KEYS = ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 # Parameter name suffix -> the unit each axis indexes. vocab/fixed axes are never pruned; q/kv axes are
@@ -26,6 +37,8 @@ PARAM_AXES = {
     "norm.weight": ("hidden",),
     "input_layernorm.weight": ("hidden",),
     "post_attention_layernorm.weight": ("hidden",),
+    "pre_feedforward_layernorm.weight": ("hidden",),  # Gemma-2/3
+    "post_feedforward_layernorm.weight": ("hidden",),
     "q_proj.weight": ("q", "hidden"),
     "q_proj.bias": ("q",),
     "k_proj.weight": ("kv", "hidden"),
@@ -34,12 +47,16 @@ PARAM_AXES = {
     "v_proj.bias": ("kv",),
     "o_proj.weight": ("hidden", "q"),
     "o_proj.bias": ("hidden",),
-    "q_norm.weight": ("fixed",),  # Qwen3 per-head norms act on head_dim, which stays
+    "qkv_proj.weight": ("qkv", "hidden"),  # Phi-3: rows are [q heads | k heads | v heads]
+    "qkv_proj.bias": ("qkv",),
+    "q_norm.weight": ("fixed",),  # Qwen3 / Gemma-3 per-head norms act on head_dim, which stays
     "k_norm.weight": ("fixed",),
     "gate_proj.weight": ("ffn", "hidden"),
     "gate_proj.bias": ("ffn",),
     "up_proj.weight": ("ffn", "hidden"),
     "up_proj.bias": ("ffn",),
+    "gate_up_proj.weight": ("ffn2", "hidden"),  # Phi-3: rows are [gate neurons | up neurons]
+    "gate_up_proj.bias": ("ffn2",),
     "down_proj.weight": ("hidden", "ffn"),
     "down_proj.bias": ("hidden",),
 }
@@ -57,8 +74,10 @@ def check_supported(config) -> None:
             f"derive: model type {model_type!r} ({arch}) is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if getattr(config, "hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
-        raise LLMDistillError(f"derive: activation {config.hidden_act!r} is not supported")
+    # Gemma names it hidden_activation
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+    if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
+        raise LLMDistillError(f"derive: activation {act!r} is not supported")
 
 
 def head_dim(config) -> int:
@@ -70,7 +89,7 @@ def axes_of(name: str) -> tuple[str, ...]:
     axes = PARAM_AXES.get(".".join(name.split(".")[-2:]))
     if axes is not None:
         return axes
-    raise LLMDistillError(f"derive: parameter {name} is not part of the supported Llama-style layout")
+    raise LLMDistillError(f"derive: parameter {name} is not part of the supported decoder layouts")
 
 
 def teacher_shape(config) -> dict[str, int]:
@@ -111,6 +130,16 @@ def validate_shape(config, shape: dict[str, int]) -> None:
             )
     q, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
     tq, tkv = teacher["num_attention_heads"], teacher["num_key_value_heads"]
+    rope = getattr(config, "rope_parameters", None) or {}
+    if config.model_type == "phi3" and rope.get("short_factor") is not None:
+        # transformers checks Phi-3's longrope factors on hidden_size // num_attention_heads, not head_dim
+        ratio = teacher["hidden_size"] // tq
+        if shape["hidden_size"] // q != ratio:
+            raise LLMDistillError(
+                f"derive: this Phi-3 uses longrope, whose factors transformers checks against "
+                f"hidden_size // num_attention_heads; keep it at {ratio} "
+                f"(got {shape['hidden_size']} // {q} = {shape['hidden_size'] // q})"
+            )
     if q % kv:
         raise LLMDistillError(
             f"derive: num_attention_heads={q} is not a multiple of num_key_value_heads={kv}"
@@ -132,6 +161,8 @@ def shape_parameters(named_shapes: dict[str, tuple[int, ...]], config, shape: di
         "kv": shape["num_key_value_heads"] * d,
         "ffn": shape["intermediate_size"],
     }
+    size["qkv"] = size["q"] + 2 * size["kv"]
+    size["ffn2"] = 2 * size["ffn"]
     total = 0
     for name, dims in named_shapes.items():
         m = _LAYER.match(name)
@@ -281,12 +312,32 @@ def _expand_heads(heads: list[int], d: int) -> torch.Tensor:
     return torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
 
 
+def _fused(parts: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """Indices into a fused axis made of blocks of the given teacher sizes, each cut by its own index."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return torch.cat([idx + off for idx, off in zip(parts, offsets, strict=True)])
+
+
 def prune_state_dict(state_dict: dict[str, torch.Tensor], config, plan: dict) -> dict[str, torch.Tensor]:
     """The student's state dict: kept layers renumbered, every axis cut to its kept units."""
     d = head_dim(config)
+    teacher = teacher_shape(config)
+    q_size, kv_size = teacher["num_attention_heads"] * d, teacher["num_key_value_heads"] * d
     position = {t: s for s, t in enumerate(plan["layers"])}
     hidden = torch.tensor(plan["hidden"], dtype=torch.long)
-    scales = plan.get("norm_scale") or {}
+    scales = dict(plan.get("norm_scale") or {})
+    one_plus = config.model_type in ONE_PLUS_NORM_TYPES
+    embed_factor = 1.0
+    tied = getattr(config, "tie_word_embeddings", False)
+    # A tied lm_head may also be in the state dict: it must carry the same (scaled) rows as the embedding.
+    embedding_names = {"model.embed_tokens.weight"} | ({"lm_head.weight"} if tied else set())
+    if config.model_type in SCALED_EMBEDDING_TYPES:
+        # The student multiplies its embedding by sqrt(kept hidden) instead of sqrt(teacher hidden): scale the
+        # rows up to match. A tied lm_head reads the same rows, so its logits would grow by the same factor;
+        # the final norm takes it back.
+        embed_factor = (teacher["hidden_size"] / len(plan["hidden"])) ** 0.5
+        if tied:
+            scales["model.norm"] = scales.get("model.norm", 1.0) / embed_factor
     out = {}
     for name, tensor in state_dict.items():
         m = _LAYER.match(name)
@@ -298,10 +349,15 @@ def prune_state_dict(state_dict: dict[str, torch.Tensor], config, plan: dict) ->
                 continue
             s = position[teacher_layer]
             new_name = f"model.layers.{s}.{m.group(2)}"
+            q = _expand_heads(plan["heads"][s], d)
+            kv = _expand_heads(plan["kv_heads"][s], d)
+            ffn = torch.tensor(plan["neurons"][s], dtype=torch.long)
             index |= {
-                "q": _expand_heads(plan["heads"][s], d),
-                "kv": _expand_heads(plan["kv_heads"][s], d),
-                "ffn": torch.tensor(plan["neurons"][s], dtype=torch.long),
+                "q": q,
+                "kv": kv,
+                "ffn": ffn,
+                "qkv": _fused([q, kv, kv], [q_size, kv_size, kv_size]),
+                "ffn2": _fused([ffn, ffn], [teacher["intermediate_size"]] * 2),
             }
         pruned = tensor
         for axis, unit in enumerate(axes_of(name)):
@@ -309,7 +365,12 @@ def prune_state_dict(state_dict: dict[str, torch.Tensor], config, plan: dict) ->
                 pruned = pruned.index_select(axis, index[unit].to(pruned.device))
         prefix = name.rsplit(".", 1)[0]
         if prefix in scales:
-            pruned = pruned * scales[prefix]
+            if one_plus:  # in fp32: in bf16, 1 + w would round w to steps of 1/128
+                pruned = ((pruned.float() + 1) * scales[prefix] - 1).to(pruned.dtype)
+            else:
+                pruned = pruned * scales[prefix]
+        if name in embedding_names and embed_factor != 1.0:
+            pruned = pruned * embed_factor
         out[new_name] = pruned.contiguous().clone()
     return out
 
@@ -329,7 +390,6 @@ def student_config(config, shape: dict):
 
 def build_student(teacher, plan: dict):
     """A new HF model of the plan's shape holding the teacher's kept weights (teacher is not modified)."""
-    from llmdistill.models import model_from_config
 
     config = student_config(teacher.config, plan["shape"])
     layer_types = getattr(teacher.config, "layer_types", None)

@@ -1,7 +1,9 @@
-"""Minitron-style architecture search: which depth x width shape to prune to under a parameter budget.
+"""Minitron-style architecture search: which depth x width shape to prune to under a parameter and/or memory
+budget.
 
 Every shape on a grid (depth from min_layers to the teacher's, width fractions of hidden size, MLP size and KV
-groups) is counted analytically; those inside the budget window are pruned with the same importance scores and
+groups) is counted analytically (parameters, and serving memory: weights plus KV cache); those inside the
+budget window are pruned with the same importance scores and
 ranked by held-out loss right after pruning (Minitron ranks after a short retraining; `score_fn` lets the
 trainer plug that in)."""
 
@@ -11,7 +13,10 @@ import math
 from collections.abc import Callable
 
 from llmdistill.config import DeriveSearch, LLMDistillError
-from llmdistill.derive.prune import shape_parameters, teacher_shape, validate_shape
+from llmdistill.derive.prune import head_dim, shape_parameters, teacher_shape, validate_shape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 2**30
 
 
 def budget_parameters(budget: float, teacher_params: int) -> int:
@@ -59,22 +64,58 @@ def enumerate_shapes(config, search: DeriveSearch) -> list[dict[str, int]]:
                         "num_attention_heads": kv * per_group,
                         "num_key_value_heads": kv,
                     }
-                    validate_shape(config, shape)
+                    try:
+                        validate_shape(config, shape)
+                    except LLMDistillError:
+                        continue  # a family's own constraint (Phi-3 longrope) rules this grid point out
                     shapes.append(shape)
     return shapes
 
 
+def memory_gb(params: int, config, shape: dict[str, int], search: DeriveSearch) -> float:
+    """GiB to serve a shape: its weights plus a KV cache (keys and values, every layer, full context)."""
+    per_value = DTYPE_BYTES[search.memory_dtype]
+    kv_cache = (
+        2
+        * shape["num_layers"]
+        * shape["num_key_value_heads"]
+        * head_dim(config)
+        * search.memory_context
+        * search.memory_batch
+    )
+    return (params + kv_cache) * per_value / GIB
+
+
 def feasible_shapes(config, named_shapes, search: DeriveSearch, teacher_params: int) -> list[dict]:
-    """Shapes whose parameter count lies in [budget * (1 - tolerance), budget], largest first."""
-    budget = budget_parameters(search.param_budget, teacher_params)
-    low = budget * (1 - search.tolerance)
-    counted = [(s, shape_parameters(named_shapes, config, s)) for s in enumerate_shapes(config, search)]
-    feasible = [{"shape": s, "params": n} for s, n in counted if low <= n <= budget]
+    """Shapes under every budget given that use at least (1 - tolerance) of one of them, largest first."""
+    limits = {}  # budget name -> (the candidate's value of it, the limit)
+    if search.param_budget is not None:
+        limits["param_budget"] = budget_parameters(search.param_budget, teacher_params)
+    if search.memory_budget_gb is not None:
+        limits["memory_budget_gb"] = search.memory_budget_gb
+    counted = []
+    for s in enumerate_shapes(config, search):
+        n = shape_parameters(named_shapes, config, s)
+        counted.append({"shape": s, "params": n, "memory_gb": memory_gb(n, config, s, search)})
+    value = {"param_budget": "params", "memory_budget_gb": "memory_gb"}
+
+    def fits(c):
+        used = [c[value[k]] / limit for k, limit in limits.items()]
+        return max(used) <= 1 and max(used) >= 1 - search.tolerance
+
+    feasible = [c for c in counted if fits(c)]
     if not feasible:
-        smallest = min(n for _, n in counted)
+        asked = ", ".join(f"{k}={getattr(search, k):g}" for k in limits)
+        smallest = min(counted, key=lambda c: c["params"], default=None)
+        seen = (
+            "no valid shape on the grid"
+            if smallest is None
+            else f"smallest candidate {smallest['params']:,} parameters, {smallest['memory_gb']:.3g} GiB"
+        )
+        teacher_gb = memory_gb(teacher_params, config, teacher_shape(config), search)
         raise LLMDistillError(
-            f"derive.search: no shape on the grid has between {int(low):,} and {budget:,} parameters "
-            f"(teacher {teacher_params:,}, smallest candidate {smallest:,}); "
+            f"derive.search: no shape on the grid fits {asked} within tolerance {search.tolerance:g} "
+            f"(teacher {teacher_params:,} parameters, {teacher_gb:.3g} GiB; {seen}); "
             "widen tolerance, width_fractions or min_layers"
         )
     return sorted(feasible, key=lambda c: (-c["params"], -c["shape"]["num_layers"]))

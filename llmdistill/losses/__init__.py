@@ -10,58 +10,19 @@ parameters are errors.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 import torch
 
 from llmdistill.config import ConfigError, LossTerm
 
-_REGISTRY: dict[str, Callable] = {}
+# Importing the built-in loss modules runs their @register decorators: a new loss module is listed here.
+from llmdistill.losses import alm, divergences, features, sinkhorn  # noqa: F401
+from llmdistill.losses.balance import combine_gradients, parse_balance
+from llmdistill.losses.divergences import shared_vocab
+from llmdistill.losses.registry import check_params, get_loss, loss_names, register
+from llmdistill.signal import StudentOutput
 
-
-def register(name: str, needs: frozenset[str] | set[str] = frozenset(), cross_tokenizer: bool = False):
-    """Register a loss under `name`.
-
-    `needs` says what the trainer must provide: "teacher" (a TeacherSignal), "teacher_hidden",
-    "student_hidden". `cross_tokenizer` marks losses that accept teacher and student with different
-    tokenizers.
-    """
-
-    def wrap(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"loss {name!r} registered twice")
-        fn.loss_name, fn.needs, fn.cross_tokenizer = name, frozenset(needs), cross_tokenizer
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
-
-
-def loss_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def get_loss(name: str) -> Callable:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown loss {name!r}; known losses: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def _load_builtin():
-    # Importing the modules runs their @register decorators.
-    from llmdistill.losses import alm, divergences, features, sinkhorn  # noqa: F401
-
-
-def _check_params(where: str, fn: Callable, params: dict) -> None:
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    sig = inspect.signature(target)
-    skip = {"self", "student", "signal", "batch", "student_config", "teacher_config"}
-    known = [p for p in sig.parameters if p not in skip]
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown parameter(s) {unknown}; {fn.loss_name} takes {known or 'none'}")
+__all__ = ["Objective", "get_loss", "loss_names", "register"]
 
 
 class Objective(torch.nn.Module):
@@ -80,8 +41,6 @@ class Objective(torch.nn.Module):
         """`defaults`: parameter values from the run's context (e.g. `layer_map` from a derivation's kept
         layers), given to each term whose loss takes that parameter and whose config does not set it."""
         super().__init__()
-        from llmdistill.losses.balance import parse_balance
-
         if not terms:
             raise ConfigError("loss: the objective needs at least one term")
         self.terms = []
@@ -89,7 +48,7 @@ class Objective(torch.nn.Module):
         names = [term.name for term in terms]
         for i, term in enumerate(terms):
             fn = get_loss(term.name)
-            _check_params(f"loss.{i} ({term.name})", fn, term.params)
+            check_params(f"loss.{i} ({term.name})", fn, term.params)
             accepted = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters
             params = {k: v for k, v in (defaults or {}).items() if k in accepted} | term.params
             # A name used twice gets its index, so the metrics of both survive.
@@ -106,8 +65,6 @@ class Objective(torch.nn.Module):
             vocab_s = getattr(student_config, "vocab_size", None)
             vocab_t = getattr(teacher_config, "vocab_size", None)
             if vocab_s is not None and vocab_t is not None:
-                from llmdistill.losses.divergences import shared_vocab
-
                 shared_vocab(int(vocab_s), int(vocab_t))  # raises, pointing to `alm`, on different tokenizers
 
     @property
@@ -132,9 +89,6 @@ class Objective(torch.nn.Module):
         return total, metrics
 
     def _balanced(self, student, signal, batch):
-        from llmdistill.losses.balance import combine_gradients
-        from llmdistill.signal import StudentOutput
-
         leaf = student.hidden.detach().requires_grad_(True)
         proxy = StudentOutput(hidden=leaf, head=student.head, hidden_states=student.hidden_states)
         total = 0.0

@@ -26,20 +26,16 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from llmdistill.align import CHUNK_KINDS
 from llmdistill.config import ConfigError
-from llmdistill.losses import register
+from llmdistill.losses.divergences import log1mexp
+from llmdistill.losses.registry import register
 from llmdistill.signal import StudentOutput, TeacherSignal
 
 DIVERGENCES = ("binary_kl", "binary_ce", "abs")
-CHUNK_KINDS = ("unconstrained", "space")
 # Keeps exp(l / tau) below 1, where log(1 - p) is finite (a chunk the model is certain of).
 EPSILON = 1e-6
 ROWS = 4096  # student positions whose logits are formed at once
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x."""
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def binarised_divergence(teacher_ll: torch.Tensor, student_ll: torch.Tensor, temperature: float, kind: str):

@@ -2,8 +2,8 @@
 parameters.
 
 What it does, per micro-batch:
-1. The losses are evaluated on a detached copy `h` of the student's final hidden state (a leaf that requires
-   grad).
+1. The losses are evaluated on a detached copy `h` of the student's final hidden state (a leaf that
+   requires grad).
 2. For each term i whose value depends on h: g_i = d L_i / d h ([B, T, H], one `torch.autograd.grad` that runs
    only the loss's own part of the graph: the chunked head recomputation and its input gradient).
 3. Magnitudes are equalised (`normalize`): every g_i is rescaled to the mean norm of the g's ("mean"), or to
@@ -30,47 +30,20 @@ cost, and nothing extra in the transformer trunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from llmdistill.config import ConfigError
-
-NORMALIZE_MODES = ("mean", "task", "none")
+from llmdistill.config import BalanceConfig, ConfigError, config_from_dict
 
 
-@dataclass
-class BalanceSpec:
-    normalize: str = "mean"
-    project: bool = True
-    task_terms: tuple[str, ...] = ("ce",)
-
-
-def parse_balance(balance) -> BalanceSpec | None:
-    """None, a dict, or the config's BalanceConfig section -> BalanceSpec (or None: plain weighted sum)."""
-    if balance is None:
-        return None
-    raw = balance.model_dump() if hasattr(balance, "model_dump") else dict(balance)
-    if raw.pop("enabled", True) is False:
-        return None
-    method = raw.pop("method", "pcgrad")
-    if method != "pcgrad":
-        raise ConfigError(f"balance.method must be 'pcgrad', got {method!r}")
-    unknown = sorted(set(raw) - {"normalize", "project", "task_terms"})
-    if unknown:
-        raise ConfigError(f"balance: unknown key(s) {unknown}; known: method, normalize, project, task_terms")
-    spec = BalanceSpec(
-        normalize=raw.get("normalize", "mean"),
-        project=bool(raw.get("project", True)),
-        task_terms=tuple(raw.get("task_terms", ("ce",))),
-    )
-    if spec.normalize not in NORMALIZE_MODES:
-        raise ConfigError(f"balance.normalize must be one of {NORMALIZE_MODES}, got {spec.normalize!r}")
-    return spec
+def parse_balance(balance) -> BalanceConfig | None:
+    """None (a plain weighted sum), the config's BalanceConfig, or a dict checked by that same schema."""
+    if balance is None or isinstance(balance, BalanceConfig):
+        return balance
+    return config_from_dict({"balance": dict(balance)}).balance
 
 
 def combine_gradients(
-    grads: list[torch.Tensor], weights: list[float], names: list[str], spec: BalanceSpec
+    grads: list[torch.Tensor], weights: list[float], names: list[str], spec: BalanceConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """g* from per-term gradients (same shape), following steps 3-5 of the module docstring."""
     flat = [g.float().reshape(-1) for g in grads]

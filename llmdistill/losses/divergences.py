@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmdistill.config import ConfigError
-from llmdistill.losses import register
+from llmdistill.losses.registry import register
 from llmdistill.signal import IGNORE_INDEX, StudentOutput, TeacherSignal
 
 log = logging.getLogger(__name__)
@@ -447,6 +447,18 @@ def cross_entropy(
     """Next-token cross-entropy on the data's targets (already shifted; -100 positions are skipped)."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError(f"ce: label_smoothing must be in [0, 1), got {label_smoothing}")
+    total, count = summed_nll(student, batch, label_smoothing, chunk_size)
+    return total / max(count, 1), {}
+
+
+def summed_nll(
+    student: StudentOutput, batch: dict, label_smoothing: float = 0.0, chunk_size: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood of the batch's targets and the number of target tokens.
+
+    The one held-out NLL: the `ce` loss, the trainer's held-out evaluation (student and teacher) and
+    derivation's calibration and candidate losses all use it; the head runs chunk by chunk (fused_head_sum).
+    """
     targets = batch["targets"].reshape(-1)
 
     def chunk_fn(logits, rows):
@@ -454,5 +466,4 @@ def cross_entropy(
             logits.float(), targets[rows], reduction="sum", label_smoothing=label_smoothing
         )
 
-    total, count = fused_head_sum(student, batch, auto_chunk_size(student, None, chunk_size, batch), chunk_fn)
-    return total / max(count, 1), {}
+    return fused_head_sum(student, batch, auto_chunk_size(student, None, chunk_size, batch), chunk_fn)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llmdistill.config import ConfigError
-from llmdistill.losses import get_loss, register
+from llmdistill.losses.registry import check_params, get_loss, register
 from llmdistill.signal import IGNORE_INDEX
 
 
@@ -194,9 +194,7 @@ class Curriculum(torch.nn.Module):
         final_fn = get_loss(final)
         if final in ("curriculum", "hidden_mse", "hidden_cos") or isinstance(final_fn, type):
             raise ConfigError(f"curriculum: final must be an output-distribution loss, got {final!r}")
-        from llmdistill.losses import _check_params  # late: the registry module imports this one lazily
-
-        _check_params("curriculum.final_params", final_fn, final_params or {})
+        check_params("curriculum.final_params", final_fn, final_params or {})
         self.final_fn, self.final_params = final_fn, dict(final_params or {})
         width_s = _config_value(student_config, "hidden_size", "curriculum")
         width_t = _config_value(teacher_config, "hidden_size", "curriculum")

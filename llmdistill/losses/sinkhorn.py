@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from llmdistill.config import ConfigError
-from llmdistill.losses import register
 from llmdistill.losses.divergences import (
     check_sparse_ids,
     check_tail,
@@ -39,6 +38,7 @@ from llmdistill.losses.divergences import (
     shared_vocab,
     sparse_ids,
 )
+from llmdistill.losses.registry import register
 
 
 def sinkhorn_log_plan(

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmdistill.distributed import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 DAEMONS = ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd"]
 # Job states in which a job will not change any more by itself.
@@ -45,12 +47,6 @@ def ensure_packages() -> None:
             raise SlurmUnavailable(f"`{' '.join(cmd)}` failed: {result.stderr[-2000:]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """Start with `start()`, always `stop()`; `env` is what a client command (sbatch, squeue, ...) needs."""
 
@@ -75,8 +71,8 @@ class Cluster:
             f"""# Single-node test cluster (tests/integration/slurm_cluster.py)
 ClusterName=llmdistill
 SlurmctldHost=localhost
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge

@@ -1,0 +1,1 @@
+"""Tools: jobs that sit on top of the library (building the embedded teacher runs the trainer)."""
