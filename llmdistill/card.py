@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+
 from llmdistill.config import LLMDistillError
 from llmdistill.report import Run, fmt, fmt_int, markdown, read_run, student_lm_eval
 
@@ -30,6 +32,13 @@ SHAPE_KEYS = {
     "attention heads": "num_attention_heads",
     "KV heads": "num_key_value_heads",
     "vocabulary": "vocab_size",
+}
+# The names llmdistill.data reads as data files; any other name that is not here is a hub dataset.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+ROW_FORMATS = {
+    "text": "",
+    "messages": ", chats (only the assistant turns trained)",
+    "prompt_completion": ", prompt/completion pairs (only the completions trained)",
 }
 # derivation.json names layers num_layers; the others as in an HF config.
 DERIVATION_SHAPE_KEYS = {"num_hidden_layers": "num_layers"}
@@ -62,8 +71,6 @@ def exported_student(run_dir: Path, student_dir: str | Path | None = None) -> Pa
 
 
 def build_model_card(run: Run, student_dir: Path, repo_id: str | None = None):
-    from huggingface_hub import ModelCard, ModelCardData
-
     cfg = run.config
     paths = _PathResolver(run)
     teacher = cfg["teacher"]["path"] if cfg["teacher"]["source"] != "none" else None
@@ -105,7 +112,8 @@ class _PathResolver:
     def local(self, path: str) -> Path | None:
         """The local file or directory `path` names, or None when it is not here (a hub name)."""
         if path == "embedded":
-            from llmdistill.models import EMBEDDED_TEACHER
+            # Imported here: llmdistill.embedded loads the tokenizers library, which no other card needs.
+            from llmdistill.embedded import EMBEDDED_TEACHER
 
             return EMBEDDED_TEACHER
         p = Path(path).expanduser()
@@ -119,23 +127,25 @@ def _is_hub_id(path: str, paths: _PathResolver) -> bool:
     return path != "embedded" and paths.local(path) is None and bool(HUB_ID.match(path))
 
 
+def _specs(sources) -> list[dict]:
+    """data.train / data.validation as a list: one source, a blend of several, or none."""
+    return sources if isinstance(sources, list) else [sources] if sources else []
+
+
 def _hub_datasets(cfg: dict, paths: _PathResolver) -> list[str]:
-    specs = [cfg["data"]["train"], cfg["data"].get("validation")]
     names = []
-    for spec in specs:
-        if spec and _dataset_is_hub(spec, paths) and spec["path"] not in names:
+    for spec in _specs(cfg["data"]["train"]) + _specs(cfg["data"].get("validation")):
+        if _dataset_is_hub(spec, paths) and spec["path"] not in names:
             names.append(spec["path"])
     return names
 
 
 def _dataset_is_hub(spec: dict, paths: _PathResolver) -> bool:
-    # llmdistill.data.load_texts' rule: "hub", or "auto" on a name that is no local path or file.
-    if spec["path"].startswith("embedded:"):
+    # llmdistill.data.load_rows' rule: not the embedded corpus, not here, and not the name of a data file.
+    path = spec["path"]
+    if path.startswith(("embedded:", ".", "/", "~")) or Path(path).suffix in DATA_FILE_SUFFIXES:
         return False
-    if spec.get("format") == "hub":
-        return True
-    looks_like_file = spec["path"].startswith((".", "/", "~")) or bool(Path(spec["path"]).suffix)
-    return spec.get("format", "auto") == "auto" and not looks_like_file and _is_hub_id(spec["path"], paths)
+    return _is_hub_id(path, paths)
 
 
 def _teacher_license(teacher: str | None, paths: _PathResolver) -> dict:
@@ -148,14 +158,10 @@ def _teacher_license(teacher: str | None, paths: _PathResolver) -> dict:
     if local is not None and (local / "README.md").is_file():
         readme = local / "README.md"
     elif _is_hub_id(teacher, paths):
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(teacher, "README.md")
         readme = Path(cached) if isinstance(cached, str) else None
     if readme is None:
         return {}
-    from huggingface_hub import ModelCard
-
     meta = ModelCard.load(readme, ignore_metadata_errors=True).data
     return {
         k: getattr(meta, k) for k in ("license", "license_name", "license_link") if getattr(meta, k, None)
@@ -195,13 +201,25 @@ def _summary_line(run: Run, teacher: str | None, paths: _PathResolver) -> str:
 
 
 def _dataset_text(spec: dict, paths: _PathResolver) -> str:
-    if spec["path"].startswith("embedded:"):
-        return (
-            f"the embedded corpus (Python standard library sources), split `{spec['path'].split(':', 1)[1]}`"
-        )
+    path = spec["path"]
+    if path.startswith("embedded:"):
+        return f"the embedded corpus (Python standard library sources), split `{path.split(':', 1)[1]}`"
+    where = [f"config `{spec['name']}`"] if spec.get("name") else []
+    where += [f"split `{spec.get('split', 'train')}`"]
+    where += [f"revision `{spec['revision']}`"] if spec.get("revision") else []
+    rows = ROW_FORMATS.get(spec.get("format", "text"), "")
     if _dataset_is_hub(spec, paths):
-        return f"[{spec['path']}](https://huggingface.co/datasets/{spec['path']}) (split `{spec['split']}`)"
-    return f"local files `{spec['path']}`"
+        return f"[{path}](https://huggingface.co/datasets/{path}) ({', '.join(where)}){rows}"
+    return f"local data `{path}` ({', '.join(where)}){rows}"
+
+
+def _sources_text(sources, paths: _PathResolver) -> str:
+    specs = _specs(sources)
+    if len(specs) == 1:
+        return _dataset_text(specs[0], paths)
+    total = sum(spec.get("weight", 1.0) for spec in specs)
+    parts = [f"{spec.get('weight', 1.0) / total:.0%} {_dataset_text(spec, paths)}" for spec in specs]
+    return "a blend of " + "; ".join(parts)
 
 
 def _teacher_signal(cfg: dict) -> str:
@@ -327,11 +345,11 @@ def _how_it_was_made(run: Run, student_dir: Path, teacher, derivation, paths: _P
     train, data, ranks = cfg["train"], cfg["data"], s.get("world_size", 1)
     lines += ["", "### Data and training", ""]
     lines.append(
-        f"- **Training data**: {_dataset_text(data['train'], paths)}, packed into {data['seq_len']}-token "
-        "sequences."
+        f"- **Training data**: {_sources_text(data['train'], paths)}, in {data['seq_len']}-token sequences "
+        + ("(samples packed)." if data.get("pack", True) else "(one sample each, padded).")
     )
     if data.get("validation"):
-        lines.append(f"- **Held-out data**: {_dataset_text(data['validation'], paths)}.")
+        lines.append(f"- **Held-out data**: {_sources_text(data['validation'], paths)}.")
     lines.append(
         f"- **Tokens**: {s.get('steps', 0)} steps x {run.tokens_per_step:,} tokens per step "
         f"({train['micro_batch_size']} sequences x {train.get('grad_accum', 1)} accumulation x "

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token, is_offline_mode
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from llmdistill.card import exported_student, write_model_card
 from llmdistill.config import LLMDistillError
 
 
 class HubError(LLMDistillError):
     pass
+
+
+# The HTTP client's own errors (no route, timeout). huggingface_hub's HTTP errors derive from its client's
+# HTTPError (httpx in 1.x, httpx2 in 2.x), as do the client's connection errors, so that base covers both
+# versions without naming the client.
+CLIENT_ERRORS = tuple(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError")
 
 
 def files_to_upload(student_dir: str | Path) -> list[str]:
@@ -25,8 +35,6 @@ def files_to_upload(student_dir: str | Path) -> list[str]:
 
 
 def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
@@ -36,8 +44,6 @@ def check_repo_id(repo_id: str) -> None:
 def check_can_push(repo_id: str) -> None:
     """What a push at the end of training needs, checked before training starts (hours of training should not
     end in "no token"): a valid repository name, the hub not switched off, a token."""
-    from huggingface_hub import get_token, is_offline_mode
-
     check_repo_id(repo_id)
     if is_offline_mode():
         raise HubError(
@@ -69,9 +75,6 @@ def upload(
     folder: Path, files: list[str], repo_id: str, private: bool, revision: str | None, message: str
 ) -> str:
     """Create the repository (and branch) if missing and commit `files` of `folder` to it, in one commit."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -94,18 +97,9 @@ def upload(
         hint = " (log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
         reason = _first_line(err)
         raise HubError(f"the hub refused the push to {repo_id} (HTTP {status}){hint}: {reason}") from None
-    except _client_errors() as err:  # no answer at all: DNS, connection, timeout
+    except CLIENT_ERRORS as err:  # no answer at all: DNS, connection, timeout
         raise HubError(f"cannot reach the hub to push {repo_id}: {_first_line(err)}") from None
     return info.commit_url
-
-
-def _client_errors() -> tuple[type[Exception], ...]:
-    """The HTTP client's own errors (no route, timeout). huggingface_hub's HTTP errors derive from its
-    client's HTTPError (httpx in 1.x, httpx2 in 2.x), as do the client's connection errors, so that base
-    covers both versions without naming the client."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    return tuple(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError")
 
 
 def _first_line(err: Exception) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from llmdistill.config import LLMDistillError
+from llmdistill.evaluate import parameters_of_dir
 
 
 @dataclass
@@ -42,8 +43,6 @@ class Run:
     @property
     def student_parameters(self) -> int | None:
         """The exported student's parameter count (a LoRA run's summary counts its adapters too)."""
-        from llmdistill.evaluate import parameters_of_dir
-
         exported = parameters_of_dir(str(self.student_dir)) if self.student_dir.is_dir() else None
         return exported or self.summary.get("student_parameters")
 
@@ -251,7 +250,7 @@ def plot_curves(curves: list[Curves], path: str | Path, panels=RUN_PANELS) -> Pa
 
     A panel's y axis is logarithmic unless one of its values is not positive (a KL of a student that starts
     as the teacher is 0 at first): a log axis would silently drop those points."""
-    import matplotlib
+    import matplotlib  # imported here: only a plot needs it (~0.5 s), not a table or a card
 
     matplotlib.use("Agg")  # no display here or on cluster nodes
     import matplotlib.pyplot as plt

@@ -102,16 +102,20 @@ def test_card_metadata_from_a_hub_teacher_and_a_local_teachers_license(finished_
     config = yaml.safe_load((run / "config.yaml").read_text())
     # A hub teacher is the base_model; hub datasets are listed; nothing is downloaded (HF_HUB_OFFLINE).
     config["teacher"]["path"] = config["student"]["path"] = "meta-llama/Llama-3.2-1B"
-    config["data"]["train"] = {
-        **config["data"]["train"],
-        "path": "HuggingFaceFW/fineweb-edu",
-        "split": "train",
-    }
+    # A blend of a hub dataset (a chat set) and a local file: only the hub one is metadata.
+    chats = {**config["data"]["train"], "path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"}
+    config["data"]["train"] = [
+        {**chats, "format": "messages", "weight": 3.0},
+        {**config["data"]["train"], "path": "data/extra.jsonl", "weight": 1.0},
+    ]
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     card = ModelCard.load(write_model_card(run))
     assert card.data.base_model == "meta-llama/Llama-3.2-1B"
-    assert card.data.datasets == ["HuggingFaceFW/fineweb-edu"]
-    assert "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu" in card.text
+    assert card.data.datasets == ["HuggingFaceH4/ultrachat_200k"]
+    assert (
+        "a blend of 75% [HuggingFaceH4/ultrachat_200k](https://huggingface.co/datasets/HuggingFaceH4/ultrachat_200k)"
+        " (split `train_sft`), chats (only the assistant turns trained); 25% local data `data/extra.jsonl`"
+    ) in card.text
 
     # A local teacher whose own card states a license passes it on.
     teacher = tmp_path / "teacher"
