@@ -224,6 +224,13 @@ class LossTerm(BaseModel):
         return dict(self.model_extra or {})
 
 
+class PushToHubConfig(Section):
+    """Upload the exported student with its model card at the end of training (`llmdistill push` later)."""
+
+    repo_id: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)?$")  # NAME or ORG/NAME
+    private: bool = False
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(8, gt=0)
@@ -244,6 +251,13 @@ class TrainConfig(Section):
     resume: str = "auto"  # auto | never | a checkpoint directory
     export: bool = True
     progress: bool = True
+    push_to_hub: PushToHubConfig | None = None
+
+    @model_validator(mode="after")
+    def _push_needs_export(self):
+        if self.push_to_hub is not None and not self.export:
+            raise ValueError("train.push_to_hub needs train.export (there is no student to push)")
+        return self
 
 
 class DeepSpeedConfig(Section):
