@@ -224,14 +224,19 @@ def _sources_text(sources, paths: _PathResolver) -> str:
 
 def _teacher_signal(cfg: dict) -> str:
     t = cfg["teacher"]
-    return {
-        "hf": "full logits of the teacher, run in the training processes",
-        "vllm_server": f"the teacher's top-{t['top_k']} log-probabilities from a vLLM server",
-        "vllm_cache": f"the teacher's top-{t['top_k']} log-probabilities, precomputed with vLLM",
-        "on_policy": f"on-policy: {t['on_policy']['fraction']:.0%} of the batches are the student's own "
-        f"samples, scored by the teacher (top-{t['top_k']}, vLLM)",
-        "none": "none",
-    }[t["source"]]
+    source = t["source"]
+    if source == "hf":
+        return "full logits of the teacher, run in the training processes"
+    if source == "vllm_server":
+        return f"the teacher's top-{t['server']['top_k']} log-probabilities from a vLLM server"
+    if source == "vllm_cache":
+        return f"the teacher's top-{t['cache']['top_k']} log-probabilities, precomputed with vLLM"
+    if source == "on_policy":
+        return (
+            f"on-policy: {t['on_policy']['fraction']:.0%} of the batches are the student's own samples, "
+            f"scored by the teacher (top-{t['server']['top_k']}, vLLM)"
+        )
+    return "none"
 
 
 def _shape_table(teacher_shape: dict | None, student_config: dict) -> str:
