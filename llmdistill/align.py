@@ -108,6 +108,15 @@ def token_bytes_table(tokenizer) -> tuple[list[bytes], np.ndarray]:
     return table, special
 
 
+def space_token_mask(tokenizer) -> np.ndarray:
+    """Per token id: the token starts with a whitespace byte or stands for no text (EOS and the other special
+    tokens), i.e. a token that can follow a chunk which ends a word. ALM's debiasing (tokenkit's space mask,
+    read from token bytes so that it holds for byte-level, SentencePiece and byte tokenizers alike)."""
+    table, special = token_bytes_table(tokenizer)
+    starts = np.fromiter((b[0] if b else -1 for b in table), dtype=np.int64, count=len(table))
+    return special | np.isin(starts, _WHITESPACE)
+
+
 def document_byte_lengths(ids: list[int], table: list[bytes], text_bytes: bytes, who: str) -> np.ndarray:
     """Bytes each token of one document stands for, checked against the document's own bytes.
 
