@@ -331,6 +331,9 @@ class DeriveConfig(Section):
     )
     # independent: drop the lowest-scored layers wherever they are; contiguous: the lowest-scored run.
     layer_selection: Literal["independent", "contiguous"] = "independent"
+    # How width scores aggregate activations over calibration tokens: mean over all tokens, or ModelOpt's
+    # Minitron (mean over each sequence, then L2 over sequences); see llmdistill/derive/importance.py.
+    aggregation: Literal["mean", "minitron"] = "mean"
     # Calibration set for the scores (default: data.train) and how many packed sequences of it to use.
     calibration: DatasetSpec | None = None
     calibration_samples: int = Field(32, gt=0)

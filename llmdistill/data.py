@@ -479,7 +479,8 @@ def pack_documents(docs: list[list[int]], seq_len: int) -> dict[str, list[list[i
 
 def _document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     eos = tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    # Data text is only text: a literal "<|endoftext|>" or "<s>" in it is spelled out, not read as a special.
+    encoded = tokenizer(texts, add_special_tokens=True, split_special_tokens=True)["input_ids"]
     return [ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in encoded]
 
 

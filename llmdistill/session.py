@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from llmdistill import data, models
-from llmdistill.align import aligned_dataset
+from llmdistill.align import aligned_dataset, space_token_mask
 from llmdistill.config import Config, LLMDistillError
 from llmdistill.losses import get_loss
 from llmdistill.teachers import check_teacher_source
@@ -145,3 +145,13 @@ def derivation_defaults(student_path: str | None) -> dict:
         return {}
     kept = json.loads(record.read_text()).get("kept", {}).get("layers")
     return {"layer_map": kept} if kept else {}
+
+
+def loss_defaults(cfg: Config, plan: Plan) -> dict:
+    """What the run tells its losses (a config's own value still wins): the derivation's layer map, and for
+    ALM which tokens of each vocabulary start with whitespace or are special (its debiasing)."""
+    defaults = derivation_defaults(plan.student_path)
+    if plan.teacher_tok is not None and any(t.name == "alm" for t in cfg.loss):
+        defaults["student_space_tokens"] = space_token_mask(plan.student_tok)
+        defaults["teacher_space_tokens"] = space_token_mask(plan.teacher_tok)
+    return defaults

@@ -40,7 +40,7 @@ from llmdistill.hub import check_can_push, push_student
 from llmdistill.losses import Objective
 from llmdistill.losses.divergences import summed_nll
 from llmdistill.runlog import RunLog
-from llmdistill.session import build_datasets, build_models, derivation_defaults, preflight
+from llmdistill.session import build_datasets, build_models, loss_defaults, preflight
 from llmdistill.signal import StudentOutput, forward_to_head
 from llmdistill.teachers import TeacherUnavailable, build_teacher_source
 
@@ -151,7 +151,7 @@ class Trainer:
         ds_config = deepspeed_config(cfg, self.world)
         teacher, student, self._hf_ds_config = build_models(cfg, plan, ds_config)
         objective = Objective(
-            cfg.loss, student.config, plan.teacher_config, cfg.balance, derivation_defaults(plan.student_path)
+            cfg.loss, student.config, plan.teacher_config, cfg.balance, loss_defaults(cfg, plan)
         )
         # Rank 0 tokenizes first so the others read `datasets`' cache instead of repeating the work.
         if self.rank != 0:
