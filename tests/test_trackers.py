@@ -218,7 +218,8 @@ def test_wandb_offline_run_holds_the_config_the_derivation_and_every_step(offlin
     history: dict[int, dict] = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
-            row = {i.key: json.loads(i.value_json) for i in r.history.item}
+            # wandb-core writes each key as a one-element nested_key; older writers used key
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             history.setdefault(row["_step"], {}).update(row)
     losses = {step: rec["loss"] for step, rec in read_log(run_dir).items()}
     assert sorted(losses) == [1, 2, 3]
