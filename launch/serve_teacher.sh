@@ -24,12 +24,12 @@ import sys
 import torch
 
 from llmdistill.config import load_config
-from llmdistill.teachers.vllm_server import serve_command
+from llmdistill.teachers.vllm_serve import serve_command
 
 host, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 cfg = load_config(config, overrides)
 argv, env = serve_command(cfg, sys.executable, torch.cuda.is_available(), host)
-print("\n".join([str(cfg.run.dir), str(cfg.teacher.serve_port), *argv, "--env", *(f"{k}={v}" for k, v in env.items())]))
+print("\n".join([str(cfg.run.dir), str(cfg.teacher.serve.port), *argv, "--env", *(f"{k}={v}" for k, v in env.items())]))
 PY
 )
 mapfile -t LINES <<<"$PLAN"

@@ -17,6 +17,7 @@ from llmdistill import data, models
 from llmdistill.align import aligned_dataset
 from llmdistill.config import Config, LLMDistillError
 from llmdistill.losses import get_loss
+from llmdistill.teachers import check_teacher_source
 
 log = logging.getLogger("llmdistill.session")
 
@@ -50,6 +51,7 @@ def preflight(cfg: Config) -> Plan:
         raise LLMDistillError(
             f"loss: {[t.name for t in cfg.loss]} needs a teacher, but teacher.source is 'none'"
         )
+    check_teacher_source(cfg, needs, cross_tokenizer)
     student_path = None
     if cfg.student.path is not None:
         student_path = models.resolve_model_path(cfg.student.path, "student.path")

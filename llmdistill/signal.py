@@ -26,6 +26,9 @@ class TeacherSignal:
     logits: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    # Sparse teachers: the log-prob of the actual next token at each position [B, T] (NaN: not given), which
+    # the top-k may not hold (alm reads it; vLLM always returns it).
+    target_logprobs: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] | None = None  # per layer [B, T, H_t], embeddings first (HF convention)
     # Cross-tokenizer runs: the teacher's own tokenization of the same text, and byte offsets per token.
     input_ids: torch.Tensor | None = None

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from llmdistill import data, models
+from llmdistill.card import write_model_card
 from llmdistill.checkpoint import (
     checkpoint_dir,
     find_resume_point,
@@ -35,6 +36,7 @@ from llmdistill.derive.masks import MASK_FILE, mask_gradients
 from llmdistill.distributed import all_reduce_sum, barrier, init_distributed
 from llmdistill.evaluate import evaluate_models, run_eval, tensorboard_scalars
 from llmdistill.export import export
+from llmdistill.hub import check_can_push, push_student
 from llmdistill.losses import Objective
 from llmdistill.losses.divergences import summed_nll
 from llmdistill.runlog import RunLog
@@ -123,6 +125,8 @@ class Trainer:
         # run after its first step.
         self.stop = StopRequest()
         self.plan = preflight(cfg)
+        if cfg.train.push_to_hub is not None:  # hours of training should not end in "no token"
+            check_can_push(cfg.train.push_to_hub.repo_id)
         self.rank, self.world, self.device = init_distributed(cfg.train.device)
         logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
         self.run_dir = cfg.run.dir
@@ -175,7 +179,9 @@ class Trainer:
         )
         self.student = student
         self.teacher = _teacher_engine(teacher, cfg, ds_config, self.device) if teacher is not None else None
-        self.teacher_source = build_teacher_source(cfg, self.teacher, objective.needs, student=student)
+        self.teacher_source = build_teacher_source(
+            cfg, self.teacher, objective.needs, student=student, cross_tokenizer=objective.cross_tokenizer
+        )
         self._source_open = True
 
     def _keep_masks(self, student) -> Path | None:
@@ -407,6 +413,11 @@ class Trainer:
         self.close()
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            if "student_dir" in self.summary:
+                # The card reads summary.json and the lm-eval report from disk, so it comes after both.
+                write_model_card(self.run_dir)
+                if cfg.train.push_to_hub is not None:
+                    push_student(self.run_dir, cfg.train.push_to_hub.repo_id, cfg.train.push_to_hub.private)
         return self.summary
 
     def _log_eval(self) -> dict:

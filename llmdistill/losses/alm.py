@@ -7,7 +7,8 @@ there (-1: none), with chunk ids shared by the two sides of a sequence. Teacher 
 own tokens (`teacher_input_ids`), so the signal is the teacher run on its own tokenization.
 
 ALM: a chunk's log-likelihood under a model is the sum of the log-probabilities of its tokens (the actual
-tokens, so a sparse top-k teacher that includes the actual token, as vLLM's prompt log-probs do, is enough).
+tokens, so a sparse teacher is enough when it gives the actual token's log-prob: vLLM's prompt log-probs do,
+kept as `target_logprobs`; a top-k alone leaves a chunk with a token outside it unusable).
 Each chunk log-likelihood l is binarised at temperature tau: a Bernoulli with p = exp(l / tau), and the
 teacher's and student's Bernoullis are compared:
   binary_kl  KL(Bern(p_t) || Bern(p_s))  (zero at a match; the default)
@@ -59,12 +60,19 @@ def _chunk_keys(chunks: str) -> tuple[str, str]:
     return f"student_{suffix}", f"teacher_{suffix}"
 
 
-def _check_batch(batch: dict, keys: tuple[str, str], name: str) -> None:
+def _check_batch(batch: dict, keys: tuple[str, str], name: str, signal: TeacherSignal) -> None:
     missing = [k for k in (*keys, "teacher_input_ids") if k not in batch]
     if missing:
         raise ConfigError(
             f"{name}: the batch has no {missing}; cross-tokenizer batches come from session.build_datasets "
             "when a cross-tokenizer loss is configured"
+        )
+    # Rows are read at teacher positions: a signal of the student's tokens would be read misaligned.
+    scored = signal.logits if signal.logits is not None else signal.topk_logprobs
+    if scored is not None and tuple(scored.shape[:2]) != tuple(batch["teacher_input_ids"].shape):
+        raise ConfigError(
+            f"{name}: the teacher signal covers {tuple(scored.shape[:2])} positions, not the teacher's own "
+            f"tokens {tuple(batch['teacher_input_ids'].shape)}: its source did not score teacher_input_ids"
         )
 
 
@@ -87,7 +95,12 @@ def _student_target_logprobs(
 
 
 def _teacher_target_logprobs(signal: TeacherSignal, rows: torch.Tensor, targets: torch.Tensor):
-    """log p(target) at flat teacher positions, and whether the teacher gave it (sparse: in its top-k)."""
+    """log p(target) at flat teacher positions, and whether the teacher gave it (sparse: the actual token's
+    log-prob where the source kept it, else whether the target is in the top-k)."""
+    if signal.logits is None and signal.target_logprobs is not None:
+        lp = signal.target_logprobs.reshape(-1)[rows].float()
+        found = ~lp.isnan()
+        return torch.where(found, lp, torch.zeros_like(lp)), found
     if signal.logits is not None:
         logits = signal.logits.reshape(-1, signal.logits.shape[-1])
         out = [
@@ -125,7 +138,7 @@ def alm(
     if temperature <= 0:
         raise ConfigError(f"alm: temperature must be > 0, got {temperature}")
     keys = _chunk_keys(chunks)
-    _check_batch(batch, keys, "alm")
+    _check_batch(batch, keys, "alm", signal)
     s_chunk, t_chunk = batch[keys[0]], batch[keys[1]]
     n_seq = s_chunk.shape[0]
     width = int(max(s_chunk.max().item(), t_chunk.max().item(), -1)) + 1
@@ -182,7 +195,7 @@ def uld(
 ):
     """Universal logit distillation on aligned chunk starts; see the module docstring."""
     keys = _chunk_keys(chunks)
-    _check_batch(batch, keys, "uld")
+    _check_batch(batch, keys, "uld", signal)
     s_chunk, t_chunk = batch[keys[0]], batch[keys[1]]
     width = int(max(s_chunk.max().item(), t_chunk.max().item(), -1)) + 1
     s_first, s_has = _chunk_first_rows(s_chunk, width)
