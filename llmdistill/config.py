@@ -251,6 +251,11 @@ class TrainConfig(Section):
     resume: str = "auto"  # auto | never | a checkpoint directory
     export: bool = True
     progress: bool = True
+    # Where every logged scalar and the run's config go besides logs.jsonl (always written); each tracker
+    # but TensorBoard is an optional extra (`pip install llmdistill[trackers]`), see llmdistill/trackers.py.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )
     push_to_hub: PushToHubConfig | None = None
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ from llmdistill.runlog import RunLog
 from llmdistill.session import build_datasets, build_models, loss_defaults, preflight
 from llmdistill.signal import StudentOutput, forward_to_head
 from llmdistill.teachers import TeacherUnavailable, build_teacher_source
+from llmdistill.trackers import run_params
 
 log = logging.getLogger("llmdistill.train")
 
@@ -133,12 +134,20 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        # The trackers start before any weights load, so one that cannot start fails in seconds.
+        self.runlog = RunLog(
+            self.run_dir,
+            self.rank,
+            cfg.train.report_to,
+            run_params(cfg.model_dump(mode="json"), self.plan.student_path),
+            cfg.run.name,
+            resuming=find_resume_point(cfg, self.ckpt_root) is not None,
+        )
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
         self._build_engine()
         self.step = self.consumed = 0
         self._pairs = None  # the (batch, signal) stream, opened at the first step from `consumed`
-        self.runlog = RunLog(self.run_dir, self.rank)
         self.summary = self._start_summary()
         self.held_out = (
             held_out_batches(self.val_set, cfg, self.rank, self.world) if self.val_set is not None else []

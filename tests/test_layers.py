@@ -28,6 +28,7 @@ LAYERS = [
             "llmdistill.checkpoint",
             "llmdistill.export",
             "llmdistill.runlog",
+            "llmdistill.trackers",
             "llmdistill.evaluate",
             "llmdistill.card",
             "llmdistill.hub",
