@@ -154,3 +154,17 @@ def finished_runs(tmp_path_factory):
         result = run_cli(args)
         assert result.returncode == 0, (name, result.stderr[-3000:])
     return {name: root / name for name in ("derived", "lora")}
+
+
+@pytest.fixture
+def one_rank():
+    """A world of one in this process, as a launcher would describe it. The process group stays up for the
+    rest of the session (DeepSpeed keeps its own handles on it, so it cannot be rebuilt), but the variables
+    are restored, so later subprocesses do not inherit its address."""
+    saved = dict(os.environ)
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

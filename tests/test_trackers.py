@@ -371,18 +371,6 @@ def test_mlflow_resume_continues_the_same_run_and_logs_no_step_twice(mlflow_serv
     assert [s for s, _ in _history(client, run_id, "eval/loss")] == [0, 3]
 
 
-@pytest.fixture
-def one_rank():
-    """A world of one in this process, as a launcher would describe it (see tests/test_train.py)."""
-    saved = dict(os.environ)
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.slow
 def test_mlflow_server_gone_mid_run_warns_once_and_training_completes(
     mlflow_server, tmp_path, one_rank, monkeypatch, caplog

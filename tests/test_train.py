@@ -1,14 +1,12 @@
 """The trainer as one plain process: exact resume, crash safety, and one-line errors for bad input."""
 
 import json
-import os
 
 import pytest
 from conftest import QUICK, read_log, run_cli
 
 from llmdistill.checkpoint import COMPLETE, complete_checkpoints
 from llmdistill.config import load_config
-from llmdistill.distributed import free_port
 from llmdistill.train import Trainer
 
 STEPS = ["train.max_steps=8", "train.save_every=4", "deepspeed.zero_stage=1"]
@@ -145,20 +143,6 @@ def test_lm_eval_during_and_after_training(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- in-process
-
-
-@pytest.fixture
-def one_rank():
-    """A world of one in this process, as a launcher would describe it. The process group stays up for the
-    rest of the session (DeepSpeed keeps its own handles on it, so it cannot be rebuilt), but the variables
-    are restored, so later subprocesses do not inherit its address."""
-    saved = dict(os.environ)
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _trainer_config(tmp_path, name):
