@@ -101,6 +101,40 @@ def held_out_batches(dataset, cfg: Config, rank: int, world: int) -> list[dict]:
     return out
 
 
+def adamw(params, cfg: Config, device: str) -> torch.optim.AdamW:
+    """torch's AdamW, one fused kernel per step on CUDA and multi-tensor (foreach) ops on CPU; DeepSpeed steps
+    it on its own flat fp32 partitions (which live on the GPU unless the optimizer is offloaded)."""
+    t = cfg.train
+    on_gpu = device.startswith("cuda") and not cfg.deepspeed.offload_optimizer
+    return torch.optim.AdamW(
+        params,
+        lr=t.lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        fused=True if on_gpu else None,
+        foreach=None if on_gpu else True,
+    )
+
+
+def apply_speed_options(student, teacher, cfg: Config) -> None:
+    """train.liger, train.gradient_checkpointing and train.compile on the student (liger on the teacher
+    too)."""
+    t = cfg.train
+    if t.liger:
+        models.apply_liger(student)
+        if teacher is not None:
+            models.apply_liger(teacher)
+    if t.gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes each decoder layer in the backward through the module's
+        # hooks, so ZeRO-3 gathers the layer's weights again there.
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        # Layer by layer: the mask built from packed position_ids stays eager (it has data-dependent
+        # branches), the layers (all the compute) compile once and share one graph.
+        for layer in student.get_decoder().layers:
+            layer.compile()
+
+
 def lr_schedule(optimizer, cfg: Config):
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=cfg.train.min_lr_ratio
@@ -156,11 +190,10 @@ class Trainer:
         if self.rank == 0:
             barrier()
         self.masks = self._keep_masks(student)
+        apply_speed_options(student, teacher, cfg)
         module = DistillationModule(student, objective)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
-        )
+        optimizer = adamw(self.params, cfg, self.device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=ds_config
         )
