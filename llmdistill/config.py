@@ -23,6 +23,9 @@ class ConfigError(LLMDistillError):
     pass
 
 
+AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -109,6 +112,8 @@ class TeacherConfig(Section):
     path: str | None = "embedded"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # The in-process teacher's attention kernel (see student.attn_implementation).
+    attn_implementation: AttnImplementation = "sdpa"
     # Keep the teacher's hidden states in the signal (needed by hidden_* and curriculum losses).
     hidden_states: bool = False
     server: ServerConfig = ServerConfig()
@@ -145,6 +150,10 @@ class StudentConfig(Section):
     tokenizer: str | None = None  # default: the teacher's (or the student path's own)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # transformers' attention kernel. Packed documents stay isolated under each: eager and sdpa get a
+    # block-causal mask, flex_attention a block mask, flash_attention_2/3 the documents' cumulative lengths.
+    # flash_attention_* need the flash-attn package and a CUDA GPU; flex_attention compiles on first use.
+    attn_implementation: AttnImplementation = "sdpa"
     peft: PeftConfig | None = None
 
     @model_validator(mode="after")
@@ -251,6 +260,14 @@ class TrainConfig(Section):
     resume: str = "auto"  # auto | never | a checkpoint directory
     export: bool = True
     progress: bool = True
+    # Speed options (README "Speed"). Recompute each student layer's activations in the backward instead of
+    # keeping them: less memory, about a third more compute.
+    gradient_checkpointing: bool = False
+    # torch.compile the student's decoder layers (the first steps are slow while it compiles).
+    compile: bool = False
+    # Patch the student (and an in-process teacher) with liger-kernel's Triton kernels (RMSNorm, SwiGLU,
+    # RoPE); needs `pip install llmdistill[gpu]` and a CUDA GPU.
+    liger: bool = False
     # Where every logged scalar and the run's config go besides logs.jsonl (always written); each tracker
     # but TensorBoard is an optional extra (`pip install llmdistill[trackers]`), see llmdistill/trackers.py.
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
@@ -434,6 +451,9 @@ class Config(Section):
             raise ValueError("loss: the objective needs at least one term")
         if self.teacher.source == "none" and self.student.from_teacher is not None:
             raise ValueError("student.from_teacher needs a teacher (teacher.source is 'none')")
+        if self.train.compile and self.deepspeed.zero_stage == 3:
+            # ZeRO-3 gathers weights in module hooks, which a compiled layer would trace instead of running.
+            raise ValueError("train.compile: not supported with deepspeed.zero_stage=3 (use ZeRO 0-2)")
         if self.teacher.source == "vllm_cache" and not self.teacher.cache.dir:
             raise ValueError("teacher.cache.dir: needed when teacher.source is 'vllm_cache'")
         return self

@@ -10,6 +10,7 @@ models with `position_ids=..., use_cache=False`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -50,9 +51,10 @@ def cache_dir() -> Path:
 # -------------------------------------------------------------------------------------------- embedded corpus
 
 
+@functools.cache
 def stdlib_files() -> list[tuple[str, Path]]:
     """The standard library's own sources, as (relative path, path), sorted so every machine sees the same
-    order."""
+    order. Walked once per process: the walk takes seconds, and every user of the corpus needs the listing."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for p in root.rglob("*.py"):

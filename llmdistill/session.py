@@ -87,12 +87,18 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     Returns the HfDeepSpeedConfig too: it must stay alive while models load, since transformers reads it to
     partition weights at load time.
     """
+    models.check_attn_implementation(cfg.student.attn_implementation, "student.attn_implementation")
+    models.check_attn_implementation(cfg.teacher.attn_implementation, "teacher.attn_implementation")
+    if cfg.train.liger:
+        models.liger_patches(plan.student_config.model_type)
     student = None
     if plan.student_path is None:
         # A random init is built before ZeRO-3's context exists, so it is the same under every stage
         # (zero.Init draws random numbers in another order); the engine partitions it at deepspeed.initialize.
         torch.manual_seed(cfg.run.seed)
-        student = models.model_from_config(plan.student_config, cfg.student.dtype)
+        student = models.model_from_config(
+            plan.student_config, cfg.student.dtype, cfg.student.attn_implementation
+        )
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
     # Only an in-process teacher that the objective uses is loaded; the other sources need only its
@@ -102,10 +108,20 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
         and cfg.teacher.source == "hf"
         and plan.needs & {"teacher", "teacher_hidden"}
     ):
-        teacher = models.load_model(plan.teacher_path, cfg.teacher.dtype, cfg.teacher.trust_remote_code)
+        teacher = models.load_model(
+            plan.teacher_path,
+            cfg.teacher.dtype,
+            cfg.teacher.trust_remote_code,
+            cfg.teacher.attn_implementation,
+        )
         teacher.eval().requires_grad_(False)
     if student is None:
-        student = models.load_model(plan.student_path, cfg.student.dtype, cfg.student.trust_remote_code)
+        student = models.load_model(
+            plan.student_path,
+            cfg.student.dtype,
+            cfg.student.trust_remote_code,
+            cfg.student.attn_implementation,
+        )
     if cfg.student.peft is not None:
         student = models.wrap_peft(student, cfg.student.peft)
     return teacher, student, hf_ds_config

@@ -104,6 +104,40 @@ def held_out_batches(dataset, cfg: Config, rank: int, world: int) -> list[dict]:
     return out
 
 
+def adamw(params, cfg: Config, device: str) -> torch.optim.AdamW:
+    """torch's AdamW, one fused kernel per step on CUDA and multi-tensor (foreach) ops on CPU; DeepSpeed steps
+    it on its own flat fp32 partitions (which live on the GPU unless the optimizer is offloaded)."""
+    t = cfg.train
+    on_gpu = device.startswith("cuda") and not cfg.deepspeed.offload_optimizer
+    return torch.optim.AdamW(
+        params,
+        lr=t.lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        fused=True if on_gpu else None,
+        foreach=None if on_gpu else True,
+    )
+
+
+def apply_speed_options(student, teacher, cfg: Config) -> None:
+    """train.liger, train.gradient_checkpointing and train.compile on the student (liger on the teacher
+    too)."""
+    t = cfg.train
+    if t.liger:
+        models.apply_liger(student)
+        if teacher is not None:
+            models.apply_liger(teacher)
+    if t.gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes each decoder layer in the backward through the module's
+        # hooks, so ZeRO-3 gathers the layer's weights again there.
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        # Layer by layer: the mask built from packed position_ids stays eager (it has data-dependent
+        # branches), the layers (all the compute) compile once and share one graph.
+        for layer in student.get_decoder().layers:
+            layer.compile()
+
+
 def lr_schedule(optimizer, cfg: Config):
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=cfg.train.min_lr_ratio
@@ -124,10 +158,13 @@ class Trainer:
         # Preemption signals are honoured from the start: one that arrives while the models load stops the
         # run after its first step.
         self.stop = StopRequest()
+        self.phases = {"config": since_process_start()}  # where a run's time goes outside its steps
         self.plan = preflight(cfg)
+        self.mark("preflight")
         if cfg.train.push_to_hub is not None:  # hours of training should not end in "no token"
             check_can_push(cfg.train.push_to_hub.repo_id)
         self.rank, self.world, self.device = init_distributed(cfg.train.device)
+        self.mark("process_group")
         logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -152,6 +189,7 @@ class Trainer:
         self.held_out = (
             held_out_batches(self.val_set, cfg, self.rank, self.world) if self.val_set is not None else []
         )
+        self.mark("held_out")
 
     def _build_engine(self) -> None:
         import deepspeed  # lazy: importing deepspeed is slow, so `import llmdistill.train` stays cheap
@@ -159,6 +197,7 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         ds_config = deepspeed_config(cfg, self.world)
         teacher, student, self._hf_ds_config = build_models(cfg, plan, ds_config)
+        self.mark("models")
         objective = Objective(
             cfg.loss, student.config, plan.teacher_config, cfg.balance, loss_defaults(cfg, plan)
         )
@@ -168,21 +207,27 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(cfg, plan)
         if self.rank == 0:
             barrier()
+        self.mark("data")
         self.masks = self._keep_masks(student)
+        apply_speed_options(student, teacher, cfg)
         module = DistillationModule(student, objective)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
-        )
+        optimizer = adamw(self.params, cfg, self.device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=ds_config
         )
+        self.mark("engine")
         self.student = student
         self.teacher = _teacher_engine(teacher, cfg, ds_config, self.device) if teacher is not None else None
         self.teacher_source = build_teacher_source(
             cfg, self.teacher, objective.needs, student=student, cross_tokenizer=objective.cross_tokenizer
         )
         self._source_open = True
+        self.mark("teacher")
+
+    def mark(self, phase: str) -> None:
+        """Record when `phase` ended, in seconds since the process started (the first time only)."""
+        self.phases.setdefault(phase, since_process_start())
 
     def _keep_masks(self, student) -> Path | None:
         """MAGNET in-block masks from derivation: masked weights get no gradient, so they stay zero."""
@@ -276,6 +321,7 @@ class Trainer:
             for k, v in {"loss": loss.item(), **extra}.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.train.grad_accum
         self.step += 1
+        self.mark("first_step")
         keys = sorted(metrics)
         reduced = all_reduce_sum([metrics[k] for k in keys])
         record = {k: v / self.world for k, v in zip(keys, reduced, strict=True)}
@@ -398,11 +444,15 @@ class Trainer:
             self.summary["teacher_eval"] = self.evaluate_teacher()
         if self.held_out and self.step == 0:
             self.summary["student_eval_start"] = self._log_eval()
+        self.mark("eval_start")
         self._train_loop()
+        self.mark("train")
         if self.held_out:
             self.summary["student_eval"] = self._log_eval()
+        self.mark("eval_end")
         if cfg.train.export and "stopped_early" not in self.summary:
             self.export()
+        self.mark("export")
         self.close_teacher()  # before the final lm-eval, which may need the memory a teacher holds
         if cfg.eval is not None and cfg.eval.at_end and "student_dir" in self.summary:
             if self.rank == 0:
@@ -411,6 +461,9 @@ class Trainer:
                 self.runlog.write(self.step, tensorboard_scalars(report, prefix="lm_eval"))
             barrier()
         self.close()
+        self.mark("end")
+        self.summary["phases"] = self.phases
+        log.info(f"time since start: {phase_breakdown(self.phases)}")
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             if "student_dir" in self.summary:
@@ -464,6 +517,21 @@ class Trainer:
             "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
             "train_seconds": elapsed,
         }
+
+
+def since_process_start() -> float:
+    import psutil  # a dependency of deepspeed; imported here to keep `import llmdistill.train` cheap
+
+    return time.time() - psutil.Process().create_time()
+
+
+def phase_breakdown(phases: dict[str, float]) -> str:
+    """'config 4.1 s, preflight 0.3 s, ...': how long each phase took (imports count towards config)."""
+    parts, previous = [], 0.0
+    for name, at in phases.items():
+        parts.append(f"{name} {at - previous:.1f} s")
+        previous = at
+    return ", ".join(parts)
 
 
 def train(cfg: Config) -> dict:

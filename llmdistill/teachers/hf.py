@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmdistill.signal import TeacherSignal
+from llmdistill.signal import TeacherSignal, packed_attention_kwargs
 from llmdistill.teachers.base import Capabilities, TeacherSource, register_source
 
 
@@ -29,11 +29,14 @@ class HFTeacher(TeacherSource):
         # Cross-tokenizer batches carry the teacher's own tokenization of the same text.
         cross = "teacher_input_ids" in batch
         input_ids = batch["teacher_input_ids"] if cross else batch["input_ids"]
+        position_ids = batch["teacher_position_ids"] if cross else batch["position_ids"]
+        model = self.model.module if hasattr(self.model, "module") else self.model
         out = self.model(
             input_ids=input_ids,
-            position_ids=batch["teacher_position_ids"] if cross else batch["position_ids"],
+            position_ids=position_ids,
             output_hidden_states=self.hidden_states,
             use_cache=False,
+            **packed_attention_kwargs(model, position_ids),
         )
         hidden = list(out.hidden_states) if self.hidden_states else None
         return TeacherSignal(logits=out.logits, hidden_states=hidden, input_ids=input_ids if cross else None)
