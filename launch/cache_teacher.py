@@ -1,4 +1,4 @@
-"""Score the training set once with vLLM's offline engine and write the teacher cache (teacher.cache_dir).
+"""Score the training set once with vLLM's offline engine and write the teacher cache (teacher.cache.dir).
 
     python launch/cache_teacher.py --config configs/tiny/vllm_cache.yaml [--overwrite] [key=value ...]
 

@@ -108,6 +108,15 @@ def token_bytes_table(tokenizer) -> tuple[list[bytes], np.ndarray]:
     return table, special
 
 
+def space_token_mask(tokenizer) -> np.ndarray:
+    """Per token id: the token starts with a whitespace byte or stands for no text (EOS and the other special
+    tokens), i.e. a token that can follow a chunk which ends a word. ALM's debiasing (tokenkit's space mask,
+    read from token bytes so that it holds for byte-level, SentencePiece and byte tokenizers alike)."""
+    table, special = token_bytes_table(tokenizer)
+    starts = np.fromiter((b[0] if b else -1 for b in table), dtype=np.int64, count=len(table))
+    return special | np.isin(starts, _WHITESPACE)
+
+
 def document_byte_lengths(ids: list[int], table: list[bytes], text_bytes: bytes, who: str) -> np.ndarray:
     """Bytes each token of one document stands for, checked against the document's own bytes.
 
@@ -236,9 +245,11 @@ def align_text(text: str, tokenizer_a, tokenizer_b, kind: str = "unconstrained")
 # ---------------------------------------------------------------------------------------------- packing
 
 
-# A document a tokenizer cannot spell back byte for byte (e.g. a literal "<s>" in code, which a SentencePiece
-# wrapper reads as its special token) is left out of cross-tokenizer data with a warning; when more than this
-# share of a batch of documents fails, the tokenizer itself is the problem (it normalises text): refused.
+# A document a tokenizer cannot spell back byte for byte (a literal "▁" under a SentencePiece tokenizer, which
+# decodes it as a space; a character a tokenizer without byte fallback reads as <unk>) is left out of
+# cross-tokenizer data with a warning; when more than this share of a batch of documents fails, the tokenizer
+# itself is the problem (it normalises text): refused. Special-token strings in text are no such case: data is
+# encoded with split_special_tokens, and the embedded tokenizers spell them out.
 MAX_UNSPELLABLE = 0.01
 
 
@@ -246,7 +257,7 @@ def _tokenize_documents(texts: list[str], tokenizer, table, who: str):
     """Concatenated ids, byte spans and document index of every token, and the documents that could not be
     spelled back (left out)."""
     eos = tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(texts, add_special_tokens=True, split_special_tokens=True)["input_ids"]  # as data.py
     ids, lengths, doc, unspellable = [], [], [], {}
     for d, (text, row) in enumerate(zip(texts, encoded, strict=True)):
         if eos is not None and (not row or row[-1] != eos):

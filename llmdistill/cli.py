@@ -1,4 +1,4 @@
-"""`llmdistill <command>`: the one front door (train, derive, eval, cache-teacher, serve-teacher, demo, ...).
+"""`llmdistill <command>`: the one front door (train, derive, eval, card, push, report, demo, ...).
 
 Thin commands over the library; heavy imports stay inside the commands. launch/*.py are shims onto main().
 """
@@ -11,12 +11,12 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from llmdistill.config import LLMDistillError, load_config
+from llmdistill.vllm_env import offline_env, set_offline_env
 
 # The configs shipped with the package: a link to the checkout's configs/ (the one copy); a wheel holds the
 # files.
@@ -97,14 +97,11 @@ def cmd_cache_teacher(args) -> None:
     Shards already on disk are kept, so an interrupted build resumes; a directory built for another teacher,
     tokenizer, K or dataset is refused unless --overwrite. Train from it with teacher.source=vllm_cache.
     """
-    # The engine in this process (no engine-core subprocess): simpler to stop; a private compile cache.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # read by the CPU build only
+    set_offline_env()
     import logging
 
     # Imported here: vLLM is optional, and the cache builder pulls it in.
-    from llmdistill.teachers.vllm_cache import build_cache
+    from llmdistill.teachers.vllm_cache_build import build_cache
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = build_cache(_load(args), overwrite=args.overwrite)
@@ -120,7 +117,7 @@ def cmd_serve_teacher(args) -> None:
     import torch
 
     # Imported by this name from the vLLM server teacher, which builds the command for Slurm jobs too.
-    from llmdistill.teachers.vllm_server import serve_command
+    from llmdistill.teachers.vllm_serve import serve_command
 
     cfg = _load(args)
     argv, extra_env = serve_command(cfg, sys.executable, torch.cuda.is_available(), args.host)
@@ -129,7 +126,7 @@ def cmd_serve_teacher(args) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     log, url = run_dir / "teacher_server.log", f"http://{args.host}:{port}"
     # A private compile cache: vLLM's default one is shared and may hold another version's artefacts.
-    env = {"VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="llmdistill-vllm-"), **os.environ, **extra_env}
+    env = {"VLLM_CACHE_ROOT": offline_env()["VLLM_CACHE_ROOT"], **os.environ, **extra_env}
     with log.open("w") as out:
         server = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     (run_dir / "teacher_server.pid").write_text(f"{server.pid}\n")
@@ -219,6 +216,30 @@ def _demo_eval(cfg, summary: dict) -> None:
     print(markdown_table(run_eval(cfg)))
 
 
+def cmd_card(args) -> None:
+    """(Re)write the exported student's model card (README.md) from what the run directory holds."""
+    from llmdistill.card import write_model_card
+
+    print(f"model card written to {write_model_card(args.run_dir, args.student_dir)}")
+
+
+def cmd_push(args) -> None:
+    """Upload a run's exported student with its model card to the Hugging Face hub."""
+    from llmdistill.hub import push_student
+
+    url = push_student(args.run_dir, args.repo_id, args.private, args.revision, args.commit_message)
+    print(f"pushed {args.run_dir} to {args.repo_id}: {url}")
+
+
+def cmd_report(args) -> None:
+    """One table of finished runs (held-out figures, lm-eval, speed, size) and a PNG of their curves."""
+    from llmdistill.report import report_runs
+
+    table, plot = report_runs(args.run_dirs, args.out)
+    print(table)
+    print(f"\ntable: {Path(args.out) / 'runs.md'}; learning curves: {plot}")
+
+
 def print_summary(s: dict) -> None:
     rows = []
     for who, key, params in (
@@ -253,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="benchmark teacher vs students with lm-eval")
     _config_args(p)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("card", help="(re)write a run's model card: student/README.md")
+    p.add_argument("run_dir", help="a finished run directory (config.yaml, summary.json, student/)")
+    p.add_argument("--student-dir", help="the exported student (default: RUN_DIR/student)")
+    p.set_defaults(fn=cmd_card)
+    p = sub.add_parser("push", help="upload a run's student with its model card to the Hugging Face hub")
+    p.add_argument("run_dir", help="a finished run directory with an exported student/")
+    p.add_argument("--repo-id", required=True, help="the hub repository, ORG/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="a branch to push to (created if missing; default: main)")
+    p.add_argument("--commit-message")
+    p.set_defaults(fn=cmd_push)
+    p = sub.add_parser("report", help="compare finished runs: one table and a PNG of learning curves")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="runs/report", help="where runs.md and curves.png go")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("build-tasks", help="write the local lm-eval tasks' data (eval does it when needed)")
     p.add_argument("--data-dir", help="where to write it (default: the directory the task YAMLs read)")
     p.add_argument("--force", action="store_true", help="rebuild even if the data is up to date")

@@ -24,6 +24,9 @@ class ConfigError(LLMDistillError):
     pass
 
 
+AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
 class Section(BaseModel):
     # NaN and infinity are refused in every float field: `train.lr=.inf` is a typo, not a setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -59,21 +62,13 @@ class OnPolicyConfig(Section):
     generator: Literal["hf"] = "hf"
 
 
-class TeacherConfig(Section):
-    # Where the teacher signal comes from: in-process HF, a vLLM server (top-k), a vLLM cache on disk (top-k),
-    # or on-policy student samples scored by a vLLM server (llmdistill/teachers/).
-    source: Literal["hf", "none", "vllm_server", "vllm_cache", "on_policy"] = "hf"
-    # An HF model directory or hub name; "embedded" is the tiny teacher shipped with the package. For the vLLM
-    # sources it gives the tokenizer and config (the weights are the server's or the cache builder's).
-    path: str | None = "embedded"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    # Keep the teacher's hidden states in the signal (needed by hidden_* and curriculum losses).
-    hidden_states: bool = False
-    # vllm_server / on_policy: OpenAI-compatible vLLM servers, used round-robin (rank r starts at url r).
+class ServerConfig(Section):
+    """teacher.server: the vLLM servers a `vllm_server` or `on_policy` run scores its batches on."""
+
+    # OpenAI-compatible vLLM servers, used round-robin (rank r starts at url r).
     urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"], min_length=1)
     served_model_name: str = "teacher"
-    # Top-k log-probabilities per position (server: at most its --max-logprobs; cache: at most the cache's K).
+    # Top-k log-probabilities per position (at most the server's --max-logprobs).
     top_k: int = Field(20, gt=0)
     timeout: float = Field(60.0, gt=0)  # seconds per request
     # Attempts after the first failure, over all urls, waiting backoff * 2^i seconds (capped at 30 s) between.
@@ -81,15 +76,67 @@ class TeacherConfig(Section):
     backoff: float = Field(1.0, ge=0)
     # Micro-batches whose signal is fetched ahead in a thread, overlapping the network with the student.
     prefetch: int = Field(2, ge=0)
-    # vllm_cache: the directory launch/cache_teacher.py writes (manifest.json + shards).
-    cache_dir: str | None = None
-    # launch/cache_teacher.py: packed sequences per shard file.
-    cache_shard_rows: int = Field(256, gt=0)
-    # launch/serve_teacher.sh: where the server listens and how it is sized.
-    serve_port: int = Field(8000, gt=0, lt=65536)
-    serve_max_model_len: int | None = Field(None, gt=0)  # default: data.seq_len + 2
-    serve_args: list[str] = Field(default_factory=list)  # more `vllm serve` arguments
+
+
+class ServeConfig(Section):
+    """teacher.serve: how launch/serve_teacher.sh and launch/slurm/teacher.sbatch start the server (its
+    --max-logprobs is teacher.server.top_k)."""
+
+    port: int = Field(8000, gt=0, lt=65536)
+    max_model_len: int | None = Field(None, gt=0)  # default: data.seq_len + 2
+    args: list[str] = Field(default_factory=list)  # more `vllm serve` arguments
+
+
+class CacheConfig(Section):
+    """teacher.cache: the top-k signal written once by launch/cache_teacher.py and read by `vllm_cache`."""
+
+    dir: str | None = None  # manifest.json + shards
+    shard_rows: int = Field(256, gt=0)  # packed sequences per shard file
+    # Top-k log-probabilities per position (a reader may ask for fewer than the cache holds).
+    top_k: int = Field(20, gt=0)
+
+
+# Flat teacher keys of earlier versions and where each lives now.
+MOVED_TEACHER_KEYS = {
+    **{key: f"server.{key}" for key in ("urls", "served_model_name", "timeout", "retries", "backoff")},
+    "prefetch": "server.prefetch",
+    "top_k": "server.top_k (vllm_server, on_policy) or teacher.cache.top_k (vllm_cache)",
+    "cache_dir": "cache.dir",
+    "cache_shard_rows": "cache.shard_rows",
+    "serve_port": "serve.port",
+    "serve_max_model_len": "serve.max_model_len",
+    "serve_args": "serve.args",
+}
+
+
+class TeacherConfig(Section):
+    # Where the teacher signal comes from: in-process HF, a vLLM server (top-k), a vLLM cache on disk (top-k),
+    # or on-policy student samples scored by a vLLM server (llmdistill/teachers/, one file per source).
+    source: Literal["hf", "none", "vllm_server", "vllm_cache", "on_policy"] = "hf"
+    # An HF model directory or hub name; "embedded" is the tiny teacher shipped with the package. For the vLLM
+    # sources it gives the tokenizer and config (the weights are the server's or the cache builder's).
+    path: str | None = "embedded"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    # The in-process teacher's attention kernel (see student.attn_implementation).
+    attn_implementation: AttnImplementation = "sdpa"
+    # Keep the teacher's hidden states in the signal (needed by hidden_* and curriculum losses).
+    hidden_states: bool = False
+    server: ServerConfig = ServerConfig()
+    serve: ServeConfig = ServeConfig()
+    cache: CacheConfig = CacheConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_flat_keys(cls, raw):
+        # A ConfigError, not a ValueError: pydantic passes it through as is, so the line names the new place.
+        moved = [key for key in MOVED_TEACHER_KEYS if isinstance(raw, dict) and key in raw]
+        if moved:
+            raise ConfigError(
+                "; ".join(f"teacher.{key} moved to teacher.{MOVED_TEACHER_KEYS[key]}" for key in moved)
+            )
+        return raw
 
 
 class PeftConfig(Section):
@@ -109,6 +156,10 @@ class StudentConfig(Section):
     tokenizer: str | None = None  # default: the teacher's (or the student path's own)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # transformers' attention kernel. Packed documents stay isolated under each: eager and sdpa get a
+    # block-causal mask, flex_attention a block mask, flash_attention_2/3 the documents' cumulative lengths.
+    # flash_attention_* need the flash-attn package and a CUDA GPU; flex_attention compiles on first use.
+    attn_implementation: AttnImplementation = "sdpa"
     peft: PeftConfig | None = None
 
     @model_validator(mode="after")
@@ -195,6 +246,13 @@ class LossTerm(BaseModel):
         return dict(self.model_extra or {})
 
 
+class PushToHubConfig(Section):
+    """Upload the exported student with its model card at the end of training (`llmdistill push` later)."""
+
+    repo_id: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)?$")  # NAME or ORG/NAME
+    private: bool = False
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(8, gt=0)
@@ -225,6 +283,27 @@ class TrainConfig(Section):
         if not all(0 <= b < 1 for b in betas):
             raise ValueError("each must be in [0, 1)")
         return betas
+
+    # Speed options (README "Speed"). Recompute each student layer's activations in the backward instead of
+    # keeping them: less memory, about a third more compute.
+    gradient_checkpointing: bool = False
+    # torch.compile the student's decoder layers (the first steps are slow while it compiles).
+    compile: bool = False
+    # Patch the student (and an in-process teacher) with liger-kernel's Triton kernels (RMSNorm, SwiGLU,
+    # RoPE); needs `pip install llmdistill[gpu]` and a CUDA GPU.
+    liger: bool = False
+    # Where every logged scalar and the run's config go besides logs.jsonl (always written); each tracker
+    # but TensorBoard is an optional extra (`pip install llmdistill[trackers]`), see llmdistill/trackers.py.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    push_to_hub: PushToHubConfig | None = None
+
+    @model_validator(mode="after")
+    def _push_needs_export(self):
+        if self.push_to_hub is not None and not self.export:
+            raise ValueError("train.push_to_hub needs train.export (there is no student to push)")
+        return self
 
 
 class DeepSpeedConfig(Section):
@@ -298,6 +377,9 @@ class DeriveConfig(Section):
     )
     # independent: drop the lowest-scored layers wherever they are; contiguous: the lowest-scored run.
     layer_selection: Literal["independent", "contiguous"] = "independent"
+    # How width scores aggregate activations over calibration tokens: mean over all tokens, or ModelOpt's
+    # Minitron (mean over each sequence, then L2 over sequences); see llmdistill/derive/importance.py.
+    aggregation: Literal["mean", "minitron"] = "mean"
     # Calibration set for the scores (default: data.train) and how many packed sequences of it to use.
     calibration: DatasetSpec | None = None
     calibration_samples: int = Field(32, gt=0)
@@ -393,8 +475,11 @@ class Config(Section):
             raise ValueError("loss: the objective needs at least one term")
         if self.teacher.source == "none" and self.student.from_teacher is not None:
             raise ValueError("student.from_teacher needs a teacher (teacher.source is 'none')")
-        if self.teacher.source == "vllm_cache" and not self.teacher.cache_dir:
-            raise ValueError("teacher.cache_dir: needed when teacher.source is 'vllm_cache'")
+        if self.train.compile and self.deepspeed.zero_stage == 3:
+            # ZeRO-3 gathers weights in module hooks, which a compiled layer would trace instead of running.
+            raise ValueError("train.compile: not supported with deepspeed.zero_stage=3 (use ZeRO 0-2)")
+        if self.teacher.source == "vllm_cache" and not self.teacher.cache.dir:
+            raise ValueError("teacher.cache.dir: needed when teacher.source is 'vllm_cache'")
         return self
 
 

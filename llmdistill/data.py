@@ -10,6 +10,7 @@ models with `position_ids=..., use_cache=False`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -50,9 +51,10 @@ def cache_dir() -> Path:
 # -------------------------------------------------------------------------------------------- embedded corpus
 
 
+@functools.cache
 def stdlib_files() -> list[tuple[str, Path]]:
     """The standard library's own sources, as (relative path, path), sorted so every machine sees the same
-    order."""
+    order. Walked once per process: the walk takes seconds, and every user of the corpus needs the listing."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for p in root.rglob("*.py"):
@@ -479,7 +481,8 @@ def pack_documents(docs: list[list[int]], seq_len: int) -> dict[str, list[list[i
 
 def _document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     eos = tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    # Data text is only text: a literal "<|endoftext|>" or "<s>" in it is spelled out, not read as a special.
+    encoded = tokenizer(texts, add_special_tokens=True, split_special_tokens=True)["input_ids"]
     return [ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in encoded]
 
 

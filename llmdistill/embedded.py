@@ -48,6 +48,7 @@ def recipe_fingerprint(config_path: str | Path, overrides: list[str] = ()) -> st
 # `student.tokenizer: embedded:<name>`.
 
 STUDENT_TOKENIZERS = {"sp-unigram": 1024, "bytes": None}  # name -> vocabulary size of the trained model
+STUDENT_TOKENIZER_BUILD = 2  # 2: SentencePiece control and byte pieces no longer match text
 
 
 def student_tokenizer(name: str) -> Path:
@@ -56,7 +57,8 @@ def student_tokenizer(name: str) -> Path:
     if name not in STUDENT_TOKENIZERS:
         raise ValueError(f"unknown embedded tokenizer {name!r}; known: {sorted(STUDENT_TOKENIZERS)}")
     corpus = json.loads(data.embedded_corpus()["manifest"].read_text())["content_sha256"][:12]
-    out = data.cache_dir() / f"tokenizer-{name}-{corpus}"
+    # The build's version is in the name, so a changed build is not read from an older cache.
+    out = data.cache_dir() / f"tokenizer-{name}-v{STUDENT_TOKENIZER_BUILD}-{corpus}"
     if (out / "tokenizer.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,14 +119,47 @@ def train_unigram_tokenizer(vocab_size: int, max_lines: int = 300_000):
         minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = Tokenizer(tokenizer_models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    tok = Tokenizer(tokenizer_models.Unigram(unigram_pieces(sp), unk_id=0, byte_fallback=True))
     # SentencePiece's whitespace handling: spaces become ▁ and start pieces; no prefix space is invented.
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+def unigram_pieces(sp) -> list[tuple[str, float]]:
+    """(piece, score) of every id of SentencePiece model `sp`, scored so that text never matches a piece that
+    stands for no text of its own.
+
+    SentencePiece keeps its control pieces (`<s>`, `</s>`, `<pad>`), `<unk>` and byte pieces (`<0x41>`) out
+    of its matcher, and scores them 0. The `tokenizers` Unigram model matches every piece of its vocabulary
+    against the text, where 0 is the best score there is: a literal `<s>` in the text became the BOS id and
+    `<0x41>` became "A", whatever `split_special_tokens` said (that flag only stops the added-token pass,
+    which runs before the model). Here those pieces score so low that any spelling of the same text from
+    ordinary pieces wins; that needs each of their characters to be an ordinary piece, which is checked.
+
+    Unknown characters still become `<unk>` and then bytes, as in SentencePiece. Their score (the lowest
+    score minus 10) moves with this one, but every segmentation pays it equally (no piece holds an unknown
+    character), so the same pieces are picked.
+    """
+    size = sp.get_piece_size()
+    special = (sp.is_control, sp.is_unknown, sp.is_byte, sp.is_unused)
+    ordinary = {i for i in range(size) if not any(is_kind(i) for is_kind in special)}
+    lowest = min(sp.get_score(i) for i in ordinary)
+    longest = max(len(sp.id_to_piece(i)) for i in range(size))
+    never = (longest + 1) * min(lowest, -1.0) - 1000.0  # below any spelling from ordinary pieces
+    chars = {sp.id_to_piece(i) for i in ordinary if len(sp.id_to_piece(i)) == 1}
+    pieces = []
+    for i in range(size):
+        piece = sp.id_to_piece(i)
+        if i in ordinary:
+            pieces.append((piece, sp.get_score(i)))
+            continue
+        if missing := set(piece) - chars:
+            raise RuntimeError(f"SentencePiece piece {piece!r}: characters {sorted(missing)} are not pieces")
+        pieces.append((piece, never))
+    return pieces
 
 
 def byte_tokenizer():

@@ -48,18 +48,77 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(
+    path: str, dtype: str = "float32", trust_remote_code: bool = False, attn_implementation: str = "sdpa"
+):
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            path,
+            dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
     except ValueError as err:
         raise LLMDistillError(f"could not load model {path}: {err}") from None
 
 
-def model_from_config(config, dtype: str = "float32"):
+def model_from_config(config, dtype: str = "float32", attn_implementation: str = "sdpa"):
     """A randomly initialised model; seed torch first for a reproducible init."""
-    return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    return AutoModelForCausalLM.from_config(
+        config, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+    )
+
+
+def check_attn_implementation(name: str, field: str) -> None:
+    """Refuse an attention kernel this machine cannot run, naming the config field, before weights load."""
+    from transformers.utils import (
+        is_flash_attn_2_available,
+        is_flash_attn_3_available,
+        is_torch_flex_attn_available,
+    )
+
+    available = {
+        "flash_attention_2": (is_flash_attn_2_available, "the flash-attn package and a CUDA GPU"),
+        "flash_attention_3": (
+            is_flash_attn_3_available,
+            "flash-attn 3 (flash_attn_interface) and a Hopper GPU",
+        ),
+        "flex_attention": (is_torch_flex_attn_available, "torch >= 2.5"),
+    }
+    if name in available and not available[name][0]():
+        raise LLMDistillError(f"{field}={name} needs {available[name][1]}, which this machine lacks")
+
+
+def liger_patches(model_type: str, field: str = "train.liger"):
+    """liger-kernel's function that patches an instance, after checking it is installed and knows
+    `model_type`; call it before any weights load."""
+    try:
+        from liger_kernel.transformers.monkey_patch import (  # lazy: optional, GPU-only
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except ImportError:
+        raise LLMDistillError(
+            f"{field}: liger-kernel is not installed (pip install 'llmdistill[gpu]'; it needs a CUDA GPU)"
+        ) from None
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise LLMDistillError(f"{field}: liger-kernel has no kernels for model type {model_type!r}")
+    return _apply_liger_kernel_to_instance
+
+
+def apply_liger(model, field: str = "train.liger") -> None:
+    """liger-kernel's Triton kernels in place of the model's RMSNorm, SwiGLU MLP and RoPE.
+
+    The LM head and loss are left alone: the objective applies the head itself, chunk by chunk."""
+    patch = liger_patches(getattr(model.config, "model_type", None), field)
+    patch(
+        model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
 
 
 def config_with_overrides(base_config, overrides: dict):

@@ -1,9 +1,13 @@
-"""The run's log: logs.jsonl and TensorBoard, written by rank 0 only."""
+"""The run's log: logs.jsonl, TensorBoard and the other trackers `train.report_to` names, written by rank 0
+only."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from llmdistill.distributed import all_reduce_sum
+from llmdistill.trackers import TrackerError, Trackers
 
 
 def truncate_log(path: Path, last_step: int) -> None:
@@ -27,30 +31,56 @@ def _step_of(line: str) -> float:
 
 
 class RunLog:
-    """logs.jsonl and TensorBoard on rank 0; every other rank writes nothing."""
+    """logs.jsonl, TensorBoard and the trackers on rank 0; every other rank writes nothing.
 
-    def __init__(self, run_dir: Path, rank: int, purge_step: int | None = None):
-        """`purge_step`: TensorBoard hides the events of earlier segments at this step and after (a resumed
-        run's steps past its checkpoint, logged before the interruption)."""
+    The trackers start here, before training: one that cannot start stops every rank with a TrackerError.
+    `purge_step`: TensorBoard hides the events of earlier segments at this step and after (a resumed run's
+    steps past its checkpoint, logged before the interruption).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        report_to=("tensorboard",),
+        params: dict | None = None,
+        name: str = "run",
+        resuming: bool = False,
+        purge_step: int | None = None,
+    ):
         self.rank = rank
-        self.file = self.tb = None
+        self.file = self.tb = self.trackers = None
+        failure = None
         if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard, rank 0 only
-
+            try:
+                self.trackers = Trackers(report_to, params or {}, run_dir, name, resuming)
+            except TrackerError as err:
+                failure = err
+        # Every rank must stop, or the others would wait in a collective rank 0 never enters.
+        if all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
+            raise failure or TrackerError("train.report_to: a tracker failed to start on rank 0")
+        if rank == 0:
             self.file = (run_dir / "logs.jsonl").open("a")
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard, rank 0 only
+
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
     def write(self, step: int, record: dict) -> None:
         if self.rank != 0:
             return
         self.file.write(json.dumps({"step": step, **record}) + "\n")
         self.file.flush()
-        for k, v in record.items():
-            if isinstance(v, int | float) and k != "time":
+        scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "time"}
+        if self.tb is not None:
+            for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+        self.trackers.log(step, scalars)
 
     def close(self) -> None:
         if self.rank == 0 and self.file is not None:
             self.file.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
+            self.trackers.finish()
             self.file = self.tb = None

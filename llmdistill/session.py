@@ -15,10 +15,11 @@ from transformers import AutoConfig
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from llmdistill import data, models
-from llmdistill.align import aligned_dataset
+from llmdistill.align import aligned_dataset, space_token_mask
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.losses import get_loss
 from llmdistill.losses.registry import check_terms
+from llmdistill.teachers import check_teacher_source
 
 log = logging.getLogger("llmdistill.session")
 
@@ -60,6 +61,7 @@ def preflight(cfg: Config) -> Plan:
         raise LLMDistillError(
             f"loss: {[t.name for t in cfg.loss]} needs a teacher, but teacher.source is 'none'"
         )
+    check_teacher_source(cfg, needs, cross_tokenizer)
     student_path = None
     if cfg.student.path is not None:
         student_path = models.resolve_model_path(cfg.student.path, "student.path")
@@ -151,12 +153,18 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     Returns the HfDeepSpeedConfig too: it must stay alive while models load, since transformers reads it to
     partition weights at load time.
     """
+    models.check_attn_implementation(cfg.student.attn_implementation, "student.attn_implementation")
+    models.check_attn_implementation(cfg.teacher.attn_implementation, "teacher.attn_implementation")
+    if cfg.train.liger:
+        models.liger_patches(plan.student_config.model_type)
     student = None
     if plan.student_path is None:
         # A random init is built before ZeRO-3's context exists, so it is the same under every stage
         # (zero.Init draws random numbers in another order); the engine partitions it at deepspeed.initialize.
         torch.manual_seed(cfg.run.seed)
-        student = models.model_from_config(plan.student_config, cfg.student.dtype)
+        student = models.model_from_config(
+            plan.student_config, cfg.student.dtype, cfg.student.attn_implementation
+        )
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
     # Only an in-process teacher that the objective uses is loaded; the other sources need only its
@@ -166,10 +174,20 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
         and cfg.teacher.source == "hf"
         and plan.needs & {"teacher", "teacher_hidden"}
     ):
-        teacher = models.load_model(plan.teacher_path, cfg.teacher.dtype, cfg.teacher.trust_remote_code)
+        teacher = models.load_model(
+            plan.teacher_path,
+            cfg.teacher.dtype,
+            cfg.teacher.trust_remote_code,
+            cfg.teacher.attn_implementation,
+        )
         teacher.eval().requires_grad_(False)
     if student is None:
-        student = models.load_model(plan.student_path, cfg.student.dtype, cfg.student.trust_remote_code)
+        student = models.load_model(
+            plan.student_path,
+            cfg.student.dtype,
+            cfg.student.trust_remote_code,
+            cfg.student.attn_implementation,
+        )
     if cfg.student.peft is not None:
         student = models.wrap_peft(student, cfg.student.peft)
     return teacher, student, hf_ds_config
@@ -209,3 +227,13 @@ def derivation_defaults(student_path: str | None) -> dict:
         return {}
     kept = json.loads(record.read_text()).get("kept", {}).get("layers")
     return {"layer_map": kept} if kept else {}
+
+
+def loss_defaults(cfg: Config, plan: Plan) -> dict:
+    """What the run tells its losses (a config's own value still wins): the derivation's layer map, and for
+    ALM which tokens of each vocabulary start with whitespace or are special (its debiasing)."""
+    defaults = derivation_defaults(plan.student_path)
+    if plan.teacher_tok is not None and any(t.name == "alm" for t in cfg.loss):
+        defaults["student_space_tokens"] = space_token_mask(plan.student_tok)
+        defaults["teacher_space_tokens"] = space_token_mask(plan.teacher_tok)
+    return defaults

@@ -26,6 +26,9 @@ class TeacherSignal:
     logits: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    # Sparse teachers: the log-prob of the actual next token at each position [B, T] (NaN: not given), which
+    # the top-k may not hold (alm reads it; vLLM always returns it).
+    target_logprobs: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] | None = None  # per layer [B, T, H_t], embeddings first (HF convention)
     # Cross-tokenizer runs: the teacher's own tokenization of the same text, and byte offsets per token.
     input_ids: torch.Tensor | None = None
@@ -72,5 +75,20 @@ def forward_to_head(model, batch: dict, hidden_states: bool = False) -> StudentO
         position_ids=batch["position_ids"],
         output_hidden_states=hidden_states,
         use_cache=False,
+        **packed_attention_kwargs(model, batch["position_ids"]),
     )
     return StudentOutput(out.last_hidden_state, model.get_output_embeddings(), out.hidden_states)
+
+
+def packed_attention_kwargs(model, position_ids: torch.Tensor) -> dict:
+    """What flash_attention_2/3 need to keep packed documents apart: their cumulative lengths over the
+    flattened batch (transformers infers them from position_ids only for a batch of one row). Every other
+    kernel gets a block-causal mask that transformers derives from position_ids, so nothing is added."""
+    implementation = getattr(model.config, "_attn_implementation", None) or ""
+    if not implementation.startswith("flash_attention"):
+        return {}
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    # Every row starts a document at position 0, so the restarts of the flattened positions are the cuts.
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": max_q, "max_length_k": max_k}

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from llmdistill import data, models
+from llmdistill.card import write_model_card
 from llmdistill.checkpoint import (
     check_run_config,
     checkpoint_dir,
@@ -40,12 +41,14 @@ from llmdistill.derive.masks import MASK_FILE, mask_gradients
 from llmdistill.distributed import all_reduce_sum, barrier, init_distributed
 from llmdistill.evaluate import evaluate_models, run_eval, task_manager, tensorboard_scalars
 from llmdistill.export import export
+from llmdistill.hub import check_can_push, push_student
 from llmdistill.losses import Objective
 from llmdistill.losses.divergences import summed_nll
 from llmdistill.runlog import RunLog, truncate_log
-from llmdistill.session import build_datasets, build_models, derivation_defaults, preflight
+from llmdistill.session import build_datasets, build_models, loss_defaults, preflight
 from llmdistill.signal import StudentOutput, forward_to_head
 from llmdistill.teachers import TeacherUnavailable, build_teacher_source
+from llmdistill.trackers import run_params
 
 log = logging.getLogger("llmdistill.train")
 
@@ -110,6 +113,40 @@ def held_out_batches(dataset, cfg: Config, rank: int, world: int) -> list[dict]:
     return out
 
 
+def adamw(params, cfg: Config, device: str) -> torch.optim.AdamW:
+    """torch's AdamW, one fused kernel per step on CUDA and multi-tensor (foreach) ops on CPU; DeepSpeed steps
+    it on its own flat fp32 partitions (which live on the GPU unless the optimizer is offloaded)."""
+    t = cfg.train
+    on_gpu = device.startswith("cuda") and not cfg.deepspeed.offload_optimizer
+    return torch.optim.AdamW(
+        params,
+        lr=t.lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        fused=True if on_gpu else None,
+        foreach=None if on_gpu else True,
+    )
+
+
+def apply_speed_options(student, teacher, cfg: Config) -> None:
+    """train.liger, train.gradient_checkpointing and train.compile on the student (liger on the teacher
+    too)."""
+    t = cfg.train
+    if t.liger:
+        models.apply_liger(student)
+        if teacher is not None:
+            models.apply_liger(teacher)
+    if t.gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes each decoder layer in the backward through the module's
+        # hooks, so ZeRO-3 gathers the layer's weights again there.
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        # Layer by layer: the mask built from packed position_ids stays eager (it has data-dependent
+        # branches), the layers (all the compute) compile once and share one graph.
+        for layer in student.get_decoder().layers:
+            layer.compile()
+
+
 def lr_schedule(optimizer, cfg: Config):
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.train.warmup_steps, cfg.train.max_steps, min_lr_rate=cfg.train.min_lr_ratio
@@ -130,6 +167,7 @@ class Trainer:
         # Preemption signals are honoured from the start: one that arrives while the models load stops the
         # run after its first step.
         self.stop = StopRequest()
+        self.phases = {"config": since_process_start()}  # where a run's time goes outside its steps
         rank = int(os.environ.get("RANK", "0"))
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
         # Everything that needs no weights comes first, so that bad input costs seconds and writes nothing:
@@ -138,14 +176,19 @@ class Trainer:
         if cfg.eval is not None and (cfg.eval.every or cfg.eval.at_end):
             e = cfg.eval
             task_manager(e.tasks, e.include_paths, e.include_defaults)  # unknown task names fail now
+        if cfg.train.push_to_hub is not None:  # hours of training should not end in "no token"
+            check_can_push(cfg.train.push_to_hub.repo_id)
+        self.mark("preflight")
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
         check_run_config(cfg, self.run_dir)
         self.resume_point = find_resume_point(cfg, self.ckpt_root, model_shape(self.plan.student_config))
         self.rank, self.world, self.device = init_distributed(cfg.train.device)
+        self.mark("process_group")
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
         self.train_set, self.val_set = self._build_datasets()
+        self.mark("data")
         self.held_out = (
             held_out_batches(self.val_set, cfg, self.rank, self.world) if self.val_set is not None else []
         )
@@ -154,6 +197,22 @@ class Trainer:
                 f"data.validation: {len(self.val_set)} sequences, fewer than one batch of "
                 f"train.micro_batch_size={cfg.train.micro_batch_size} on each of {self.world} ranks"
             )
+        self.mark("held_out")
+        # The log keeps what was written up to the step the run continues from (none when it starts over).
+        start = read_marker(self.resume_point)["step"] if self.resume_point is not None else -1
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_log(self.run_dir / "logs.jsonl", start)
+        # The trackers start before any weights load, so one that cannot start fails in seconds.
+        self.runlog = RunLog(
+            self.run_dir,
+            self.rank,
+            cfg.train.report_to,
+            run_params(cfg.model_dump(mode="json"), self.plan.student_path),
+            cfg.run.name,
+            resuming=self.resume_point is not None,
+            purge_step=start + 1,
+        )
         if self.rank == 0:
             write_config(cfg, self.run_dir)
         self._build_engine()
@@ -163,11 +222,6 @@ class Trainer:
         # Training time and tokens over every segment of the run (a resume restores them from its checkpoint).
         self.train_seconds, self.tokens_trained, self._clock = 0.0, 0, None
         self._pairs = None  # the (batch, signal) stream, opened at the first step from `consumed`
-        # The log keeps what was written up to the step the run continues from (none when it starts over).
-        start = read_marker(self.resume_point)["step"] if self.resume_point is not None else -1
-        if self.rank == 0:
-            truncate_log(self.run_dir / "logs.jsonl", start)
-        self.runlog = RunLog(self.run_dir, self.rank, purge_step=start + 1)
         self.summary = self._start_summary()
 
     def _build_datasets(self):
@@ -187,22 +241,30 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         ds_config = deepspeed_config(cfg, self.world)
         teacher, student, self._hf_ds_config = build_models(cfg, plan, ds_config)
+        self.mark("models")
         objective = Objective(
-            cfg.loss, student.config, plan.teacher_config, cfg.balance, derivation_defaults(plan.student_path)
+            cfg.loss, student.config, plan.teacher_config, cfg.balance, loss_defaults(cfg, plan)
         )
         self.masks = self._keep_masks(student)
+        apply_speed_options(student, teacher, cfg)
         module = DistillationModule(student, objective)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
-        )
+        optimizer = adamw(self.params, cfg, self.device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=ds_config
         )
+        self.mark("engine")
         self.student = student
         self.teacher = _teacher_engine(teacher, cfg, ds_config, self.device) if teacher is not None else None
-        self.teacher_source = build_teacher_source(cfg, self.teacher, objective.needs, student=student)
+        self.teacher_source = build_teacher_source(
+            cfg, self.teacher, objective.needs, student=student, cross_tokenizer=objective.cross_tokenizer
+        )
         self._source_open = True
+        self.mark("teacher")
+
+    def mark(self, phase: str) -> None:
+        """Record when `phase` ended, in seconds since the process started (the first time only)."""
+        self.phases.setdefault(phase, since_process_start())
 
     def _keep_masks(self, student) -> Path | None:
         """MAGNET in-block masks from derivation: masked weights get no gradient, so they stay zero."""
@@ -316,6 +378,7 @@ class Trainer:
             self._skipped("DeepSpeed skipped the optimizer step (gradient overflow)")
         self.step += 1
         self.tokens_trained += self.tokens_per_step
+        self.mark("first_step")
         keys = sorted(metrics)
         reduced = all_reduce_sum([metrics[k] for k in keys])
         record = {k: v / self.world for k, v in zip(keys, reduced, strict=True)}
@@ -478,11 +541,15 @@ class Trainer:
             self.summary["teacher_eval"] = self.evaluate_teacher()
         if self.held_out and self.step == 0:
             self.summary["student_eval_start"] = self._log_eval()
+        self.mark("eval_start")
         self._train_loop()
+        self.mark("train")
         if self.held_out:
             self.summary["student_eval"] = self._log_eval()
+        self.mark("eval_end")
         if cfg.train.export and "stopped_early" not in self.summary:
             self.export()
+        self.mark("export")
         self.close_teacher()  # before the final lm-eval, which may need the memory a teacher holds
         if cfg.eval is not None and cfg.eval.at_end and "student_dir" in self.summary:
             if self.rank == 0:
@@ -491,8 +558,16 @@ class Trainer:
                 self.runlog.write(self.step, tensorboard_scalars(report, prefix="lm_eval"))
             barrier()
         self.close()
+        self.mark("end")
+        self.summary["phases"] = self.phases
+        log.info(f"time since start: {phase_breakdown(self.phases)}")
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            if "student_dir" in self.summary:
+                # The card reads summary.json and the lm-eval report from disk, so it comes after both.
+                write_model_card(self.run_dir)
+                if cfg.train.push_to_hub is not None:
+                    push_student(self.run_dir, cfg.train.push_to_hub.repo_id, cfg.train.push_to_hub.private)
         return self.summary
 
     def _log_eval(self) -> dict:
@@ -542,6 +617,21 @@ class Trainer:
             "tokens_per_s": self.tokens_trained / max(self.train_seconds, 1e-9),
             "train_seconds": self.train_seconds,
         }
+
+
+def since_process_start() -> float:
+    import psutil  # a dependency of deepspeed; imported here to keep `import llmdistill.train` cheap
+
+    return time.time() - psutil.Process().create_time()
+
+
+def phase_breakdown(phases: dict[str, float]) -> str:
+    """'config 4.1 s, preflight 0.3 s, ...': how long each phase took (imports count towards config)."""
+    parts, previous = [], 0.0
+    for name, at in phases.items():
+        parts.append(f"{name} {at - previous:.1f} s")
+        previous = at
+    return ", ".join(parts)
 
 
 def train(cfg: Config) -> dict:

@@ -88,6 +88,74 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+def markdown_tables(text: str) -> dict[str, dict[str, list[str]]]:
+    """Every markdown table of `text`: {first header cell: {first cell of a row: the row's other cells}}."""
+    tables, current = {}, None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if current is None:
+            current = tables.setdefault(cells[0], {})
+        elif not set(line) <= set("|-"):
+            current[cells[0]] = cells[1:]
+    return tables
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory):
+    """Two short real runs for the card, hub and report tests (~1.5 min together): "derived" trains a student
+    that `llmdistill derive` pruned from the embedded teacher and runs lm-eval at the end; "lora" trains a
+    LoRA copy of the teacher, without lm-eval. {name: run directory}."""
+    root = tmp_path_factory.mktemp("finished-runs")
+    short = ["data.seq_len=64", "train.max_steps=3", "train.eval_batches=2", "train.device=cpu"]
+    steps = {
+        "derive": [
+            "derive",
+            "--config",
+            "configs/tiny/derive.yaml",
+            f"run.output_dir={root}",
+            "run.name=derive",
+            "data.train.max_documents=50",
+            "data.seq_len=64",
+            "derive.search=null",
+            "derive.target={num_layers: 2, hidden_size: 96}",
+            "derive.calibration_samples=4",
+            "derive.eval_samples=2",
+            "derive.plots=false",
+        ],
+        "derived": [
+            "train",
+            *QUICK,
+            *short,
+            f"run.output_dir={root}",
+            "run.name=derived",
+            f"student.path={root / 'derive' / 'derived'}",
+            "student.from_teacher=null",
+            "eval={limit: 5, tasks: [llmdistill_code_nextline]}",
+        ],
+        "lora": [
+            "train",
+            "--config",
+            "configs/tiny/lora.yaml",
+            "data.train.path=embedded:validation",
+            *short,
+            "train.progress=false",
+            f"run.output_dir={root}",
+            "run.name=lora",
+        ],
+    }
+    for name, args in steps.items():
+        result = run_cli(args)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    return {name: root / name for name in ("derived", "lora")}
+
+
 @pytest.fixture
 def one_rank():
     """A world of one in this process, as a launcher would describe it. The process group stays up for the

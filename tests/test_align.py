@@ -165,7 +165,7 @@ TEXT = st.text(
     alphabet=st.one_of(
         st.sampled_from(list(" \n\t  abcdefxyz_()=:.,\"'#0123456789ABC")),
         # Not U+2581: SentencePiece writes spaces as "▁", so a literal one cannot be spelled back (such
-        # documents are left out of training data, see align.MAX_UNSPELLABLE).
+        # documents are left out of cross-tokenizer data, see align.MAX_UNSPELLABLE).
         st.characters(
             min_codepoint=0x80, max_codepoint=0x2FFF, exclude_categories=("Cs",), exclude_characters="\u2581"
         ),
@@ -186,10 +186,27 @@ def test_a_document_a_tokenizer_cannot_spell_back_is_left_out_not_fatal(tokenize
     from llmdistill.align import MAX_UNSPELLABLE, pack_aligned
 
     texts = [f"def f{i}(x):\n    return x + {i}\n" * 8 for i in range(120)]
-    # the SentencePiece wrapper reads the literal <s> as its special token
-    texts[7] = "state_<s>[x] = 1\n" * 8
+    # SentencePiece writes spaces as "▁", so a literal one decodes as a space: no SentencePiece tokenizer can
+    # spell this document back.
+    texts[7] = "state_\u2581[x] = 1\n" * 8
     assert 1 < MAX_UNSPELLABLE * len(texts)
     packed = pack_aligned(texts, tokenizers["sp"], tokenizers["bpe"], seq_len=32)
     assert packed["input_ids"]
     with pytest.raises(LLMDistillError, match="spell the text back"):
         pack_aligned(texts[:20], tokenizers["sp"], tokenizers["bpe"], seq_len=32)  # 1 in 20 is too many
+
+
+def test_special_token_strings_in_train_documents_are_aligned_not_left_out(tokenizers, tables, caplog):
+    """Train documents 331 and 540 hold a literal `<s>`; the SentencePiece student once read it as its BOS."""
+    import json
+
+    lookalikes = {t for tok in tokenizers.values() for t in tok.all_special_tokens} | {"<0x"}
+    train = [json.loads(row)["text"] for row in data.embedded_corpus()["train"].open()]
+    texts = [t for t in train if any(s in t for s in lookalikes)]
+    assert len(texts) >= 2
+    for name, tok in tokenizers.items():
+        *_, unspellable = align._tokenize_documents(texts, tok, tables[name], name)
+        assert unspellable == {}, name
+    with caplog.at_level("WARNING", logger="llmdistill.align"):
+        packed = align.pack_aligned(texts, tokenizers["sp"], tokenizers["bpe"], seq_len=256)
+    assert packed["input_ids"] and "left out" not in caplog.text

@@ -186,3 +186,123 @@ def test_mixed_tokenizers_without_alm_or_uld_are_refused(tmp_path):
         preflight(cfg)
     cfg = load_config("configs/tiny/alm.yaml", [f"run.output_dir={tmp_path}"])
     assert preflight(cfg).student_tok is not None
+
+
+# ---------------------------------------------------------------------------------------------- debiasing
+
+
+def hand_built():
+    """One sequence, vocabulary of 3 (token 2 is the only space token on both sides). Student positions 0..3,
+    teacher 0..4; chunk 0 = student token at 0 / teacher tokens at 0, 1; chunk 1 = student 1, 2 / teacher 2;
+    chunk 2 = student 3 (the window's last position: nothing is predicted after it) / teacher 3."""
+    q = torch.tensor([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25], [0.25, 0.25, 0.5], [0.15, 0.15, 0.7]])
+    p = torch.tensor(
+        [[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]
+    )
+    student = StudentOutput(q.log()[None], torch.nn.Identity())  # the head is the identity: logits = log q
+    signal = TeacherSignal(logits=p.log()[None])
+    batch = {
+        "input_ids": torch.zeros(1, 4, dtype=torch.long),
+        "targets": torch.tensor([[1, 0, 2, 1]]),
+        "student_chunks": torch.tensor([[0, 1, 1, 2]]),
+        "teacher_input_ids": torch.tensor([[0, 1, 0, 2, 1]]),
+        "teacher_chunks": torch.tensor([[0, 0, 1, 2, -1]]),
+    }
+    space = torch.tensor([False, False, True])
+    return student, signal, batch, {"student_space_tokens": space, "teacher_space_tokens": space}
+
+
+def test_debiasing_on_a_hand_built_example():
+    import math
+
+    student, signal, batch, masks = hand_built()
+    alm = get_loss("alm")
+    ln = math.log
+    # Chunk log-likelihoods: student ln .5, ln(.5 * .5), ln .15; teacher ln(.25 * .25), ln .4, ln .1.
+    plain, _ = alm(student, signal, batch, divergence="abs")
+    assert plain.item() == pytest.approx((ln(0.5 / 0.0625) + ln(0.4 / 0.25) + ln(0.15 / 0.1)) / 3, rel=1e-5)
+    # append_space: each chunk also pays the probability that a space token comes next (student rows 1, 3;
+    # teacher rows 2, 3); chunk 2 ends at the student's last position, so it is left out.
+    appended, metrics = alm(student, signal, batch, divergence="abs", append_space=True, **masks)
+    want = (abs(ln(0.5 * 0.25) - ln(0.0625 * 0.4)) + abs(ln(0.25 * 0.7) - ln(0.4 * 0.8))) / 2
+    assert appended.item() == pytest.approx(want, rel=1e-5)
+    assert metrics["alm/chunks_per_seq"] == 2
+    # Merging at 0.5: the teacher's space probability after chunk 0 is 0.4, below it, so chunks 0 and 1 are
+    # one (closed by chunk 1's 0.8); at 0.3 chunk 0 closes its own group, as without merging.
+    merged, metrics = alm(
+        student, signal, batch, divergence="abs", append_space=True, merge_by_space_prob=0.5, **masks
+    )
+    assert merged.item() == pytest.approx(abs(ln(0.5 * 0.25 * 0.7) - ln(0.0625 * 0.4 * 0.8)), rel=1e-5)
+    assert metrics["alm/chunks_per_seq"] == 1
+    low, _ = alm(
+        student, signal, batch, divergence="abs", append_space=True, merge_by_space_prob=0.3, **masks
+    )
+    assert low.item() == pytest.approx(want, rel=1e-5)
+    # Merging alone joins the same chunks and appends nothing; chunk 2 (after an end) stays by itself.
+    only_merge, _ = alm(student, signal, batch, divergence="abs", merge_by_space_prob=0.5, **masks)
+    assert only_merge.item() == pytest.approx(
+        (abs(ln(0.5 * 0.25) - ln(0.0625 * 0.4)) + ln(1.5)) / 2, rel=1e-5
+    )
+    # A sparse teacher whose top-k holds every token gives the same; one without the space token cannot say
+    # what follows chunk 1 (its row 3), so that chunk is left out.
+    full = torch.arange(3).expand(1, 5, 3).int()
+    sparse = TeacherSignal(topk_ids=full, topk_logprobs=signal.logits)
+    got, _ = alm(student, sparse, batch, divergence="abs", append_space=True, **masks)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    no_space = full.clone()
+    no_space[0, 3] = torch.tensor([0, 1, 0])
+    got, _ = alm(student, TeacherSignal(topk_ids=no_space, topk_logprobs=signal.logits), batch,
+                 divergence="abs", append_space=True, **masks)  # fmt: skip
+    assert got.item() == pytest.approx(abs(ln(0.5 * 0.25) - ln(0.0625 * 0.4)), rel=1e-5)
+
+
+def test_a_gap_between_chunks_closes_a_merge_group():
+    from llmdistill.losses.alm import space_merge_groups
+
+    ends = torch.tensor([False, True, False, False, True, False])
+    breaks = torch.tensor([True, False, False, True, False, False])
+    assert space_merge_groups(ends, breaks).tolist() == [0, 0, 1, 2, 2, 3]
+    # In a batch: the teacher token between chunks 0 and 1 (row 1) belongs to no chunk, so they never merge.
+    student, signal, batch, masks = hand_built()
+    batch["teacher_chunks"] = torch.tensor([[0, -1, 1, 2, -1]])
+    _, joined = get_loss("alm")(*hand_built()[:3], merge_by_space_prob=0.5, **masks)
+    _, apart = get_loss("alm")(student, signal, batch, merge_by_space_prob=0.5, **masks)
+    assert (joined["alm/chunks_per_seq"], apart["alm/chunks_per_seq"]) == (2, 3)
+
+
+def test_debiasing_is_zero_at_a_match_and_needs_the_masks(embedded_tokenizer, tiny_llama):
+    batch = batch_of(embedded_tokenizer, embedded_tokenizer)
+    signal = run_teacher(tiny_llama, batch)
+    student = run_student(tiny_llama, batch)
+    space = align.space_token_mask(embedded_tokenizer)
+    for divergence in ("binary_kl", "abs"):
+        loss, metrics = get_loss("alm")(
+            student, signal, batch, divergence=divergence, append_space=True, merge_by_space_prob=0.5,
+            student_space_tokens=space, teacher_space_tokens=space,
+        )  # fmt: skip
+        assert abs(loss.item()) < 1e-4 and metrics["alm/student_tokens_per_chunk"] > 1.0
+    with pytest.raises(LLMDistillError, match="space tokens"):
+        get_loss("alm")(student, signal, batch, append_space=True)
+    with pytest.raises(LLMDistillError, match="probability in"):
+        get_loss("alm")(student, signal, batch, merge_by_space_prob=2.0, student_space_tokens=space,
+                        teacher_space_tokens=space)  # fmt: skip
+
+
+def test_a_run_gives_alm_its_space_tokens(tmp_path):
+    from llmdistill.session import loss_defaults, preflight
+
+    cfg = load_config(
+        "configs/tiny/alm.yaml",
+        [f"run.output_dir={tmp_path}", "loss=[{name: alm, append_space: true, merge_by_space_prob: 0.1}]"],
+    )
+    plan = preflight(cfg)
+    defaults = loss_defaults(cfg, plan)
+    assert defaults["student_space_tokens"].shape == (len(plan.student_tok),)
+    assert defaults["teacher_space_tokens"].shape == (len(plan.teacher_tok),)
+    eos = plan.teacher_tok.eos_token_id
+    space = plan.teacher_tok.convert_tokens_to_ids("Ġ")
+    letter = plan.teacher_tok.convert_tokens_to_ids("a")
+    assert defaults["teacher_space_tokens"][[eos, space, letter]].tolist() == [True, True, False]
+    objective = Objective(cfg.loss, plan.student_config, plan.teacher_config, defaults=defaults)
+    ((_, _, _, params),) = objective.terms
+    assert params["append_space"] and params["student_space_tokens"] is defaults["student_space_tokens"]

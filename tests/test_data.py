@@ -505,3 +505,49 @@ def test_a_template_that_rewrites_past_answers_trains_the_last_one(tmp_path, emb
         tmp_path, embedded_tokenizer, rows, format="messages", chat_template=rewrites, train_on="last"
     )
     assert _trained_runs(embedded_tokenizer, ds[0]) == [A2 + "<|im_end|>"]
+
+
+_BUILD_SCRIPT = """
+import json, sys
+from llmdistill import data
+from llmdistill.config import DataConfig, DatasetSpec
+from llmdistill.models import load_tokenizer
+spec = DatasetSpec(path=sys.argv[1])
+ds = data.packed_dataset(spec, DataConfig(train=spec, seq_len=int(sys.argv[2])), load_tokenizer(sys.argv[3]))
+print(json.dumps({"cache": ds.cache_files[-1]["filename"], "ids": ds[:]["input_ids"].tolist()}))
+"""
+
+
+def test_tokenized_data_is_cached_across_runs_keyed_by_tokenizer_and_length(tmp_path, embedded_tokenizer):
+    """`datasets` keys each map by a fingerprint of its input file and function (tokenizer and seq_len
+    included): a second run reads the packed sequences back instead of tokenizing again."""
+    import subprocess
+    import sys
+
+    from llmdistill.models import EMBEDDED_TEACHER
+
+    path = tmp_path / "docs.jsonl"
+    docs = [{"text": f"def f{i}(x):\n    return x * {i}\n" * 8} for i in range(40)]
+    path.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    spec = DatasetSpec(path=str(path))
+
+    def build(seq_len, tokenizer):
+        return data.packed_dataset(spec, DataConfig(train=spec, seq_len=seq_len), tokenizer)
+
+    first = build(32, embedded_tokenizer)
+    cache = Path(first.cache_files[-1]["filename"])
+    written = cache.stat().st_mtime_ns
+    again = subprocess.run(
+        [sys.executable, "-c", _BUILD_SCRIPT, str(path), "32", str(EMBEDDED_TEACHER)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["cache"] == str(cache) and cache.stat().st_mtime_ns == written  # read, not rewritten
+    assert second["ids"] == first[:]["input_ids"].tolist()
+
+    assert build(48, embedded_tokenizer).cache_files[-1]["filename"] != str(cache)
+    other = data.train_bpe_tokenizer(iter(["some other text to learn from " * 40]), vocab_size=300)
+    other.eos_token = other.pad_token = other.convert_ids_to_tokens(0)
+    assert build(32, other).cache_files[-1]["filename"] != str(cache)

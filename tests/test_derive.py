@@ -19,7 +19,9 @@ from llmdistill.config import ConfigError, DeriveSearch, LLMDistillError, config
 from llmdistill.derive import derive_student  # noqa: E402
 from llmdistill.derive.importance import (  # noqa: E402
     activation_scores,
+    aggregate,
     combine_depth_scores,
+    finish_aggregate,
     held_out_loss,
     layers_skipped,
     magnet_grad_scores,
@@ -296,6 +298,41 @@ def test_kept_heads_and_neurons_are_the_planned_ones(family, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- scores
+
+
+def test_aggregations_compute_what_they_say_on_a_hand_built_tensor():
+    # |activations| [sequences, tokens, units]: per-sequence means are unit 0: 2, 2; unit 1: 3.5, 0.
+    magnitudes = torch.tensor([[[1.0, 7.0], [3.0, 0.0]], [[2.0, 0.0], [2.0, 0.0]]])
+    tokens = torch.tensor(4.0)
+
+    def score(aggregation, parts):
+        total = sum(aggregate(m, aggregation) for m in parts)
+        return finish_aggregate(total, tokens, aggregation).tolist()
+
+    # mean over all tokens: 8 / 4 and 7 / 4, so unit 0 ranks first
+    assert score("mean", [magnitudes]) == pytest.approx([2.0, 1.75])
+    # Minitron: L2 over sequences of the per-sequence means, sqrt(2^2 + 2^2), sqrt(3.5^2): unit 1 first
+    assert score("minitron", [magnitudes]) == pytest.approx([8**0.5, 3.5])
+    # the sums add up over batches (and ranks): one sequence per batch gives the same scores
+    for aggregation in ("mean", "minitron"):
+        assert score(aggregation, [magnitudes[:1], magnitudes[1:]]) == score(aggregation, [magnitudes])
+
+
+def test_minitron_head_score_is_the_l2_over_head_dim_then_mean_then_l2():
+    model = tiny_model()
+    batches = random_batches()
+    inputs = []
+    hook = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    try:
+        scores = activation_scores(model, batches, "minitron")
+    finally:
+        hook.remove()
+    x = torch.cat(inputs).double().unflatten(-1, (4, 32))  # [sequences, tokens, heads, head_dim]
+    want = x.norm(dim=-1).mean(dim=1).pow(2).sum(dim=0).sqrt()
+    assert torch.allclose(scores["heads"][1], want, rtol=1e-5)
+    assert not torch.allclose(activation_scores(model, batches)["heads"][1], want, rtol=1e-2)
+    with pytest.raises(ValueError, match="aggregation"):
+        activation_scores(model, batches, "median")
 
 
 def test_depth_scores_and_layer_skipping():

@@ -53,3 +53,51 @@ def test_teacher_is_far_better_than_an_untrained_model(build_info, embedded_toke
         logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100
     )
     assert loss.item() < 0.6 * uniform
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+
+@pytest.fixture(scope="module")
+def tokenizers(embedded_tokenizer):
+    from llmdistill.embedded import student_tokenizer
+    from llmdistill.models import load_tokenizer
+
+    return {
+        "teacher": embedded_tokenizer,
+        "sp-unigram": load_tokenizer(str(student_tokenizer("sp-unigram"))),
+        "bytes": load_tokenizer(str(student_tokenizer("bytes"))),
+    }
+
+
+def spelled_back(tokenizer, texts: list[str]) -> list[str]:
+    """The texts as data encodes them (`data._document_ids`), decoded again without their closing EOS; a
+    special token anywhere else fails."""
+    from llmdistill import data
+
+    out = []
+    for ids in data._document_ids(tokenizer, texts):
+        assert ids[-1] == tokenizer.eos_token_id
+        body = ids[:-1]
+        assert not set(body) & set(tokenizer.all_special_ids)
+        out.append(tokenizer.decode(body))
+    return out
+
+
+@pytest.mark.parametrize("name", ["teacher", "sp-unigram", "bytes"])
+def test_special_token_strings_in_text_are_plain_text(tokenizers, name):
+    tok = tokenizers[name]
+    lookalikes = sorted({t for other in tokenizers.values() for t in other.all_special_tokens})
+    # "<0x41>" is how a SentencePiece byte piece is written: it must stay six characters, not become "A".
+    text = " ".join(lookalikes) + " state_<s>[x] = <0x41><0xFF></s>\n<unk><|endoftext|>"
+    assert spelled_back(tok, [text]) == [text]
+
+
+@pytest.mark.parametrize("name", ["teacher", "sp-unigram", "bytes"])
+def test_every_train_document_round_trips(tokenizers, name):
+    from llmdistill import data
+
+    texts = [json.loads(row)["text"] for row in data.embedded_corpus()["train"].open()]
+    assert any("<s>" in t for t in texts)  # the corpus holds such text: this is not an idle check
+    back = spelled_back(tokenizers[name], texts)
+    assert [i for i, (a, b) in enumerate(zip(texts, back, strict=True)) if a != b] == []

@@ -28,6 +28,7 @@ from llmdistill.evaluate import (
     tensorboard_scalars,
 )
 from llmdistill.models import EMBEDDED_TEACHER, load_tokenizer
+from llmdistill.vllm_env import offline_env
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 60
@@ -201,9 +202,7 @@ def test_vllm_backend_agrees_with_hf_on_loglikelihood_tasks(report_dir, tmp_path
         f"eval.output_dir={out}",
     ]
     # Its own process (killed by PID on timeout): vLLM pins threads and keeps its engine until exit.
-    env = dict(
-        ENV, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(tmp_path)
-    )
+    env = dict(ENV, **offline_env(str(tmp_path)))
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     hf_raw = json.loads((report_dir / "raw" / "teacher.json").read_text())

@@ -6,6 +6,8 @@ import http.server
 import json
 import math
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +16,13 @@ import torch
 from llmdistill.config import LLMDistillError, load_config
 from llmdistill.signal import IGNORE_INDEX
 from llmdistill.teachers import TeacherUnavailable
+from llmdistill.teachers import prompts as pr
 from llmdistill.teachers import vllm_cache as vc
-from llmdistill.teachers import vllm_server as vs
+from llmdistill.teachers import vllm_client as vcl
 from llmdistill.teachers.on_policy import batch_draw, student_batch
+from llmdistill.teachers.streaming import prefetched
+from llmdistill.teachers.vllm_cache_build import build_cache
+from llmdistill.teachers.vllm_serve import serve_command
 
 X = IGNORE_INDEX
 
@@ -33,13 +39,13 @@ def _packed_batch():
 
 def test_each_document_is_its_own_prompt_and_the_final_target_is_appended():
     b = _packed_batch()
-    prompts = vs.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
+    prompts = pr.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
     assert [(p.row, p.start, p.token_ids) for p in prompts] == [
         (0, 0, [10, 11, 12]),  # its last target is -100: nothing to append
         (0, 3, [20, 21, 22, 23]),  # the row's last position needs the next token
         (1, 0, [30, 31, 32, 33, 34, 34, 35]),
     ]
-    assert vs.segment_bounds([0, 1, 0, 0, 1]) == [(0, 2), (2, 3), (3, 5)]
+    assert pr.segment_bounds([0, 1, 0, 0, 1]) == [(0, 2), (2, 3), (3, 5)]
 
 
 def _fake_prompt_logprobs(prompts, k):
@@ -58,22 +64,25 @@ def _fake_prompt_logprobs(prompts, k):
 
 def test_prompt_logprobs_j_is_the_signal_at_position_start_plus_j_minus_1():
     b, k = _packed_batch(), 3
-    prompts = vs.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
-    sig = vs.signal_from_prompt_logprobs(prompts, _fake_prompt_logprobs(prompts, k), (2, 6), k)
+    prompts = pr.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
+    sig = pr.signal_from_prompt_logprobs(prompts, _fake_prompt_logprobs(prompts, k), (2, 6), k)
     assert sig.topk_ids.shape == (2, 6, k) and sig.topk_ids.dtype == torch.int32
     valid = b["targets"] != X
     # The teacher's top token at t is the token at t + 1: the signal at t predicts targets[t].
     assert torch.equal(sig.topk_ids[..., 0][valid].long(), b["targets"][valid])
-    # The K + 1-th entry vLLM adds is dropped; sorted by log-prob.
+    # The K + 1-th entry vLLM adds is not in the top-k; sorted by log-prob.
     assert sig.topk_ids[0, 0].tolist() == [11, 1000, 1001]
     assert sig.topk_logprobs[0, 0].tolist() == [-0.5, -2.0, -3.0]
+    # The actual next token's log-prob is kept per position; NaN where no prompt scores the position.
+    assert torch.equal(sig.target_logprobs[valid], torch.full((int(valid.sum()),), -0.5))
+    assert sig.target_logprobs[~valid].isnan().all()
     # A document's end (target -100) gets the filler: all mass in the tail.
-    assert sig.topk_logprobs[0, 2].max().item() == vs.LOGP_FILLER
+    assert sig.topk_logprobs[0, 2].max().item() == pr.LOGP_FILLER
 
 
 def test_request_and_response_formats():
-    prompts = [vs.Prompt(0, 0, [1, 2, 3]), vs.Prompt(1, 0, [4, 5])]
-    body = vs.completions_request("teacher", prompts, 5)
+    prompts = [pr.Prompt(0, 0, [1, 2, 3]), pr.Prompt(1, 0, [4, 5])]
+    body = vcl.completions_request("teacher", prompts, 5)
     assert body["prompt"] == [[1, 2, 3], [4, 5]] and body["prompt_logprobs"] == 5
     assert body["max_tokens"] == 0 and body["echo"] is True
     answer = {
@@ -82,10 +91,10 @@ def test_request_and_response_formats():
             {"index": 0, "prompt_logprobs": [None, {"2": {"logprob": -0.1}}, {"3": {"logprob": -0.2}}]},
         ]
     }
-    parsed = vs.parse_completions(answer, 2)
+    parsed = vcl.parse_completions(answer, 2)
     assert parsed[0][1] == {2: -0.1} and parsed[1][1] == {5: -1.0}  # request order, integer ids
     with pytest.raises(LLMDistillError, match="2 prompts"):
-        vs.parse_completions({"choices": answer["choices"][:1]}, 2)
+        vcl.parse_completions({"choices": answer["choices"][:1]}, 2)
 
 
 class _Scripted(http.server.BaseHTTPRequestHandler):
@@ -117,24 +126,24 @@ def test_5xx_is_retried_4xx_explained_and_a_dead_server_is_unavailable(scripted_
     server, url = scripted_server
     ok = {"choices": [{"index": 0, "prompt_logprobs": [None, {"7": {"logprob": -0.3}}]}]}
     _Scripted.replies = [(503, {"error": {"message": "busy"}}), (500, {}), (200, ok)]
-    client = vs.ServerClient([url], "teacher", timeout=5, retries=2, backoff=0.0)
-    assert client.score([vs.Prompt(0, 0, [6, 7])], 1) == [[None, {7: -0.3}]]
+    client = vcl.ServerClient([url], "teacher", timeout=5, retries=2, backoff=0.0)
+    assert client.score([pr.Prompt(0, 0, [6, 7])], 1) == [[None, {7: -0.3}]]
     msg = "Requested prompt logprobs of 40, which is greater than max allowed: 20"
     _Scripted.replies = [(400, {"error": {"message": msg}})]
     with pytest.raises(LLMDistillError, match="above the server's --max-logprobs"):
-        client.score([vs.Prompt(0, 0, [6, 7])], 40)
+        client.score([pr.Prompt(0, 0, [6, 7])], 40)
     _Scripted.replies = [(404, {"error": {"message": "The model `x` does not exist."}})]
     with pytest.raises(LLMDistillError, match="served_model_name"):
-        client.score([vs.Prompt(0, 0, [6, 7])], 1)
+        client.score([pr.Prompt(0, 0, [6, 7])], 1)
     server.shutdown()
     server.server_close()
-    dead = vs.ServerClient([url, url], "teacher", timeout=1, retries=2, backoff=0.0)
+    dead = vcl.ServerClient([url, url], "teacher", timeout=1, retries=2, backoff=0.0)
     with pytest.raises(TeacherUnavailable, match="after 3 attempts"):
-        dead.score([vs.Prompt(0, 0, [6, 7])], 1)
+        dead.score([pr.Prompt(0, 0, [6, 7])], 1)
 
 
 def test_urls_are_used_round_robin_starting_at_the_rank():
-    client = vs.ServerClient(["http://a", "http://b", "http://c"], "t", 1, 0, 0, first=4)
+    client = vcl.ServerClient(["http://a", "http://b", "http://c"], "t", 1, 0, 0, first=4)
     seen = []
     client._once = lambda url, path, payload: seen.append(url) or {}
     for _ in range(4):
@@ -146,23 +155,23 @@ def test_prefetch_keeps_order_and_raises_at_the_failing_batch():
     def fetch(b):
         if b == 3:
             raise TeacherUnavailable("gone")
-        return b * 10
+        return b, b * 10
 
     for depth in (0, 2):
         got = []
         with pytest.raises(TeacherUnavailable):
-            for batch, signal in vs.prefetched(iter(range(6)), fetch, depth, threading.Event()):
+            for batch, signal in prefetched(iter(range(6)), fetch, depth, threading.Event()):
                 got.append((batch, signal))
         assert got == [(0, 0), (1, 10), (2, 20)], depth
 
 
 def test_serve_command_cpu_and_gpu():
-    cfg = load_config(None, ["teacher.serve_port=9001", "teacher.top_k=32", "data.seq_len=128"])
-    argv, env = vs.serve_command(cfg, "/py", gpu=False)
+    cfg = load_config(None, ["teacher.serve.port=9001", "teacher.server.top_k=32", "data.seq_len=128"])
+    argv, env = serve_command(cfg, "/py", gpu=False)
     assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in argv
     assert argv[argv.index("--max-logprobs") + 1] == "32" and argv[argv.index("--max-model-len") + 1] == "130"
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    argv, env = vs.serve_command(cfg, "/py", gpu=True)
+    argv, env = serve_command(cfg, "/py", gpu=True)
     assert argv[:2] == ["vllm", "serve"] and env == {}
 
 
@@ -206,8 +215,8 @@ CACHE = [
     "data.train.max_documents=2",
     "data.seq_len=32",
     "teacher.source=vllm_cache",
-    "teacher.top_k=8",
-    "teacher.cache_shard_rows=16",
+    "teacher.cache.top_k=8",
+    "teacher.cache.shard_rows=16",
 ]
 
 
@@ -216,8 +225,8 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
     from llmdistill.data import collate
     from llmdistill.models import EMBEDDED_TEACHER
 
-    cfg = load_config(None, [*CACHE, f"teacher.cache_dir={tmp_path}/straight", f"run.output_dir={tmp_path}"])
-    vc.build_cache(cfg, score=_fake_score)
+    cfg = load_config(None, [*CACHE, f"teacher.cache.dir={tmp_path}/straight", f"run.output_dir={tmp_path}"])
+    build_cache(cfg, score=_fake_score)
     # Interrupted after the second shard, then started again: the same files, byte for byte.
     calls = []
 
@@ -227,14 +236,14 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return _fake_score(prompts, k)
 
-    cfg2 = load_config(None, [*CACHE, f"teacher.cache_dir={tmp_path}/resumed", f"run.output_dir={tmp_path}"])
+    cfg2 = load_config(None, [*CACHE, f"teacher.cache.dir={tmp_path}/resumed", f"run.output_dir={tmp_path}"])
     with pytest.raises(KeyboardInterrupt):
-        vc.build_cache(cfg2, score=failing)
+        build_cache(cfg2, score=failing)
     assert not (tmp_path / "resumed" / vc.COMPLETE).exists()
     plan = session.preflight(cfg2)
     with pytest.raises(LLMDistillError, match="partial cache"):
         vc.VLLMCacheTeacher(cfg2, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
-    vc.build_cache(cfg2, score=_fake_score)
+    build_cache(cfg2, score=_fake_score)
     straight = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert straight == sorted(p.name for p in (tmp_path / "resumed").iterdir()) and len(straight) > 3
     for name in straight:
@@ -244,14 +253,14 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
     dataset, _ = session.build_datasets(cfg, plan)
     reader = vc.VLLMCacheTeacher(cfg, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
     batch = collate([dataset[i] for i in (7, 0, 20)])
-    prompts = vs.build_prompts(batch["input_ids"], batch["position_ids"], batch["targets"])
-    live = vs.signal_from_prompt_logprobs(prompts, _fake_score(prompts, 8), (3, 32), 8)
+    prompts = pr.build_prompts(batch["input_ids"], batch["position_ids"], batch["targets"])
+    live = pr.signal_from_prompt_logprobs(prompts, _fake_score(prompts, 8), (3, 32), 8)
     got = reader.signal(batch)
     valid = batch["targets"] != X
     assert torch.equal(got.topk_ids[valid], live.topk_ids[valid])
     assert (got.topk_logprobs - live.topk_logprobs)[valid].abs().max() <= 1 / vc.LOGPROB_SCALE + 1e-6
     # Fewer K than cached is fine (top-k is sorted); more is refused, as is another teacher dtype or dataset.
-    fewer = load_config(None, [*CACHE, "teacher.top_k=4", f"teacher.cache_dir={tmp_path}/straight"])
+    fewer = load_config(None, [*CACHE, "teacher.cache.top_k=4", f"teacher.cache.dir={tmp_path}/straight"])
     assert (
         vc.VLLMCacheTeacher(fewer, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
         .signal(batch)
@@ -259,12 +268,12 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
         == 4
     )
     for bad, field in [
-        ("teacher.top_k=16", "k (cache has 8"),
+        ("teacher.cache.top_k=16", "k (cache has 8"),
         ("teacher.dtype=bfloat16", "teacher"),
         ("data.train.max_documents=3", "dataset"),
         ("data.seq_len=64", "seq_len"),
     ]:
-        wrong = load_config(None, [*CACHE, bad, f"teacher.cache_dir={tmp_path}/straight"])
+        wrong = load_config(None, [*CACHE, bad, f"teacher.cache.dir={tmp_path}/straight"])
         with pytest.raises(LLMDistillError, match="built for another run") as err:
             vc.VLLMCacheTeacher(wrong, plan.teacher_tok, 2048, str(EMBEDDED_TEACHER))
         assert field in str(err.value), (bad, err.value)
@@ -273,9 +282,9 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
     with pytest.raises(LLMDistillError, match="not in the cache"):
         reader.signal(batch)
     # Building into a directory made for another run is refused without --overwrite.
-    other = load_config(None, [*CACHE, "teacher.top_k=4", f"teacher.cache_dir={tmp_path}/straight"])
+    other = load_config(None, [*CACHE, "teacher.cache.top_k=4", f"teacher.cache.dir={tmp_path}/straight"])
     with pytest.raises(LLMDistillError, match="--overwrite"):
-        vc.build_cache(other, score=_fake_score)
+        build_cache(other, score=_fake_score)
 
 
 # ---------------------------------------------------------------------------------------------- on-policy
@@ -291,7 +300,7 @@ def test_student_batch_masks_the_prompt_and_what_follows_eos():
     # Row 1 wrote EOS at index 3: it is the last target; the padding after it is its own "document".
     assert b["targets"][1].tolist() == [X, X, eos, X, X, X]
     assert b["position_ids"][1].tolist() == [0, 1, 2, 3, 0, 1]
-    prompts = vs.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
+    prompts = pr.build_prompts(b["input_ids"], b["position_ids"], b["targets"])
     assert [(p.row, p.start, p.token_ids) for p in prompts] == [
         (0, 0, [5, 6, 7, 8, 9, 10, 11]),
         (1, 0, [5, 6, 7, eos]),
@@ -319,6 +328,209 @@ def test_on_policy_refuses_zero3_and_vllm_sources_refuse_hidden_states():
 
 
 def test_config_needs_a_cache_dir_for_the_cache_source():
-    with pytest.raises(LLMDistillError, match="teacher.cache_dir"):
+    with pytest.raises(LLMDistillError, match="teacher.cache.dir"):
         load_config(None, ["teacher.source=vllm_cache"])
     assert math.isclose(load_config(None, ["teacher.on_policy.fraction=1"]).teacher.on_policy.fraction, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+def test_an_old_flat_teacher_key_names_its_new_place(tmp_path):
+    from llmdistill.config import ConfigError
+
+    for override, moved in [
+        ("teacher.urls=[http://x:1]", "teacher.urls moved to teacher.server.urls"),
+        ("teacher.top_k=8", "teacher.top_k moved to teacher.server.top_k"),
+        ("teacher.serve_port=9000", "teacher.serve_port moved to teacher.serve.port"),
+    ]:
+        with pytest.raises(ConfigError, match=moved):
+            load_config(None, [override])
+    old = tmp_path / "old.yaml"
+    old.write_text("teacher:\n  source: vllm_cache\n  cache_dir: /tmp/c\n  cache_shard_rows: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(old)
+    assert str(err.value) == (
+        "teacher.cache_dir moved to teacher.cache.dir; "
+        "teacher.cache_shard_rows moved to teacher.cache.shard_rows"
+    )
+    new = load_config(
+        None, ["teacher.source=vllm_cache", "teacher.cache.dir=/tmp/c", "teacher.server.prefetch=0"]
+    )
+    assert new.teacher.cache.dir == "/tmp/c" and new.teacher.server.prefetch == 0
+
+
+def test_sources_declare_capabilities_and_refuse_what_they_cannot_serve():
+    from llmdistill.teachers import check_teacher_source
+    from llmdistill.teachers.base import source_class
+
+    assert source_class("hf").capabilities.full_logits and source_class("hf").capabilities.hidden_states
+    assert source_class("vllm_server").capabilities.can_fail
+    assert not source_class("vllm_cache").capabilities.can_fail
+    for name in ("hf", "vllm_server", "vllm_cache"):
+        cfg = load_config(None, [f"teacher.source={name}", "teacher.cache.dir=c"])
+        check_teacher_source(cfg, frozenset({"teacher"}), cross_tokenizer=True)
+    on_policy = load_config(None, ["teacher.source=on_policy"])
+    with pytest.raises(LLMDistillError, match="on_policy cannot serve a cross-tokenizer loss"):
+        check_teacher_source(on_policy, frozenset({"teacher"}), cross_tokenizer=True)
+    check_teacher_source(on_policy, frozenset({"teacher"}), cross_tokenizer=False)
+    check_teacher_source(on_policy, frozenset({"student_hidden"}), cross_tokenizer=True)  # no teacher needed
+
+
+def test_stream_prefetches_in_order_and_reports_only_consumed_batches():
+    from llmdistill.signal import TeacherSignal
+    from llmdistill.teachers import TeacherSource
+
+    class Doubling(TeacherSource):
+        prefetch = 2
+
+        def __init__(self):
+            self.scored = []
+
+        def signal(self, batch):
+            self.scored.append(int(batch["input_ids"][0, 0]))
+            return TeacherSignal(logits=batch["input_ids"].float() * 2)
+
+    source, consumed = Doubling(), []
+    source.on_consumed = lambda batch: consumed.append(int(batch["input_ids"][0, 0]))
+    batches = ({"input_ids": torch.full((1, 2), i)} for i in range(6))
+    pairs = source.stream(batches, "cpu")
+    for i in range(3):
+        batch, signal = next(pairs)
+        assert int(batch["input_ids"][0, 0]) == i and torch.equal(signal.logits, batch["input_ids"] * 2.0)
+    # Batch 2 is still being trained on: only 0 and 1 were used, though later ones are scored ahead (by a
+    # thread: give it time on a loaded machine).
+    deadline = time.monotonic() + 30
+    while len(source.scored) <= 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert consumed == [0, 1] and len(source.scored) > 3
+    source.close()
+    assert consumed == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- cross-tokens
+
+
+def _cross_batch(tmp_path, n=4, seq_len=32):
+    """Rows of a cross-tokenizer dataset (SentencePiece student, embedded BPE teacher), via the session."""
+    from llmdistill import session
+    from llmdistill.data import collate
+
+    docs = tmp_path / "docs.jsonl"
+    text = (Path(json.__file__).read_text()[:6000], Path(threading.__file__).read_text()[:6000])
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+    cfg = load_config(
+        "configs/tiny/alm.yaml",
+        [
+            f"data.train.path={docs}",
+            f"data.seq_len={seq_len}",
+            "data.validation=null",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
+    plan = session.preflight(cfg)
+    dataset, _ = session.build_datasets(cfg, plan)
+    return cfg, plan, dataset, collate([dataset[i] for i in range(n)])
+
+
+def _vllm_like_scorer(model, k):
+    """What vLLM's prompt_logprobs give, from an HF model: per prompt, None first, then the top k plus the
+    actual next token (k + 1 entries when it ranks below k)."""
+
+    @torch.no_grad()
+    def score(prompts, k_asked):
+        assert k_asked == k
+        out = []
+        for p in prompts:
+            ids = torch.tensor([p.token_ids])
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+            per = [None]
+            for j in range(1, len(p.token_ids)):
+                top = logp[j - 1].topk(k)
+                entry = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                entry[p.token_ids[j]] = float(logp[j - 1, p.token_ids[j]])
+                per.append(entry)
+            out.append(per)
+        return out
+
+    return score
+
+
+def test_cross_tokenizer_batches_are_scored_on_the_teachers_tokens_and_alm_agrees(tmp_path):
+    from llmdistill.losses import get_loss
+    from llmdistill.models import load_model, model_from_config
+    from llmdistill.signal import StudentOutput
+    from llmdistill.teachers.hf import HFTeacher
+
+    cfg, plan, _, batch = _cross_batch(tmp_path)
+    ids, pos, targets = pr.scored_tokens(batch)
+    assert torch.equal(ids, batch["teacher_input_ids"]) and ids.shape != batch["input_ids"].shape
+    # The teacher's own next tokens, never across a document start (position 0) or past the window.
+    assert (targets[:, -1] == X).all()
+    inside = pos[:, 1:] != 0
+    assert torch.equal(targets[:, :-1][inside], ids[:, 1:][inside]) and (targets[:, :-1][~inside] == X).all()
+
+    teacher = load_model(plan.teacher_path, "float32").eval()
+    k = 2  # small: many actual tokens rank below the top 2, and alm must still see their log-probs
+    sparse = pr.score_batch(_vllm_like_scorer(teacher, k), batch, k)
+    full = HFTeacher(teacher).signal(batch)
+    assert sparse.topk_ids.shape == (*ids.shape, k) and sparse.target_logprobs.shape == ids.shape
+    used = batch["teacher_chunks"] >= 0
+    in_top = (sparse.topk_ids.long() == pr.scored_tokens(batch)[2][..., None]).any(-1)
+    assert (used & ~in_top).sum() > 10  # the case that made chunks "missing" before
+    torch.manual_seed(0)
+    student_model = model_from_config(plan.student_config, "float32")
+    with torch.no_grad():
+        hidden = student_model.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+    student = StudentOutput(hidden, student_model.lm_head)
+    got, got_metrics = get_loss("alm")(student, sparse, batch)
+    want, want_metrics = get_loss("alm")(student, full, batch)
+    assert got_metrics["alm/chunks_per_seq"] == want_metrics["alm/chunks_per_seq"] > 0
+    assert torch.allclose(got, want, rtol=1e-4), (got.item(), want.item())
+    # A signal of the student's tokens is refused, not read at misaligned rows.
+    wrong = pr.signal_from_prompt_logprobs([], [], tuple(batch["input_ids"].shape), k)
+    with pytest.raises(LLMDistillError, match="not the teacher's own tokens"):
+        get_loss("alm")(student, wrong, batch)
+
+
+def test_cross_tokenizer_cache_holds_teacher_positions_and_actual_token_logprobs(tmp_path):
+    cfg, plan, dataset, batch = _cross_batch(tmp_path)
+    overrides = [
+        f"data.train.path={cfg.data.train.path}",
+        "data.seq_len=32",
+        "data.validation=null",
+        "teacher.source=vllm_cache",
+        f"teacher.cache.dir={tmp_path}/cache",
+        "teacher.cache.top_k=4",
+        f"run.output_dir={tmp_path}",
+    ]
+    cached_cfg = load_config("configs/tiny/alm.yaml", overrides)
+
+    def score(prompts, k):
+        # As vLLM does: the actual token is always among the entries (here mostly outside the top k).
+        out = _fake_score(prompts, k)
+        for p, per in zip(prompts, out, strict=True):
+            for j in range(1, len(per)):
+                per[j].setdefault(p.token_ids[j], -20.0 - j / 64)
+        return out
+
+    build_cache(cached_cfg, score=score)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["cross_tokenizer"] and manifest["encoding"]["bytes_per_token"] == 4 * 4 + 4
+    from llmdistill.teachers import build_teacher_source
+
+    reader = build_teacher_source(cached_cfg, None, frozenset({"teacher"}))
+    got = reader.signal(batch)
+    live = pr.score_batch(score, batch, 4)
+    valid = pr.scored_tokens(batch)[2] != X
+    assert not live.target_logprobs[valid].isnan().any()
+    assert got.topk_ids.shape == (*batch["teacher_input_ids"].shape, 4)
+    assert torch.equal(got.topk_ids[valid], live.topk_ids[valid])
+    assert torch.equal(got.target_logprobs[valid], live.target_logprobs[valid])  # float32: exact
+    assert got.target_logprobs[~valid].isnan().all()
+    # The same cache for a same-tokenizer batch is an error, not a misread.
+    plain = {k: batch[k] for k in ("input_ids", "position_ids", "targets")}
+    with pytest.raises(LLMDistillError, match="not cross-tokenizer"):
+        reader.signal(plain)

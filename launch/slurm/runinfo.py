@@ -5,8 +5,8 @@ and teacher as the run itself, with one source of truth (llmdistill.config) and 
 By default only the config module is imported: this runs on the batch node before the heavy processes start.
 
 `--serve HOST PORT` (teacher.sbatch) also prints SERVE_ARGV and SERVE_ENV, bash arrays with the vLLM server
-command for the config's teacher (llmdistill.teachers.vllm_server.serve_command: top_k, max length, dtype and
-teacher.serve_args all come from the config), listening on HOST:PORT.
+command for the config's teacher (llmdistill.teachers.vllm_serve.serve_command: top_k, max length, dtype and
+teacher.serve.args all come from the config), listening on HOST:PORT.
 """
 
 import shlex
@@ -45,10 +45,10 @@ def main(argv: list[str]) -> None:
     if serve is not None:
         import torch
 
-        from llmdistill.teachers.vllm_server import serve_command
+        from llmdistill.teachers.vllm_serve import serve_command
 
         host, port = serve
-        cfg.teacher.serve_port = int(port)
+        cfg.teacher.serve.port = int(port)
         command, env = serve_command(cfg, sys.executable, torch.cuda.is_available(), host)
         print(_array("SERVE_ARGV", command))
         print(_array("SERVE_ENV", [f"{k}={v}" for k, v in env.items()]))

@@ -177,7 +177,7 @@ def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path
         device,
     )
 
-    scores = activation_scores(teacher, calib)
+    scores = activation_scores(teacher, calib, dcfg.aggregation)
     depth = depth_scores(teacher, calib, dcfg.depth_methods, scores)
     layer_score = combine_depth_scores(depth)
 

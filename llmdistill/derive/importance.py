@@ -3,8 +3,15 @@
 Depth: block importance (1 - cos(layer input, layer output), ShortGPT / Minitron), the loss increase when a
 layer is skipped, and MAGNET's mean |gradient| per layer. Width (Minitron, activation based): attention heads
 scored on the input to o_proj, MLP neurons on the input to down_proj, hidden channels on the outputs of every
-RMSNorm that reads the residual stream. Every statistic is a sum plus a token count, so ranks can add theirs
-with all_reduce and the result does not depend on how the calibration set was split."""
+RMSNorm that reads the residual stream. Every statistic is a sum plus a count, so ranks can add theirs with
+all_reduce and the result does not depend on how the calibration set was split.
+
+How a width score aggregates activations over the calibration tokens (`derive.aggregation`):
+  mean      the mean over all tokens of |activation| (a head: of the L2 norm of its slice)
+  minitron  ModelOpt's Minitron: per sequence the mean over its tokens, then the L2 norm over sequences:
+            sqrt(sum_b (mean_t |a_bt|)^2) (a head: |a_bt| is the L2 norm over head_dim; hidden channels: the
+            sum of that over the residual norms)
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from llmdistill.losses.divergences import summed_nll
 from llmdistill.signal import forward_to_head
 
 DEPTH_METHODS = ("block_importance", "perplexity", "magnet_grad")
+AGGREGATIONS = ("mean", "minitron")
 HIDDEN_NORMS = (
     "input_layernorm",
     "post_attention_layernorm",
@@ -73,17 +81,34 @@ def held_out_loss(model, batches) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
+def aggregate(magnitudes: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """One calibration batch's contribution to a width score: `magnitudes` [B, T, units] (|activation|, or a
+    head's L2 norm) reduced to [units], a sum that `finish_aggregate` turns into the score once every batch
+    and rank has added theirs (module docstring)."""
+    if aggregation == "mean":
+        return magnitudes.double().sum(dim=(0, 1))
+    if aggregation == "minitron":
+        return magnitudes.double().mean(dim=1).pow(2).sum(dim=0)
+    raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+
+
+def finish_aggregate(total: torch.Tensor, tokens: torch.Tensor, aggregation: str) -> torch.Tensor:
+    return total / tokens.clamp(min=1) if aggregation == "mean" else total.sqrt()
+
+
 @torch.no_grad()
-def activation_scores(model, batches) -> dict[str, torch.Tensor]:
+def activation_scores(model, batches, aggregation: str = "mean") -> dict[str, torch.Tensor]:
     """One pass with hooks: block importance, head / neuron / channel activations and per-norm input energy.
 
-    Returns means over calibration tokens (float64, on CPU):
+    Returns (float64, on CPU), width scores aggregated as `aggregation` says (module docstring):
       block_importance [L]   mean (1 - cos(input, output)) of each decoder layer
-      heads [L, n_heads]     mean L2 norm of each query head's slice of the o_proj input
-      neurons [L, ffn]       mean |input to down_proj| (act(gate) * up: what the neuron actually writes)
-      channels [hidden]      mean |output| summed over every residual RMSNorm
+      heads [L, n_heads]     L2 norm of each query head's slice of the o_proj input
+      neurons [L, ffn]       |input to down_proj| (act(gate) * up: what the neuron actually writes)
+      channels [hidden]      |output| of every residual RMSNorm, summed over the norms
       norm_energy {prefix: [hidden]}  mean squared input of each residual norm (rescaling)
     """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
     cfg = model.config
     layers = decoder_layers(model)
     n_layers, n_heads = len(layers), cfg.num_attention_heads
@@ -92,9 +117,9 @@ def activation_scores(model, batches) -> dict[str, torch.Tensor]:
         "block_importance": torch.zeros(n_layers, dtype=torch.float64, device=dev),
         "heads": torch.zeros(n_layers, n_heads, dtype=torch.float64, device=dev),
         "neurons": torch.zeros(n_layers, cfg.intermediate_size, dtype=torch.float64, device=dev),
-        "channels": torch.zeros(cfg.hidden_size, dtype=torch.float64, device=dev),
     }
     norms = residual_norms(model)
+    channels = {name: torch.zeros(cfg.hidden_size, dtype=torch.float64, device=dev) for name in norms}
     energy = {name: torch.zeros(cfg.hidden_size, dtype=torch.float64, device=dev) for name in norms}
     tokens = torch.zeros(1, dtype=torch.float64, device=dev)
     handles = []
@@ -112,20 +137,20 @@ def activation_scores(model, batches) -> dict[str, torch.Tensor]:
         def hook(module, args):
             x = args[0]
             per_head = x.float().unflatten(-1, (n_heads, -1)).norm(dim=-1)  # [B, T, n_heads]
-            acc["heads"][i] += per_head.double().sum(dim=(0, 1))
+            acc["heads"][i] += aggregate(per_head, aggregation)
 
         return hook
 
     def on_down_proj(i):
         def hook(module, args):
-            acc["neurons"][i] += args[0].float().abs().double().sum(dim=(0, 1))
+            acc["neurons"][i] += aggregate(args[0].float().abs(), aggregation)
 
         return hook
 
     def on_norm(name):
         def hook(module, args, output):
             energy[name] += args[0].float().pow(2).double().sum(dim=(0, 1))
-            acc["channels"] += output.float().abs().double().sum(dim=(0, 1))
+            channels[name] += aggregate(output.float().abs(), aggregation)
 
         return hook
 
@@ -143,10 +168,12 @@ def activation_scores(model, batches) -> dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
-    for t in [*acc.values(), *energy.values(), tokens]:
+    for t in [*acc.values(), *channels.values(), *energy.values(), tokens]:
         all_reduce_(t)
     n = tokens.clamp(min=1)
-    out = {k: (v / n).cpu() for k, v in acc.items()}
+    out = {"block_importance": (acc.pop("block_importance") / n).cpu()}
+    out |= {k: finish_aggregate(v, tokens, aggregation).cpu() for k, v in acc.items()}
+    out["channels"] = sum(finish_aggregate(v, tokens, aggregation) for v in channels.values()).cpu()
     out["norm_energy"] = {k: (v / n).cpu() for k, v in energy.items()}
     return out
 

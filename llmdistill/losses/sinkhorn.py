@@ -12,14 +12,18 @@ Implementation choices (ours):
   also the fused-head chunk, so the student's [group, V] probabilities are the only vocabulary-sized tensors.
 - Sinkhorn runs in the log domain (potentials, logsumexp), in fp32 whatever the input dtype, so a small
   epsilon or zero-probability entries neither underflow nor give NaN.
-- The plan is computed without autograd and treated as a constant: by Danskin's theorem the gradient of the
-  entropic OT value w.r.t. C is the optimal plan P, so d<P, C>/dC = P is the right gradient up to the (small)
-  entropic term, and no iteration is unrolled (no [iterations, n, n] graph).
+- The plan is computed without autograd and treated as a constant, so the gradient w.r.t. C is the plan P
+  itself. That is the gradient of the entropic OT value W = <P, C> - epsilon * H(P) (Danskin's theorem:
+  dW/dC = P), not of the reported <P, C>, whose true gradient adds <dP/dC, C>; the two differ by the entropic
+  term, small at small epsilon. No iteration is unrolled (no [iterations, n, n] graph).
 - Sparse top-k teachers: the teacher's distribution is its top-k plus the tail, per `tail` as in
   divergences.py; the L1 cost is then computed exactly from gathered student probabilities ([n, n, K]), never
   densified.
-- The value is the per-position transport cost in [0, 2], averaged over groups by position count. SinKD's own
-  scaling constants are left to the objective's weight.
+- Scale: the value is the per-position transport cost, in [0, 2] (each group's plan has total mass 1, so
+  <P, C> is an average over its positions), averaged over groups by position count: it does not grow with
+  `group_size` or the batch. SinKD's own scaling constants are not reproduced; set them through the weight.
+- Temperature: the default is 1 (the distributions as they are); the SinKD reference softens both with a
+  temperature of 2. Give `temperature: 2.0` to follow it.
 """
 
 from __future__ import annotations

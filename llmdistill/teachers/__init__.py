@@ -1,76 +1,87 @@
-"""Sources of teacher signal. Each turns the trainer's batches into (batch, TeacherSignal) pairs.
+"""Sources of teacher signal, one file per source, all behind one protocol (teachers/base.py): each turns the
+trainer's batches into (batch, TeacherSignal) pairs with `stream(batches, device)`, has `close()`, and
+declares its capabilities (full logits, top-k, hidden states, cross-tokenizer, may fail).
 
-A source's `stream(batches, device)` yields the batch moved to `device` with its signal, in the batches'
-order: a
-remote source may fetch ahead (prefetch) as long as it yields in order. A source that can fail (a server)
-raises
-`TeacherUnavailable` after its own retries; the trainer then checkpoints the last whole step and stops.
+  hf           the teacher in-process (teachers/hf.py)
+  vllm_server  top-k from vLLM servers over HTTP (teachers/vllm_server.py)
+  vllm_cache   top-k computed once by vLLM's offline engine, read from disk (teachers/vllm_cache.py)
+  on_policy    the student's own samples, scored by a vLLM server (teachers/on_policy.py)
+  none         no teacher (CE-only objectives)
+
+A new source is a TeacherSource subclass registered with `@register_source(name)` in its own file, imported
+below, and its name in config.TeacherConfig.source.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
 
 from llmdistill.config import Config, LLMDistillError
-from llmdistill.data import to_device
+from llmdistill.teachers import hf, on_policy, vllm_cache, vllm_server  # noqa: F401  (registers the sources)
+from llmdistill.teachers.base import (
+    Capabilities,
+    TeacherSource,
+    TeacherUnavailable,
+    process_rank,
+    register_source,
+    source_class,
+)
+from llmdistill.teachers.streaming import consumed_trace
+
+__all__ = [
+    "Capabilities",
+    "NoTeacher",
+    "TeacherSource",
+    "TeacherUnavailable",
+    "build_teacher_source",
+    "check_teacher_source",
+    "register_source",
+]
 
 
-class TeacherUnavailable(LLMDistillError):
-    """The teacher did not answer after retries."""
-
-
-class NoTeacher:
+@register_source("none")
+class NoTeacher(TeacherSource):
     """For objectives that need no teacher (CE only, pretraining)."""
 
-    can_fail = False
+    @classmethod
+    def build(cls, cfg, model, needs, student):
+        return cls()
 
-    def stream(self, batches: Iterator[dict], device: str):
-        for batch in batches:
-            yield to_device(batch, device), None
-
-    def close(self) -> None:
-        pass
+    def signal(self, batch: dict) -> None:
+        return None
 
 
-def build_teacher_source(cfg: Config, model, needs: frozenset[str], student=None):
-    """The source `teacher.source` names. `model` is the in-process teacher (or None when it is not loaded);
-    `student` is the student module, for sources that score the student's own samples."""
+def check_teacher_source(cfg: Config, needs: frozenset[str], cross_tokenizer: bool = False) -> None:
+    """Refuse an objective that teacher.source cannot serve; needs no weights (for preflight)."""
     if not needs & {"teacher", "teacher_hidden"}:
-        return NoTeacher()
-    if cfg.teacher.source == "hf":
-        from llmdistill.teachers.hf import HFTeacher
-
-        return HFTeacher(model, hidden_states="teacher_hidden" in needs)
-    if cfg.teacher.source in ("vllm_server", "vllm_cache", "on_policy"):
-        return _build_vllm_source(cfg, needs, student)
-    raise LLMDistillError(f"teacher.source: {cfg.teacher.source!r} is not a known teacher source")
-
-
-def _build_vllm_source(cfg: Config, needs: frozenset[str], student):
-    """The vLLM-backed sources: top-k log-probabilities only, tokenizer and config from teacher.path."""
-    import torch
-
-    from llmdistill import models
-
-    if "teacher_hidden" in needs:
+        return
+    name = cfg.teacher.source
+    can = source_class(name).capabilities
+    if "teacher_hidden" in needs and not can.hidden_states:
         raise LLMDistillError(
-            f"teacher.source={cfg.teacher.source}: vLLM gives top-k log-probabilities, not hidden states; "
+            f"teacher.source={name} gives top-k log-probabilities, not hidden states; "
             "the hidden_* / curriculum losses need teacher.source=hf"
         )
-    path = models.resolve_model_path(cfg.teacher.path, "teacher.path")
-    tokenizer = models.load_tokenizer(path, cfg.teacher.trust_remote_code)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if cfg.teacher.source == "vllm_server":
-        from llmdistill.teachers.vllm_server import VLLMServerTeacher
+    if cross_tokenizer and not can.cross_tokenizer:
+        if name == "on_policy":
+            raise LLMDistillError(on_policy.CROSS_TOKENIZER_REFUSAL)
+        raise LLMDistillError(f"teacher.source={name} cannot serve a cross-tokenizer loss (alm, uld)")
 
-        return VLLMServerTeacher(cfg, tokenizer, rank)
-    if cfg.teacher.source == "vllm_cache":
-        from transformers import AutoConfig
 
-        from llmdistill.teachers.vllm_cache import VLLMCacheTeacher
-
-        vocab = AutoConfig.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
-        return VLLMCacheTeacher(cfg, tokenizer, vocab, path)
-    from llmdistill.teachers.on_policy import OnPolicyTeacher
-
-    return OnPolicyTeacher(cfg, tokenizer, student, rank, run_dir=cfg.run.dir)
+def build_teacher_source(
+    cfg: Config, model, needs: frozenset[str], student=None, cross_tokenizer: bool = False
+) -> TeacherSource:
+    """The source `teacher.source` names. `model` is the in-process teacher (or None when it is not loaded);
+    `student` is the student module, for sources that score the student's own samples. `cross_tokenizer`:
+    whether the objective has a cross-tokenizer term (sources also see it from the batches' keys)."""
+    if not needs & {"teacher", "teacher_hidden"}:
+        source = NoTeacher()
+    else:
+        check_teacher_source(cfg, needs, cross_tokenizer)
+        source = source_class(cfg.teacher.source).build(cfg, model, needs, student)
+    # Test hook: LLMDISTILL_TEACHER_TRACE=<file> records every batch the trainer trained on (see
+    # streaming.consumed_trace); the resume tests read it from a multi-rank run in subprocesses.
+    trace = os.environ.get("LLMDISTILL_TEACHER_TRACE")
+    if trace:
+        source.on_consumed = consumed_trace(trace, process_rank())
+    return source

@@ -5,37 +5,38 @@ from __future__ import annotations
 
 import torch
 
-from llmdistill.data import to_device
-from llmdistill.signal import TeacherSignal
+from llmdistill.signal import TeacherSignal, packed_attention_kwargs
+from llmdistill.teachers.base import Capabilities, TeacherSource, register_source
 
 
-class HFTeacher:
+@register_source("hf")
+class HFTeacher(TeacherSource):
     # Under ZeRO-3 the forward is a collective: every rank calls it in step, so it never fails on one rank
     # alone.
-    can_fail = False
+    capabilities = Capabilities(full_logits=True, hidden_states=True, cross_tokenizer=True)
+    score_on_device = True
 
     def __init__(self, model, hidden_states: bool = False):
         self.model = model  # an HF model, or a DeepSpeed engine wrapping one
         self.hidden_states = hidden_states
 
+    @classmethod
+    def build(cls, cfg, model, needs, student):
+        return cls(model, hidden_states="teacher_hidden" in needs)
+
     @torch.no_grad()
-    def __call__(self, batch: dict) -> TeacherSignal:
+    def signal(self, batch: dict) -> TeacherSignal:
         # Cross-tokenizer batches carry the teacher's own tokenization of the same text.
         cross = "teacher_input_ids" in batch
         input_ids = batch["teacher_input_ids"] if cross else batch["input_ids"]
+        position_ids = batch["teacher_position_ids"] if cross else batch["position_ids"]
+        model = self.model.module if hasattr(self.model, "module") else self.model
         out = self.model(
             input_ids=input_ids,
-            position_ids=batch["teacher_position_ids"] if cross else batch["position_ids"],
+            position_ids=position_ids,
             output_hidden_states=self.hidden_states,
             use_cache=False,
+            **packed_attention_kwargs(model, position_ids),
         )
         hidden = list(out.hidden_states) if self.hidden_states else None
         return TeacherSignal(logits=out.logits, hidden_states=hidden, input_ids=input_ids if cross else None)
-
-    def stream(self, batches, device: str):
-        for batch in batches:
-            batch = to_device(batch, device)
-            yield batch, self(batch)
-
-    def close(self) -> None:
-        pass

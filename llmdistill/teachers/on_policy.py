@@ -23,9 +23,16 @@ from pathlib import Path
 
 import torch
 
+from llmdistill import models
 from llmdistill.config import Config, LLMDistillError
-from llmdistill.data import to_device
-from llmdistill.signal import IGNORE_INDEX
+from llmdistill.signal import IGNORE_INDEX, TeacherSignal
+from llmdistill.teachers.base import Capabilities, TeacherSource, process_rank, register_source
+from llmdistill.teachers.vllm_server import VLLMServerTeacher
+
+CROSS_TOKENIZER_REFUSAL = (
+    "teacher.source=on_policy cannot serve a cross-tokenizer loss (alm, uld): the student's samples have no "
+    "teacher tokenization or chunk alignment; use teacher.source hf, vllm_server or vllm_cache"
+)
 
 
 def batch_draw(input_ids: torch.Tensor, seed: int) -> tuple[float, int]:
@@ -88,23 +95,26 @@ def generate(
     return out
 
 
-class OnPolicyTeacher:
+@register_source("on_policy")
+class OnPolicyTeacher(TeacherSource):
     """λ of the batches are the student's samples; every batch is scored by the vLLM server teacher."""
 
-    can_fail = True
+    # The student's samples exist only in its own tokenization: scoring them for a cross-tokenizer objective
+    # would need the teacher's tokenization of the sampled text and a new chunk alignment per batch.
+    capabilities = Capabilities(top_k=True, can_fail=True)
+    # Scoring is synchronous (prefetch 0, the default): a student batch must be generated with the current
+    # weights, in this thread, between optimizer steps; a fetch-ahead thread would sample from weights
+    # mid-update.
 
     def __init__(
         self, cfg: Config, tokenizer, student, rank: int = 0, run_dir: Path | None = None, check: bool = True
     ):
-        from llmdistill.teachers.vllm_server import VLLMServerTeacher
-
         if student is None:
             raise LLMDistillError("teacher.source=on_policy needs the student module to generate from")
         if cfg.deepspeed.zero_stage == 3:
             raise LLMDistillError(
                 "teacher.source=on_policy: under deepspeed.zero_stage=3 generation is a collective over all "
-                "ranks "
-                "(partitioned weights); use zero_stage 0-2"
+                "ranks (partitioned weights); use zero_stage 0-2"
             )
         p = cfg.teacher.on_policy
         if p.prompt_tokens >= cfg.data.seq_len:
@@ -114,33 +124,33 @@ class OnPolicyTeacher:
             )
         self.cfg, self.settings, self.student, self.rank = cfg, p, student, rank
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-        # Scoring is synchronous (prefetch 0): a student batch must be generated with the current weights, in
-        # this thread, between optimizer steps; a fetch-ahead thread would sample from weights mid-update.
         self.scorer = VLLMServerTeacher(cfg, tokenizer, rank, check=check)
-        self.scorer.prefetch = 0
         self.samples_log = (run_dir / f"on_policy_rank{rank}.jsonl") if run_dir is not None else None
         self.seen = 0
 
-    def transform(self, batch: dict) -> tuple[dict, bool]:
-        """(the batch to train on, whether it is the student's own)."""
+    @classmethod
+    def build(cls, cfg, model, needs, student):
+        path = models.resolve_model_path(cfg.teacher.path, "teacher.path")
+        tokenizer = models.load_tokenizer(path, cfg.teacher.trust_remote_code)
+        return cls(cfg, tokenizer, student, process_rank(), run_dir=cfg.run.dir)
+
+    def transform(self, batch: dict) -> dict:
+        """The batch to train on: the dataset's, or (for a fraction λ of them) the student's continuation."""
+        if "teacher_input_ids" in batch:
+            raise LLMDistillError(CROSS_TOKENIZER_REFUSAL)
         draw, seed = batch_draw(batch["input_ids"], self.cfg.run.seed)
-        if draw >= self.settings.fraction:
-            return batch, False
-        p, t = self.settings.prompt_tokens, self.cfg.data.seq_len
-        sampled = generate(
-            self.student, batch["input_ids"][:, :p], t - p + 1, self.settings, seed, self.pad_id
-        )
-        return student_batch(sampled, p, t, self.eos_id), True
+        on_policy = draw < self.settings.fraction
+        if on_policy:
+            p, t = self.settings.prompt_tokens, self.cfg.data.seq_len
+            sampled = generate(
+                self.student, batch["input_ids"][:, :p], t - p + 1, self.settings, seed, self.pad_id
+            )
+            batch = student_batch(sampled, p, t, self.eos_id)
+        self._log(batch, on_policy)
+        return batch
 
-    def stream(self, batches, device: str):
-        from llmdistill.teachers.vllm_server import to_device_signal
-
-        for batch in batches:
-            batch, on_policy = self.transform(batch)
-            signal = self.scorer.signal(batch)
-            signal.extra["on_policy"] = on_policy
-            self._log(batch, on_policy)
-            yield to_device(batch, device), to_device_signal(signal, device)
+    def signal(self, batch: dict) -> TeacherSignal:
+        return self.scorer.signal(batch)
 
     def _log(self, batch: dict, on_policy: bool) -> None:
         # One line per micro-batch: lets a user (and the tests) see what the student wrote and was scored on.
@@ -156,6 +166,3 @@ class OnPolicyTeacher:
         }
         with self.samples_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self.scorer.close()

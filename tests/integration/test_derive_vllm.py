@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmdistill.vllm_env import offline_env
+
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
@@ -71,9 +73,8 @@ def derived_dir(tmp_path_factory):
 
 
 def test_vllm_offline_engine_matches_transformers(derived_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    for key, value in offline_env(str(tmp_path)).items():
+        monkeypatch.setenv(key, value)
     from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

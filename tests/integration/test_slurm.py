@@ -170,7 +170,7 @@ def test_teacher_job_serves_vllm_and_trainer_job_uses_it(slurm, tmp_path):
         str(REPO / "configs" / "tiny" / "vllm_server.yaml"),
         *_train_args(tmp_path, "pair", "train.max_steps=6", "train.eval_every=0", "train.save_every=0"),
         # Room for a prompt of seq_len tokens plus the appended final target and one generated token.
-        "teacher.serve_max_model_len=256",
+        "teacher.serve.max_model_len=256",
     ]
     teacher = slurm.sbatch([f"--output={tmp_path}/%j.out", TEACHER, *args], cwd=REPO)
     trainer = slurm.sbatch(
@@ -198,7 +198,7 @@ def test_teacher_job_serves_vllm_and_trainer_job_uses_it(slurm, tmp_path):
     assert len(used) == 1, train_log[-4000:]
     assert _stamp(used[0]) >= _stamp(healthy[0])
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["teacher"]
-    assert resolved["source"] == "vllm_server" and resolved["urls"] == [url]
+    assert resolved["source"] == "vllm_server" and resolved["server"]["urls"] == [url]
     assert 'POST /v1/completions HTTP/1.1" 200' in teacher_log
     # Training over, the trainer job cancelled the server job, which stopped vLLM and withdrew its URL.
     info = _wait_until(

@@ -29,7 +29,11 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def overrides(self) -> list[str]:
-        return [f"teacher.serve_port={self.port}", f"teacher.urls=[{self.url}]", "teacher.top_k=20"]
+        return [
+            f"teacher.serve.port={self.port}",
+            f"teacher.server.urls=[{self.url}]",
+            "teacher.server.top_k=20",
+        ]
 
     def start(self) -> None:
         env = dict(os.environ, **ENV, SERVE_DIR=str(self.tmp), PYTHON=sys.executable)
@@ -143,9 +147,9 @@ def interrupted_run(server, tmp_path_factory):
         "train.save_every=0",
         "train.eval_every=0",
         "train.lr=3e-3",
-        "teacher.retries=2",
-        "teacher.backoff=0.5",
-        "teacher.timeout=20",
+        "teacher.server.retries=2",
+        "teacher.server.backoff=0.5",
+        "teacher.server.timeout=20",
         f"run.output_dir={tmp}",
         "run.name=served",
     ]
@@ -233,15 +237,15 @@ def test_resumed_run_finishes_with_every_batch_used_exactly_once_and_loss_falls(
 CACHE = [
     "data.train.max_documents=2",
     "teacher.source=vllm_cache",
-    "teacher.top_k=20",
-    "teacher.cache_shard_rows=32",
+    "teacher.cache.top_k=20",
+    "teacher.cache.shard_rows=32",
 ]
 
 
 def _build_cache(cache_dir: Path, env_extra=None):
     cmd = [sys.executable, str(REPO / "launch/cache_teacher.py"), "--config", "configs/tiny/vllm_cache.yaml"]
     return subprocess.run(
-        [*cmd, *QUICK, *CACHE, f"teacher.cache_dir={cache_dir}"],
+        [*cmd, *QUICK, *CACHE, f"teacher.cache.dir={cache_dir}"],
         cwd=REPO,
         env=dict(os.environ, **ENV, **(env_extra or {})),
         capture_output=True,
@@ -278,7 +282,7 @@ def test_cache_round_trip_equals_the_live_signal_and_a_mismatch_is_refused(cache
     from llmdistill.teachers.vllm_cache import LOGPROB_SCALE
     from llmdistill.teachers.vllm_server import VLLMServerTeacher
 
-    cfg = _cfg(*CACHE, f"teacher.cache_dir={caches / 'straight'}", *server.overrides())
+    cfg = _cfg(*CACHE, f"teacher.cache.dir={caches / 'straight'}", *server.overrides())
     plan, dataset = _dataset(cfg)
     batch = _multi_document_batch(dataset)
     cached = build_teacher_source(cfg, None, frozenset({"teacher"})).signal(batch)
@@ -287,7 +291,7 @@ def test_cache_round_trip_equals_the_live_signal_and_a_mismatch_is_refused(cache
     assert torch.equal(cached.topk_ids[valid], live.topk_ids[valid])
     # One fixed-point step (rounded down), plus the offline engine vs server arithmetic (~1e-5).
     assert (cached.topk_logprobs - live.topk_logprobs)[valid].abs().max().item() <= 1 / LOGPROB_SCALE + 1e-4
-    wrong = _cfg(*CACHE, "teacher.top_k=32", f"teacher.cache_dir={caches / 'straight'}")
+    wrong = _cfg(*CACHE, "teacher.cache.top_k=32", f"teacher.cache.dir={caches / 'straight'}")
     with pytest.raises(LLMDistillError, match="built for another run: k"):
         build_teacher_source(wrong, None, frozenset({"teacher"}))
 
@@ -300,7 +304,7 @@ def test_training_from_the_cache(caches, tmp_path):
             "configs/tiny/vllm_cache.yaml",
             *QUICK,
             *CACHE,
-            f"teacher.cache_dir={caches / 'straight'}",
+            f"teacher.cache.dir={caches / 'straight'}",
             "train.max_steps=6",
             "train.save_every=0",
             "train.eval_every=0",
@@ -348,3 +352,74 @@ def test_on_policy_batches_are_student_continuations_scored_by_the_teacher(serve
         assert 0 < r["valid_targets"] <= 4 * (64 - 15)  # only what the student wrote is scored
     log = read_log(tmp_path / "onpolicy")
     assert all(torch.isfinite(torch.tensor(log[s]["loss"])) for s in (1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------- cross-tokens
+
+
+def test_alm_from_the_vllm_cache_and_server_equals_alm_from_the_in_process_teacher(server, tmp_path):
+    """A SentencePiece student, the embedded BPE teacher: both vLLM sources score the teacher's own tokens,
+    keep the actual token's log-prob even outside a small top-k, and give the in-process teacher's ALM."""
+    from llmdistill.config import load_config
+    from llmdistill.data import collate
+    from llmdistill.losses import get_loss
+    from llmdistill.models import load_model, model_from_config
+    from llmdistill.signal import StudentOutput
+    from llmdistill.teachers import build_teacher_source
+    from llmdistill.teachers.hf import HFTeacher
+    from llmdistill.teachers.vllm_server import VLLMServerTeacher
+
+    docs = tmp_path / "docs.jsonl"
+    texts = [Path(m.__file__).read_text()[:5000] for m in (json, subprocess, signal)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    overrides = [
+        f"data.train.path={docs}",
+        "data.validation=null",
+        "data.seq_len=48",
+        "teacher.source=vllm_cache",
+        f"teacher.cache.dir={tmp_path / 'cache'}",
+        "teacher.cache.top_k=4",  # small on purpose: many actual tokens rank below it
+        f"run.output_dir={tmp_path}",
+    ]
+    built = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/cache_teacher.py"),
+            "--config",
+            "configs/tiny/alm.yaml",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=dict(os.environ, **ENV),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    cfg = load_config("configs/tiny/alm.yaml", [*overrides, *server.overrides()])
+    plan, dataset = _dataset(cfg)
+    batch = collate([dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 6))][:6])
+    cached = build_teacher_source(cfg, None, frozenset({"teacher"})).signal(batch)
+    served = VLLMServerTeacher(cfg, plan.teacher_tok).signal(batch)
+    full = HFTeacher(load_model(plan.teacher_path, "float32").eval()).signal(batch)
+    assert cached.topk_ids.shape[:2] == served.topk_ids.shape[:2] == batch["teacher_input_ids"].shape
+    used = batch["teacher_chunks"] >= 0
+    targets = torch.cat([batch["teacher_input_ids"][:, 1:], batch["teacher_input_ids"][:, :1]], 1)
+    outside = used & ~(cached.topk_ids.long() == targets[..., None]).any(-1)
+    assert outside.sum() > 20  # chunks a top-4 alone would leave "missing"
+    torch.manual_seed(0)
+    student_model = model_from_config(plan.student_config, "float32")
+    with torch.no_grad():
+        hidden = student_model.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+    student = StudentOutput(hidden, student_model.lm_head)
+    want, want_metrics = get_loss("alm")(student, full, batch)
+    assert want_metrics["alm/chunks_per_seq"] > 5
+    for name, sparse in (("cache", cached), ("server", served)):
+        got, metrics = get_loss("alm")(student, sparse, batch)
+        assert metrics["alm/chunks_per_seq"] == want_metrics["alm/chunks_per_seq"], name
+        # vLLM's CPU kernels vs eager PyTorch, both fp32: ~1e-5 per log-prob, summed over a chunk's tokens.
+        assert abs(got.item() - want.item()) <= 1e-3 * abs(want.item()), (name, got.item(), want.item())
+        t_ll = metrics["alm/teacher_chunk_nll"]
+        assert abs(t_ll - want_metrics["alm/teacher_chunk_nll"]) < 1e-3, (name, t_ll)

@@ -1,0 +1,172 @@
+"""The HTTP client of vLLM's OpenAI-compatible server: prompt scoring requests, round robin over urls,
+timeouts and retries with exponential backoff, and the checks a run makes before it trusts a server."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+
+from llmdistill.config import LLMDistillError
+from llmdistill.teachers.base import TeacherUnavailable
+from llmdistill.teachers.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+# Text for the tokenizer check: code, unicode and whitespace runs, where tokenizers most often differ.
+TOKENIZER_PROBE = "def héllo(x, y=3):\n    return {'naïve': x ** y}  # ✓ 東京\n\t\tpass\n"
+
+
+def completions_request(model: str, prompts: list[Prompt], k: int) -> dict:
+    """POST /v1/completions body that scores token-id prompts without generating (max_tokens 0, echo)."""
+    return {
+        "model": model,
+        "prompt": [p.token_ids for p in prompts],
+        "max_tokens": 0,
+        "echo": True,
+        "prompt_logprobs": k,
+        "temperature": 0.0,
+    }
+
+
+def parse_completions(body: dict, n: int) -> list[list[dict[int, float] | None]]:
+    """Per prompt, per token: {token id: log-prob}. Keys come as strings of ids (never the decoded text, which
+    collides); choices are put back in request order by their index."""
+    choices = sorted(body.get("choices", []), key=lambda c: c["index"])
+    if len(choices) != n:
+        raise LLMDistillError(f"teacher server answered {len(choices)} choices for {n} prompts")
+    out = []
+    for choice in choices:
+        per_token = choice.get("prompt_logprobs")
+        if per_token is None:
+            raise LLMDistillError("teacher server returned no prompt_logprobs (is it a vLLM server?)")
+        out.append(
+            [
+                None if d is None else {int(tok): float(v["logprob"]) for tok, v in d.items()}
+                for d in per_token
+            ]
+        )
+    return out
+
+
+class ServerClient:
+    """Requests to one or more vLLM servers, round-robin, with timeouts and retries with exponential backoff.
+
+    Connection failures, timeouts and 5xx are retried (on the next url); a 4xx is the user's mistake and is
+    raised at once with what to change."""
+
+    def __init__(
+        self, urls: list[str], model: str, timeout: float, retries: int, backoff: float, first: int = 0
+    ):
+        self.urls = [u.rstrip("/") for u in urls]
+        self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
+        self.next = first % len(self.urls)
+
+    def _once(self, url: str, path: str, payload: dict | None) -> dict:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(
+            url + path,
+            data=data,
+            headers={"Content-Type": "application/json"},
+            method="GET" if data is None else "POST",
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            text = response.read()
+        return json.loads(text) if text else {}
+
+    def call(self, path: str, payload: dict | None = None, url: str | None = None) -> dict:
+        failures = []
+        t0 = time.time()
+        for attempt in range(self.retries + 1):
+            target = url or self.urls[self.next]
+            if url is None:
+                self.next = (self.next + 1) % len(self.urls)
+            try:
+                return self._once(target, path, payload)
+            except urllib.error.HTTPError as err:
+                if err.code < 500:
+                    raise LLMDistillError(
+                        explain_http_error(target, err.code, _error_message(err), self)
+                    ) from None
+                failures.append(f"{target}: HTTP {err.code} {_error_message(err)}")
+            except (urllib.error.URLError, OSError, http.client.HTTPException, json.JSONDecodeError) as err:
+                failures.append(f"{target}: {getattr(err, 'reason', None) or err}")
+            if attempt < self.retries:
+                wait = min(self.backoff * 2**attempt, 30.0)
+                log.warning(
+                    f"teacher request failed ({failures[-1]}); "
+                    f"retry {attempt + 1}/{self.retries} in {wait:.1f} s"
+                )
+                time.sleep(wait)
+        message = (
+            f"teacher server did not answer after {self.retries + 1} attempts in {time.time() - t0:.0f} s "
+            f"(last: {failures[-1]})"
+        )
+        # Logged here too: when another rank stops first, the trainer only says "another rank" failed.
+        log.error(message)
+        raise TeacherUnavailable(message)
+
+    def score(self, prompts: list[Prompt], k: int) -> list[list[dict[int, float] | None]]:
+        if not prompts:
+            return []
+        body = self.call("/v1/completions", completions_request(self.model, prompts, k))
+        return parse_completions(body, len(prompts))
+
+    def check(self, tokenizer, k: int, seq_len: int) -> int | None:
+        """Before training, per url: model name, context length, K and tokenizer are what the run needs.
+        Returns the smallest max_model_len the servers report (None: not reported)."""
+        smallest = None
+        for url in self.urls:
+            models = self.call("/v1/models", url=url).get("data", [])
+            served = {m["id"]: m for m in models}
+            if self.model not in served:
+                raise LLMDistillError(
+                    f"teacher.server.served_model_name={self.model!r}: {url} serves {sorted(served)} "
+                    "(set teacher.server.served_model_name, or start the server with --served-model-name)"
+                )
+            max_len = served[self.model].get("max_model_len")
+            if max_len is not None and max_len < seq_len + 2:
+                raise LLMDistillError(
+                    f"{url}: max_model_len {max_len} is below data.seq_len + 2 = {seq_len + 2} "
+                    "(restart the server with --max-model-len >= data.seq_len + 2)"
+                )
+            if max_len is not None:
+                smallest = max_len if smallest is None else min(smallest, max_len)
+            theirs = self.call(
+                "/tokenize",
+                {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False},
+                url=url,
+            )
+            ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+            if theirs.get("tokens") != ours:
+                raise LLMDistillError(
+                    f"{url} tokenizes differently from teacher.path's tokenizer "
+                    f"({theirs.get('tokens')[:8]}... vs {ours[:8]}...): serve the same model as teacher.path"
+                )
+            # A 2-token prompt at the run's K: a K above the server's --max-logprobs fails here, not mid-run.
+            self.call(
+                "/v1/completions", completions_request(self.model, [Prompt(0, 0, ours[:2])], k), url=url
+            )
+        return smallest
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(err.read() or b"{}")
+        return body.get("error", {}).get("message") or body.get("message") or str(body)
+    except (ValueError, OSError, AttributeError):
+        return err.reason or ""
+
+
+def explain_http_error(url: str, code: int, message: str, client: ServerClient) -> str:
+    hint = ""
+    if "prompt logprobs" in message.lower() or "max allowed" in message.lower():
+        hint = " (teacher.server.top_k is above the server's --max-logprobs: lower it or restart the server)"
+    elif "context length" in message.lower() or "maximum model length" in message.lower():
+        hint = " (a prompt is above the server's --max-model-len: raise teacher.serve.max_model_len)"
+    elif code == 404 and "does not exist" in message:
+        hint = f" (teacher.server.served_model_name={client.model!r} is not what the server serves)"
+    return f"teacher server {url} refused the request (HTTP {code}): {message}{hint}"
