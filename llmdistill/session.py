@@ -17,7 +17,7 @@ from llmdistill import data, models
 from llmdistill.align import aligned_dataset
 from llmdistill.config import Config, LLMDistillError
 from llmdistill.losses import get_loss
-from llmdistill.teachers import check_teacher_source
+from llmdistill.teachers import check_teacher_source, uses_in_process_teacher
 
 log = logging.getLogger("llmdistill.session")
 
@@ -99,7 +99,7 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     # tokenizer and config.
     if (
         plan.teacher_path is not None
-        and cfg.teacher.source == "hf"
+        and uses_in_process_teacher(cfg)
         and plan.needs & {"teacher", "teacher_hidden"}
     ):
         teacher = models.load_model(plan.teacher_path, cfg.teacher.dtype, cfg.teacher.trust_remote_code)

@@ -263,6 +263,7 @@ class Trainer:
             for k, v in {"loss": loss.item(), **extra}.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.train.grad_accum
         self.step += 1
+        self.teacher_source.after_optimizer_step(self.step)  # on-policy: push the new weights to the sampler
         keys = sorted(metrics)
         reduced = all_reduce_sum([metrics[k] for k in keys])
         record = {k: v / self.world for k, v in zip(keys, reduced, strict=True)}
@@ -288,7 +289,7 @@ class Trainer:
             start=self.consumed,
             workers=self.cfg.data.num_workers,
         )
-        return self.teacher_source.stream(iter(batches), self.device)
+        return self.teacher_source.stream(iter(batches), self.device, start=self.consumed)
 
     def _next_pair(self) -> tuple[dict | None, object]:
         """The next (batch, signal); (None, reason) when the teacher failed here or on another rank."""
