@@ -171,7 +171,7 @@ class OnPolicyTeacher(TeacherSource):
         self.new_tokens = p.max_new_tokens or cfg.data.seq_len - p.prompt_tokens + 1
         if p.scorer == "hf":
             if teacher is None:
-                raise LLMDistillError("teacher.on_policy.scorer=hf needs the teacher in-process (teacher.path)")
+                raise LLMDistillError("teacher.on_policy.scorer=hf needs the in-process teacher")
             self.scorer = HFTeacher(teacher)
         else:
             self.scorer = VLLMServerTeacher(cfg, tokenizer, rank, check=check)
