@@ -2,8 +2,9 @@
 rollouts after a weight push are what the trained student itself writes (greedy), under ZeRO-2 and ZeRO-3,
 and a run killed after a checkpoint and resumed reproduces the uninterrupted one.
 
-Run as a script (`python test_on_policy_vllm.py OUT ZERO_STAGE` under a 2-rank launcher) it is the driver the
-2-rank tests start: it trains two steps with a `Trainer` and checks the engine against the gathered student."""
+Run as a script (`python test_on_policy_vllm.py OUT ZERO_STAGE` under a 2-rank launcher) it is the driver
+the 2-rank tests start: it trains two steps with a `Trainer` and checks the engine against the gathered
+student."""
 
 import json
 import os
@@ -33,8 +34,8 @@ def drive(out: Path, zero_stage: int) -> None:
     """Every rank: push the initial weights and roll out greedily, train two steps (temperature 0 rollouts),
     roll out again; gather the trained student and write what HF `generate` makes of the same prompts."""
     import torch
-
     from conftest import QUICK as quick
+
     from llmdistill.config import load_config
     from llmdistill.export import gather_state_dict
     from llmdistill.models import state_to_model
@@ -160,6 +161,8 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     expected, got = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
     for step in range(1, 5):
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-6, rel=0), step
-    samples = [json.loads(x) for x in (tmp_path / "straight" / "on_policy_rank0.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(x) for x in (tmp_path / "straight" / "on_policy_rank0.jsonl").read_text().splitlines()
+    ]
     assert any(s["on_policy"] for s in samples) and not all(s["on_policy"] for s in samples)
     assert all(s["lag"] == 0 for s in samples if s["on_policy"])
