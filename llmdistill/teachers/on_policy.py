@@ -81,6 +81,12 @@ def student_batch(sampled: torch.Tensor, prompt_tokens: int, seq_len: int, eos_i
     return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
 
 
+def weights_step(step: int, opened_at: int, lag: int, sync_every: int) -> int:
+    """The optimizer step whose weights write the samples of step `step`: `lag` steps back, rounded down to a
+    push (every `sync_every` steps), and never before the stream opened (the weights it started from)."""
+    return max(opened_at, max(step - lag, 0) // sync_every * sync_every)
+
+
 def check_on_policy(cfg: Config) -> None:
     """Refuse an on-policy setting that cannot run, before anything loads."""
     p = cfg.teacher.on_policy
@@ -204,11 +210,6 @@ class OnPolicyTeacher(TeacherSource):
 
     # ------------------------------------------------------------------------------------------ weights
 
-    def weights_step(self, step: int) -> int:
-        """The optimizer step whose weights write the samples of step `step`."""
-        p = self.settings
-        return max(self.opened_at, max(step - p.lag, 0) // p.sync_every * p.sync_every)
-
     def push_weights(self, step: int) -> None:
         from llmdistill.teachers.vllm_generator import student_weights  # lazy: see __init__
 
@@ -256,7 +257,7 @@ class OnPolicyTeacher(TeacherSource):
         prompts = batch["input_ids"][:, : p.prompt_tokens]
         weights = step
         if on_policy and self.engine is not None:
-            weights = self.weights_step(step)
+            weights = weights_step(step, self.opened_at, self.settings.lag, self.settings.sync_every)
             with self.turn:
                 if self.prefetch:  # the thread waits for the trainer to push the weights it needs
                     self.turn.wait_for(lambda: self.version == weights)
