@@ -37,6 +37,7 @@ def drive(out: Path, zero_stage: int) -> None:
     from conftest import QUICK as quick
 
     from llmdistill.config import load_config
+    from llmdistill.data import collate
     from llmdistill.export import gather_state_dict
     from llmdistill.models import state_to_model
     from llmdistill.train import Trainer
@@ -56,7 +57,8 @@ def drive(out: Path, zero_stage: int) -> None:
     trainer = Trainer(cfg)
     source = trainer.teacher_source
     settings = source.settings
-    prompts = trainer.held_out[0]["input_ids"][:, : settings.prompt_tokens]
+    # The same prompts on every rank (each rank's engine is checked against rank 0's gathered student).
+    prompts = collate([trainer.val_set[i] for i in range(4)])["input_ids"][:, : settings.prompt_tokens]
     source.push_weights(0)
     before = source.engine.generate(prompts, 24, settings, 0, source.pad_id)
     records = [trainer.train_step() for _ in range(2)]
