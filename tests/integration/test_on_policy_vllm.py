@@ -168,3 +168,30 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     ]
     assert any(s["on_policy"] for s in samples) and not all(s["on_policy"] for s in samples)
     assert all(s["lag"] == 0 for s in samples if s["on_policy"])
+
+
+def test_lag_one_samples_each_step_from_the_previous_steps_weights(tmp_path):
+    result = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/tiny/on_policy_vllm.yaml",
+            *QUICK,
+            *ON_POLICY,
+            "teacher.on_policy.lag=1",
+            "train.grad_accum=2",
+            "train.max_steps=3",
+            f"run.output_dir={tmp_path}",
+            "run.name=lag1",
+        ],
+        env=ENV,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(x) for x in (tmp_path / "lag1" / "on_policy_rank0.jsonl").read_text().splitlines()]
+    # Two micro-batches per step; the thread may have written step 3's before the run ended.
+    by_step = {(s["step"], s["weights_step"]) for s in samples if s["step"] < 3}
+    assert by_step == {(0, 0), (1, 0), (2, 1)}
+    assert len([s for s in samples if s["step"] < 3]) == 6
+    log = read_log(tmp_path / "lag1")
+    assert sorted(log) == [1, 2, 3]
