@@ -188,7 +188,7 @@ class OnPolicyTeacher(TeacherSource):
         # index of the next micro-batch to transform, `version` the step whose weights the engine holds.
         self.grad_accum = cfg.train.grad_accum
         self.position = self.opened_at = self.version = 0
-        self.failed = False
+        self.failed = self.closed = False
         self.turn = threading.Condition()
         if p.generator == "vllm":
             from llmdistill.teachers.vllm_generator import VLLMGenerator  # lazy: vllm is slow to import
@@ -260,7 +260,9 @@ class OnPolicyTeacher(TeacherSource):
             weights = weights_step(step, self.opened_at, self.settings.lag, self.settings.sync_every)
             with self.turn:
                 if self.prefetch:  # the thread waits for the trainer to push the weights it needs
-                    self.turn.wait_for(lambda: self.version == weights)
+                    self.turn.wait_for(lambda: self.version == weights or self.closed)
+                    if self.closed:
+                        raise RuntimeError("on-policy source closed while waiting for weights")
                 elif self.version != weights:
                     raise RuntimeError(f"on-policy engine holds step {self.version}'s weights, not {weights}")
                 sampled = self.engine.generate(prompts.cpu(), self.new_tokens, p, seed, self.pad_id)
@@ -305,6 +307,9 @@ class OnPolicyTeacher(TeacherSource):
             f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
+        with self.turn:  # a thread waiting for weights that will never come gives up
+            self.closed = True
+            self.turn.notify_all()
         super().close()
         if self.engine is not None:
             self.engine.close()
