@@ -147,7 +147,7 @@ def _resume_run(tmp_path, name, env=None):
             f"run.output_dir={tmp_path}",
             f"run.name={name}",
         ],
-        env={**ENV, **(env or {})},
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})},
         timeout=900,
     )
 
@@ -184,7 +184,7 @@ def test_lag_one_samples_each_step_from_the_previous_steps_weights(tmp_path):
             f"run.output_dir={tmp_path}",
             "run.name=lag1",
         ],
-        env=ENV,
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
