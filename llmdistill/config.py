@@ -58,8 +58,23 @@ class OnPolicyConfig(Section):
     temperature: float = Field(1.0, ge=0)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: no top-k filter
-    # Generation backend: HF `generate` on the training student (ZeRO 0-2; ZeRO-3 is refused).
-    generator: Literal["hf"] = "hf"
+    # New tokens per sample, at most data.seq_len - prompt_tokens + 1 (the default: the rest of the window);
+    # a sample also stops at EOS. Targets after the last written token are masked.
+    max_new_tokens: int | None = Field(None, gt=0)
+    # Who writes the samples: `hf`, HF `generate` on the training student (ZeRO 0-2); `vllm`, a vLLM engine
+    # in each trainer process holding a copy of the student (any ZeRO stage, LoRA merged), its weights pushed
+    # every `sync_every` optimizer steps.
+    generator: Literal["hf", "vllm"] = "hf"
+    sync_every: int = Field(1, gt=0)
+    # The samples for step k come from the weights of step k - lag (rounded down to a sync): 1 lets the vLLM
+    # engine write step k + 1's samples while step k trains.
+    lag: int = Field(0, ge=0, le=1)
+    # Fraction of the GPU's memory the vLLM engine may take (weights + KV cache); on the CPU its KV cache is
+    # VLLM_CPU_KVCACHE_SPACE GiB (1 unless set).
+    gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    # Who scores the samples (and the dataset's batches): the vLLM teacher servers (teacher.server) or the
+    # teacher in-process (teacher.path, full logits).
+    scorer: Literal["vllm_server", "hf"] = "vllm_server"
 
 
 class ServerConfig(Section):

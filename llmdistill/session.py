@@ -19,7 +19,7 @@ from llmdistill.align import aligned_dataset, space_token_mask
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.losses import get_loss
 from llmdistill.losses.registry import check_terms
-from llmdistill.teachers import check_teacher_source
+from llmdistill.teachers import check_teacher_source, uses_in_process_teacher
 
 log = logging.getLogger("llmdistill.session")
 
@@ -171,7 +171,7 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     # tokenizer and config.
     if (
         plan.teacher_path is not None
-        and cfg.teacher.source == "hf"
+        and uses_in_process_teacher(cfg)
         and plan.needs & {"teacher", "teacher_hidden"}
     ):
         teacher = models.load_model(

@@ -377,6 +377,7 @@ class Trainer:
         else:
             self._skipped("DeepSpeed skipped the optimizer step (gradient overflow)")
         self.step += 1
+        self.teacher_source.after_optimizer_step(self.step)  # on-policy: push the new weights to the sampler
         self.tokens_trained += self.tokens_per_step
         self.mark("first_step")
         keys = sorted(metrics)
@@ -431,7 +432,7 @@ class Trainer:
             start=self.consumed,
             workers=self.cfg.data.num_workers,
         )
-        return self.teacher_source.stream(iter(batches), self.device)
+        return self.teacher_source.stream(iter(batches), self.device, start=self.consumed)
 
     def _next_pair(self) -> tuple[dict | None, object]:
         """The next (batch, signal); (None, reason) when the teacher failed here or on another rank."""

@@ -307,6 +307,72 @@ def test_student_batch_masks_the_prompt_and_what_follows_eos():
     ]
 
 
+def test_student_batch_masks_after_the_last_written_token_when_fewer_are_asked_for():
+    eos = 0
+    sampled = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, eos, 1]])  # prompt 3, 2 new tokens, window 6
+    b = student_batch(sampled, prompt_tokens=3, seq_len=6, eos_id=eos)
+    assert b["targets"][0].tolist() == [X, X, 8, 9, X, X]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0]
+    assert b["targets"][1].tolist() == [X, X, eos, X, X, X]
+
+
+def test_rollout_weights_lag_and_sync_every():
+    from llmdistill.teachers.on_policy import weights_step
+
+    assert [weights_step(k, 0, 0, 1) for k in range(4)] == [0, 1, 2, 3]
+    assert [weights_step(k, 0, 1, 1) for k in range(4)] == [0, 0, 1, 2]
+    assert [weights_step(k, 0, 0, 2) for k in range(5)] == [0, 0, 2, 2, 4]
+    assert [weights_step(k, 0, 1, 2) for k in range(5)] == [0, 0, 0, 2, 2]
+    # Resumed at step 3: the checkpoint's weights are the oldest there are.
+    assert [weights_step(k, 3, 1, 1) for k in range(3, 6)] == [3, 3, 4]
+
+
+def test_on_policy_settings_that_cannot_run_are_refused():
+    from llmdistill.teachers.on_policy import check_on_policy
+
+    base = ["teacher.source=on_policy", "data.seq_len=64", "teacher.on_policy.prompt_tokens=16"]
+    check_on_policy(load_config(None, [*base, "teacher.on_policy.max_new_tokens=49"]))
+    for extra, message in [
+        (["teacher.on_policy.max_new_tokens=50"], "max_new_tokens=50 is above"),
+        (["teacher.on_policy.lag=1"], "lag=1 needs teacher.on_policy.generator=vllm"),
+        (
+            [
+                "teacher.on_policy.generator=vllm",
+                "teacher.on_policy.lag=1",
+                "teacher.on_policy.scorer=hf",
+                "deepspeed.zero_stage=3",
+            ],
+            "collective",
+        ),
+        (["teacher.on_policy.prompt_tokens=64"], "must be below data.seq_len"),
+    ]:
+        with pytest.raises(LLMDistillError, match=message):
+            check_on_policy(load_config(None, [*base, *extra]))
+
+
+def test_lora_student_weights_are_the_merged_weights_under_hf_names(tiny_llama):
+    import copy
+
+    from llmdistill.config import PeftConfig
+    from llmdistill.models import wrap_peft
+    from llmdistill.teachers.vllm_generator import student_weights
+
+    student = wrap_peft(copy.deepcopy(tiny_llama), PeftConfig(r=4))
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapters a real update
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    got = {name: w.clone() for name, w in student_weights(student)}
+    merged = copy.deepcopy(student).merge_and_unload().state_dict()
+    tied = {"lm_head.weight"} if tiny_llama.config.tie_word_embeddings else set()
+    assert set(got) == set(merged) - tied
+    for name, weight in got.items():
+        assert torch.allclose(weight, merged[name], atol=1e-6), name
+    moved = [n for n in got if not torch.equal(got[n], dict(tiny_llama.named_parameters())[n])]
+    assert moved and all("proj" in n for n in moved)  # the adapted projections, merged
+
+
 def test_on_policy_choice_is_a_function_of_the_batch():
     ids = torch.arange(64).reshape(4, 16)
     assert batch_draw(ids, 0) == batch_draw(ids.clone(), 0)
@@ -316,12 +382,16 @@ def test_on_policy_choice_is_a_function_of_the_batch():
 
 
 def test_on_policy_refuses_zero3_and_vllm_sources_refuse_hidden_states():
-    from llmdistill.teachers import build_teacher_source
+    from llmdistill.teachers import build_teacher_source, check_teacher_source
     from llmdistill.teachers.on_policy import OnPolicyTeacher
 
     cfg = load_config(None, ["teacher.source=on_policy", "deepspeed.zero_stage=3"])
-    with pytest.raises(LLMDistillError, match="zero_stage=3"):
+    with pytest.raises(LLMDistillError, match="zero_stage=3.*use teacher.on_policy.generator=vllm"):
         OnPolicyTeacher(cfg, None, student=object(), check=False)
+    with pytest.raises(LLMDistillError, match="zero_stage=3"):  # preflight refuses it before any weights
+        check_teacher_source(cfg, frozenset({"teacher"}))
+    vllm = ["teacher.source=on_policy", "deepspeed.zero_stage=3", "teacher.on_policy.generator=vllm"]
+    check_teacher_source(load_config(None, vllm), frozenset({"teacher"}))
     cfg = load_config(None, ["teacher.source=vllm_server"])
     with pytest.raises(LLMDistillError, match="hidden states"):
         build_teacher_source(cfg, None, frozenset({"teacher", "teacher_hidden"}))

@@ -5,7 +5,9 @@ declares its capabilities (full logits, top-k, hidden states, cross-tokenizer, m
   hf           the teacher in-process (teachers/hf.py)
   vllm_server  top-k from vLLM servers over HTTP (teachers/vllm_server.py)
   vllm_cache   top-k computed once by vLLM's offline engine, read from disk (teachers/vllm_cache.py)
-  on_policy    the student's own samples, scored by a vLLM server (teachers/on_policy.py)
+  on_policy    the student's own samples (HF generate, or a vLLM engine holding a copy of the student:
+               teachers/vllm_generator.py), scored by a vLLM server or the teacher in-process
+               (teachers/on_policy.py)
   none         no teacher (CE-only objectives)
 
 A new source is a TeacherSource subclass registered with `@register_source(name)` in its own file, imported
@@ -36,6 +38,7 @@ __all__ = [
     "build_teacher_source",
     "check_teacher_source",
     "register_source",
+    "uses_in_process_teacher",
 ]
 
 
@@ -51,11 +54,19 @@ class NoTeacher(TeacherSource):
         return None
 
 
+def uses_in_process_teacher(cfg: Config) -> bool:
+    """Whether the source scores with the teacher in-process (so the trainer must load it)."""
+    t = cfg.teacher
+    return t.source == "hf" or (t.source == "on_policy" and t.on_policy.scorer == "hf")
+
+
 def check_teacher_source(cfg: Config, needs: frozenset[str], cross_tokenizer: bool = False) -> None:
     """Refuse an objective that teacher.source cannot serve; needs no weights (for preflight)."""
     if not needs & {"teacher", "teacher_hidden"}:
         return
     name = cfg.teacher.source
+    if name == "on_policy":
+        on_policy.check_on_policy(cfg)
     can = source_class(name).capabilities
     if "teacher_hidden" in needs and not can.hidden_states:
         raise LLMDistillError(

@@ -68,7 +68,12 @@ class TeacherSource:
         """The batch to train on in place of `batch` (the identity, except for on-policy sources)."""
         return batch
 
-    def stream(self, batches: Iterator[dict], device: str):
+    def after_optimizer_step(self, step: int) -> None:
+        """Called by the trainer on every rank after optimizer step `step` (a source that samples from the
+        student pushes its weights here)."""
+
+    def stream(self, batches: Iterator[dict], device: str, start: int = 0):
+        """(batch, signal) pairs on `device`; `start`: micro-batches this rank consumed before `batches`."""
         self._stop = threading.Event()
         self._pending = None
 

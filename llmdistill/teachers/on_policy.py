@@ -1,32 +1,45 @@
-"""On-policy distillation (GKD, DistillSpec): a fraction λ of the micro-batches are the student's own samples,
-continued from dataset prompts and scored by the teacher (a vLLM server).
+"""On-policy distillation (GKD, DistillSpec): a fraction λ of the micro-batches are the student's own
+samples, continued from dataset prompts and scored by the teacher (the vLLM teacher servers, or the teacher
+in-process).
 
 Which batches: a batch is on-policy when a hash of its tokens (and run.seed) falls below λ, so the choice and
 the sampling seed are functions of the batch alone: the same after a resume, on any rank, with no counter to
-checkpoint. Sampling runs under a forked RNG, so the trainer's own random state is untouched.
+checkpoint.
 
-A student batch keeps the first `prompt_tokens` of each row and the student writes the remaining
+A student batch keeps the first `prompt_tokens` of each row and the student writes up to
 T - prompt_tokens + 1 tokens (the extra one is the last position's target). Targets on the prompt are masked
-(the objective covers only what the student wrote, as in GKD); after the student's end-of-text token the
-targets are masked too and those positions start a new "document", so the teacher never scores padding.
+(the objective covers only what the student wrote, as in GKD); after the student's end-of-text token (or its
+last written token) the targets are masked too and those positions start a new "document", so the teacher
+never scores padding.
 
-Generation is HF `generate` on the training student in the trainer's own process, between optimizer steps, so
-it sees the current weights. Under ZeRO-3 the student's weights are partitioned and generate is a collective
-(every rank would have to step through the same number of tokens): refused.
+Who writes (teacher.on_policy.generator):
+- `hf`: HF `generate` on the training student in the trainer's own process, between optimizer steps, under a
+  forked RNG (the trainer's random state is untouched). Under ZeRO-3 the weights are partitioned and generate
+  would be a collective: refused.
+- `vllm`: a vLLM engine in each trainer process holding a copy of the student (teachers/vllm_generator.py),
+  its weights pushed every `sync_every` optimizer steps (gathered under ZeRO-3, LoRA merged). The samples for
+  step k come from the weights of step v(k) = max(first step of this stream, ((k - lag) // sync_every) *
+  sync_every), and each request is seeded, so they are a function of the batch and the step. With lag 1 the
+  samples of step k + 1 are written in a thread while step k trains. The lag of each micro-batch (k - v(k)) is
+  logged in on_policy_rank<r>.jsonl. After a resume the first weights are the checkpoint's: a resumed run
+  reproduces the uninterrupted one when it resumes at a multiple of sync_every with lag 0.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import torch
 
 from llmdistill import models
 from llmdistill.config import Config, LLMDistillError
+from llmdistill.data import to_device
 from llmdistill.signal import IGNORE_INDEX, TeacherSignal
 from llmdistill.teachers.base import Capabilities, TeacherSource, process_rank, register_source
+from llmdistill.teachers.hf import HFTeacher
 from llmdistill.teachers.vllm_server import VLLMServerTeacher
 
 CROSS_TOKENIZER_REFUSAL = (
@@ -45,20 +58,62 @@ def batch_draw(input_ids: torch.Tensor, seed: int) -> tuple[float, int]:
 
 
 def student_batch(sampled: torch.Tensor, prompt_tokens: int, seq_len: int, eos_id: int | None) -> dict:
-    """The training batch for prompt + continuation `sampled` [B, seq_len + 1]."""
+    """The training batch for prompt + continuation `sampled` [B, P + n], n <= seq_len - P + 1 written
+    tokens (padded after EOS)."""
+    written = sampled.shape[1] - prompt_tokens
+    if written < seq_len - prompt_tokens + 1:  # fewer new tokens than the window holds: pad (masked below)
+        fill = torch.zeros(sampled.shape[0], seq_len + 1 - sampled.shape[1], dtype=sampled.dtype)
+        sampled = torch.cat([sampled, fill], dim=1)
     input_ids = sampled[:, :seq_len].clone()
     targets = sampled[:, 1 : seq_len + 1].clone()
     targets[:, : prompt_tokens - 1] = IGNORE_INDEX
     position_ids = torch.arange(seq_len).expand_as(input_ids).clone()
-    if eos_id is not None:
-        for row in range(sampled.shape[0]):
-            written = (sampled[row, prompt_tokens:] == eos_id).nonzero()
-            if written.numel():
-                end = prompt_tokens + int(written[0])  # index of the EOS in `sampled`: the last valid target
-                if end < seq_len:
-                    targets[row, end:] = IGNORE_INDEX
-                    position_ids[row, end + 1 :] = torch.arange(seq_len - end - 1)
+    for row in range(sampled.shape[0]):
+        # Index in `sampled` of the last valid target: the EOS, or the last written token.
+        end = prompt_tokens + written - 1
+        if eos_id is not None:
+            eos = (sampled[row, prompt_tokens : prompt_tokens + written] == eos_id).nonzero()
+            if eos.numel():
+                end = prompt_tokens + int(eos[0])
+        if end < seq_len:
+            targets[row, end:] = IGNORE_INDEX
+            position_ids[row, end + 1 :] = torch.arange(seq_len - end - 1)
     return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
+
+
+def weights_step(step: int, opened_at: int, lag: int, sync_every: int) -> int:
+    """The optimizer step whose weights write the samples of step `step`: `lag` steps back, rounded down to a
+    push (every `sync_every` steps), and never before the stream opened (the weights it started from)."""
+    return max(opened_at, max(step - lag, 0) // sync_every * sync_every)
+
+
+def check_on_policy(cfg: Config) -> None:
+    """Refuse an on-policy setting that cannot run, before anything loads."""
+    p = cfg.teacher.on_policy
+    if p.prompt_tokens >= cfg.data.seq_len:
+        raise LLMDistillError(
+            f"teacher.on_policy.prompt_tokens={p.prompt_tokens} must be below data.seq_len={cfg.data.seq_len}"
+        )
+    if p.max_new_tokens is not None and p.max_new_tokens > cfg.data.seq_len - p.prompt_tokens + 1:
+        raise LLMDistillError(
+            f"teacher.on_policy.max_new_tokens={p.max_new_tokens} is above data.seq_len - prompt_tokens + 1"
+            f" = {cfg.data.seq_len - p.prompt_tokens + 1} (what a training window holds)"
+        )
+    if p.generator == "hf" and cfg.deepspeed.zero_stage == 3:
+        raise LLMDistillError(
+            "teacher.on_policy.generator=hf: under deepspeed.zero_stage=3 generation is a collective over "
+            "all ranks (partitioned weights); use teacher.on_policy.generator=vllm, or zero_stage 0-2"
+        )
+    if p.generator == "hf" and p.lag:
+        raise LLMDistillError(
+            "teacher.on_policy.lag=1 needs teacher.on_policy.generator=vllm (HF generate samples from the "
+            "live weights)"
+        )
+    if p.lag and p.scorer == "hf" and cfg.deepspeed.zero_stage == 3:
+        raise LLMDistillError(
+            "teacher.on_policy.lag=1 scores in a thread, and the in-process teacher under ZeRO-3 is a "
+            "collective: use lag 0 or teacher.on_policy.scorer=vllm_server"
+        )
 
 
 @torch.no_grad()
@@ -97,72 +152,169 @@ def generate(
 
 @register_source("on_policy")
 class OnPolicyTeacher(TeacherSource):
-    """λ of the batches are the student's samples; every batch is scored by the vLLM server teacher."""
+    """λ of the batches are the student's samples; every batch is scored by the teacher."""
 
     # The student's samples exist only in its own tokenization: scoring them for a cross-tokenizer objective
     # would need the teacher's tokenization of the sampled text and a new chunk alignment per batch.
     capabilities = Capabilities(top_k=True, can_fail=True)
-    # Scoring is synchronous (prefetch 0, the default): a student batch must be generated with the current
-    # weights, in this thread, between optimizer steps; a fetch-ahead thread would sample from weights
-    # mid-update.
 
     def __init__(
-        self, cfg: Config, tokenizer, student, rank: int = 0, run_dir: Path | None = None, check: bool = True
+        self,
+        cfg: Config,
+        tokenizer,
+        student,
+        rank: int = 0,
+        run_dir: Path | None = None,
+        check: bool = True,
+        teacher=None,
     ):
         if student is None:
             raise LLMDistillError("teacher.source=on_policy needs the student module to generate from")
-        if cfg.deepspeed.zero_stage == 3:
-            raise LLMDistillError(
-                "teacher.source=on_policy: under deepspeed.zero_stage=3 generation is a collective over all "
-                "ranks (partitioned weights); use zero_stage 0-2"
-            )
+        check_on_policy(cfg)
         p = cfg.teacher.on_policy
-        if p.prompt_tokens >= cfg.data.seq_len:
-            raise LLMDistillError(
-                f"teacher.on_policy.prompt_tokens={p.prompt_tokens} must be below "
-                f"data.seq_len={cfg.data.seq_len}"
-            )
         self.cfg, self.settings, self.student, self.rank = cfg, p, student, rank
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-        self.scorer = VLLMServerTeacher(cfg, tokenizer, rank, check=check)
+        self.new_tokens = p.max_new_tokens or cfg.data.seq_len - p.prompt_tokens + 1
+        if p.scorer == "hf":
+            if teacher is None:
+                raise LLMDistillError("teacher.on_policy.scorer=hf needs the in-process teacher")
+            self.scorer = HFTeacher(teacher)
+        else:
+            self.scorer = VLLMServerTeacher(cfg, tokenizer, rank, check=check)
         self.samples_log = (run_dir / f"on_policy_rank{rank}.jsonl") if run_dir is not None else None
         self.seen = 0
+        self.engine = None
+        # Version bookkeeping of the vLLM engine's weights (see the module docstring); `position` is the
+        # index of the next micro-batch to transform, `version` the step whose weights the engine holds.
+        self.grad_accum = cfg.train.grad_accum
+        self.position = self.opened_at = self.version = 0
+        self.failed = self.closed = False
+        self.turn = threading.Condition()
+        if p.generator == "vllm":
+            from llmdistill.teachers.vllm_generator import VLLMGenerator  # lazy: vllm is slow to import
+
+            config = student.get_base_model().config if hasattr(student, "get_base_model") else student.config
+            self.engine = VLLMGenerator(cfg, config, self.eos_id)
+            # With lag 1, one step's micro-batches are written (and scored) ahead, in a thread.
+            self.prefetch = self.grad_accum if p.lag else 0
 
     @classmethod
     def build(cls, cfg, model, needs, student):
         path = models.resolve_model_path(cfg.teacher.path, "teacher.path")
         tokenizer = models.load_tokenizer(path, cfg.teacher.trust_remote_code)
-        return cls(cfg, tokenizer, student, process_rank(), run_dir=cfg.run.dir)
+        return cls(cfg, tokenizer, student, process_rank(), run_dir=cfg.run.dir, teacher=model)
+
+    @property
+    def can_fail(self) -> bool:
+        return self.settings.scorer == "vllm_server"
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def push_weights(self, step: int) -> None:
+        from llmdistill.teachers.vllm_generator import student_weights  # lazy: see __init__
+
+        self.engine.load(student_weights(self.student))
+        self.version = step
+
+    def stream(self, batches, device: str, start: int = 0):
+        if self.engine is not None:
+            # Every rank opens the stream at its first step (a collective under ZeRO-3): the engine gets the
+            # weights the trainer starts from.
+            self.position, self.opened_at, self.failed = start, start // self.grad_accum, False
+            self.push_weights(self.opened_at)
+        yield from super().stream(batches, device, start)
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.engine is None or step % self.settings.sync_every:
+            return
+        with self.turn:
+            # Every sample that needs older weights is written first (with lag 1, the thread is finishing step
+            # `step`'s samples); a failed thread writes nothing more, and the trainer stops at its next batch.
+            written = (step + self.settings.lag) * self.grad_accum
+            self.turn.wait_for(lambda: self.failed or self.position >= written)
+            self.push_weights(step)  # every rank, in step: a collective under ZeRO-3
+            self.turn.notify_all()
+
+    # ------------------------------------------------------------------------------------------ batches
 
     def transform(self, batch: dict) -> dict:
         """The batch to train on: the dataset's, or (for a fraction λ of them) the student's continuation."""
         if "teacher_input_ids" in batch:
             raise LLMDistillError(CROSS_TOKENIZER_REFUSAL)
+        try:
+            return self._transform(batch)
+        except BaseException:
+            with self.turn:
+                self.failed = True
+                self.turn.notify_all()
+            raise
+
+    def _transform(self, batch: dict) -> dict:
         draw, seed = batch_draw(batch["input_ids"], self.cfg.run.seed)
         on_policy = draw < self.settings.fraction
+        step = self.position // self.grad_accum
+        p = self.settings
+        prompts = batch["input_ids"][:, : p.prompt_tokens]
+        weights = step
+        if on_policy and self.engine is not None:
+            weights = weights_step(step, self.opened_at, self.settings.lag, self.settings.sync_every)
+            with self.turn:
+                if self.prefetch:  # the thread waits for the trainer to push the weights it needs
+                    self.turn.wait_for(lambda: self.version == weights or self.closed)
+                    if self.closed:
+                        raise RuntimeError("on-policy source closed while waiting for weights")
+                elif self.version != weights:
+                    raise RuntimeError(f"on-policy engine holds step {self.version}'s weights, not {weights}")
+                sampled = self.engine.generate(prompts.cpu(), self.new_tokens, p, seed, self.pad_id)
+        elif on_policy:
+            sampled = generate(self.student, prompts, self.new_tokens, p, seed, self.pad_id)
         if on_policy:
-            p, t = self.settings.prompt_tokens, self.cfg.data.seq_len
-            sampled = generate(
-                self.student, batch["input_ids"][:, :p], t - p + 1, self.settings, seed, self.pad_id
-            )
-            batch = student_batch(sampled, p, t, self.eos_id)
-        self._log(batch, on_policy)
+            batch = student_batch(sampled, p.prompt_tokens, self.cfg.data.seq_len, self.eos_id)
+        with self.turn:
+            self.position += 1
+            self.turn.notify_all()
+        self._log(batch, on_policy, step, weights)
         return batch
 
     def signal(self, batch: dict) -> TeacherSignal:
-        return self.scorer.signal(batch)
+        try:
+            if isinstance(self.scorer, HFTeacher):
+                return self.scorer.signal(to_device(batch, _device_of(self.student)))
+            return self.scorer.signal(batch)
+        except BaseException:
+            with self.turn:
+                self.failed = True
+                self.turn.notify_all()
+            raise
 
-    def _log(self, batch: dict, on_policy: bool) -> None:
-        # One line per micro-batch: lets a user (and the tests) see what the student wrote and was scored on.
+    def _log(self, batch: dict, on_policy: bool, step: int, weights: int) -> None:
+        # One line per micro-batch: lets a user (and the tests) see what the student wrote and was scored on,
+        # and from which weights.
         self.seen += 1
         if self.samples_log is None:
             return
         record = {
             "micro_batch": self.seen,
+            "step": step,
             "on_policy": on_policy,
             "prompt_tokens": self.settings.prompt_tokens if on_policy else 0,
             "valid_targets": int((batch["targets"] != IGNORE_INDEX).sum()),
             "input_ids": batch["input_ids"][0].tolist(),
         }
+        if on_policy:
+            record |= {"weights_step": weights, "lag": step - weights}
         with self.samples_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        with self.turn:  # a thread waiting for weights that will never come gives up
+            self.closed = True
+            self.turn.notify_all()
+        super().close()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device

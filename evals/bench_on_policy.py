@@ -1,0 +1,109 @@
+"""On-policy rollouts: HF `generate` on the training student vs the vLLM generator (same student and prompts).
+
+    python evals/bench_on_policy.py                     # 8 prompts of 32 tokens, 128 new tokens, 3 steps
+    python evals/bench_on_policy.py --batch 16 --steps 5 --new-tokens 128
+
+Both arms build the same `Trainer` from configs/tiny/on_policy_vllm.yaml (every micro-batch on-policy,
+temperature 1, scored by the teacher in-process, one process) and differ only in
+teacher.on_policy.generator. After one warm-up step (the vLLM arm's first weight push included):
+- rollout: the generator alone (HF `generate` on the training student, or the vLLM engine) on the prompts of
+  the same `--steps` dataset batches; tokens = what the student wrote up to EOS (its training targets);
+- whole step: `--steps` optimizer steps (rollout, teacher scoring, forward, backward, and for vLLM the weight
+  push after the step); tokens = what the student wrote during them.
+Figures are written tokens per second; the last column is vLLM / HF. On a shared CPU they are noisy: run
+it on an idle machine before quoting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def measure(generator: str, args, out: Path) -> dict:
+    from llmdistill.config import load_config
+    from llmdistill.data import collate
+    from llmdistill.signal import IGNORE_INDEX
+    from llmdistill.teachers.on_policy import generate, student_batch
+    from llmdistill.train import Trainer
+
+    cfg = load_config(
+        str(REPO / "configs/tiny/on_policy_vllm.yaml"),
+        [
+            f"teacher.on_policy.generator={generator}",
+            "teacher.on_policy.fraction=1.0",
+            f"teacher.on_policy.prompt_tokens={args.prompt_tokens}",
+            f"data.seq_len={args.prompt_tokens + args.new_tokens - 1}",  # the window holds every new token
+            f"train.micro_batch_size={args.batch}",
+            f"train.max_steps={args.steps + 100}",
+            "train.eval_batches=1",
+            "train.progress=false",
+            "train.export=false",
+            f"run.output_dir={out}",
+            f"run.name={generator}",
+        ],
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.train_step()  # warm-up: opens the stream (and pushes the first weights)
+        source, p = trainer.teacher_source, trainer.teacher_source.settings
+        prompts = [
+            collate([trainer.train_set[j] for j in range(i * args.batch, (i + 1) * args.batch)])["input_ids"]
+            for i in range(args.steps)
+        ]
+        written, t0 = 0, time.perf_counter()
+        for seed, batch in enumerate(prompts):
+            prompt = batch[:, : p.prompt_tokens]
+            if source.engine is not None:
+                sampled = source.engine.generate(prompt, source.new_tokens, p, seed, source.pad_id)
+            else:
+                sampled = generate(trainer.student, prompt, source.new_tokens, p, seed, source.pad_id)
+            targets = student_batch(sampled, p.prompt_tokens, cfg.data.seq_len, source.eos_id)["targets"]
+            written += int((targets != IGNORE_INDEX).sum())
+        rollout = written / (time.perf_counter() - t0)
+        samples = out / generator / "on_policy_rank0.jsonl"
+        before = len(samples.read_text().splitlines())
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step()
+        elapsed = time.perf_counter() - t0
+        records = [json.loads(x) for x in samples.read_text().splitlines()[before:]]
+        step = sum(r["valid_targets"] for r in records) / elapsed
+    finally:
+        trainer.close()
+    return {"rollout": rollout, "step": step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="prompts per micro-batch")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="timed batches / optimizer steps per arm")
+    parser.add_argument("--out", default=None, help="run directory root (a temporary one by default)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import tempfile
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-on-policy-"))
+    results = {g: measure(g, args, out) for g in ("hf", "vllm")}
+    print(
+        f"\non-policy rollouts: {args.batch} prompts x {args.prompt_tokens} tokens, up to {args.new_tokens} "
+        f"new tokens, {args.steps} batches/steps per arm (written tokens per second)"
+    )
+    print(f"{'':24}{'HF generate':>14}{'vLLM':>14}{'vLLM / HF':>12}")
+    for key, label in (("rollout", "rollout tokens/s"), ("step", "whole-step tokens/s")):
+        hf, vllm = results["hf"][key], results["vllm"][key]
+        print(f"{label:24}{hf:14.1f}{vllm:14.1f}{vllm / hf:11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The student's rollouts from a vLLM engine holding a copy of the student (teacher.on_policy.generator=vllm).
+
+Placement: one offline engine in every trainer process, colocated with the training student (TRL's "colocate"
+layout). vLLM's in-process engine joins the trainer's torch.distributed world (its external-launcher mode):
+an engine on rank 0 alone cannot be built while the other ranks hold the same process group, because vLLM
+creates its groups with collectives over that world. Each engine is sized by
+`teacher.on_policy.gpu_memory_utilization` on a GPU, by VLLM_CPU_KVCACHE_SPACE (GiB, llmdistill.vllm_env) on
+the CPU. Eager mode always: a weight reload allocates new tensors, which captured CUDA graphs would not see.
+
+The engine starts from the student's config with dummy weights (no files are written but the config), and
+the trainer pushes the real weights before the first rollout and every `sync_every` optimizer steps:
+`student_weights` yields them one parameter at a time, gathered under ZeRO-3 (every rank takes part) and with
+LoRA adapters merged, straight into vLLM's in-place reload (the worker's `reload_weights`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+from llmdistill.config import Config
+
+
+def student_weights(student) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF checkpoint name, full weight) of every parameter of the student, one at a time.
+
+    Under ZeRO-3 each parameter (a LoRA layer's base weight and adapters together) is gathered on every rank
+    while the consumer reads it, and released before the next, so no rank ever holds the whole model twice. A
+    LoRA layer yields its merged weight W + B A * scaling under the base layer's name. Collective under
+    ZeRO-3: every rank must read the iterator to its end, in step.
+    """
+    import deepspeed  # lazy: importing deepspeed is slow, and only a running trainer calls this
+
+    peft = hasattr(student, "get_base_model")
+    model = student.get_base_model() if peft else student
+    lora_types = ()
+    if peft:
+        from peft.tuners.lora import LoraLayer  # lazy: peft is slow to import and only LoRA runs need it
+
+        lora_types = (LoraLayer,)
+    seen: set[int] = set()  # tied weights (embedding and head) are one parameter: sent once
+    inside_lora: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside_lora and any(name.startswith(prefix) for prefix in inside_lora):
+            continue
+        if isinstance(module, lora_types):
+            inside_lora = (*inside_lora, name + ".")
+            params = list(module.parameters())
+            with deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params)):
+                weight = module.base_layer.weight.detach()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A and adapter not in module.merged_adapters:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                yield f"{name}.weight", weight
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                yield f"{name}.{pname}" if name else pname, param.detach()
+
+
+def _reprocess_tied_layers(model) -> None:
+    """vLLM's layerwise reload re-processes a tied weight (embedding = head) only through its first owner; on
+    the CPU the head keeps a packed copy of the old weight unless its own post-load step runs again."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and getattr(module, "quant_method", None) is not None:
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
+
+
+class VLLMGenerator:
+    """An offline vLLM engine holding a copy of the student; `load` pushes weights, `generate` samples."""
+
+    def __init__(self, cfg: Config, student_config, eos_id: int | None):
+        from llmdistill.vllm_env import set_offline_env
+
+        set_offline_env()
+        from vllm import LLM  # lazy: vllm is optional and slow to import
+
+        self.config_dir = tempfile.TemporaryDirectory(prefix="llmdistill-rollout-")
+        student_config.save_pretrained(self.config_dir.name)
+        self.eos_id = eos_id
+        p = cfg.teacher.on_policy
+        kwargs = {}
+        if torch.distributed.is_initialized():
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = p.gpu_memory_utilization
+        self.llm = LLM(
+            model=self.config_dir.name,
+            load_format="dummy",  # the trainer's weights are pushed before the first rollout
+            skip_tokenizer_init=True,  # prompts and rollouts are token ids
+            dtype=cfg.train.dtype,
+            max_model_len=cfg.data.seq_len + 2,
+            enforce_eager=True,
+            enable_prefix_caching=False,  # cached prefixes would hold keys and values of older weights
+            seed=cfg.run.seed,
+            **kwargs,
+        )
+
+    def load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights by `weights` (HF checkpoint names), in place."""
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+        self.llm.apply_model(_reprocess_tied_layers)
+
+    def generate(self, prompts: torch.Tensor, new_tokens: int, settings, seed: int, pad_id: int | None):
+        """prompts [B, P] continued by up to `new_tokens` (stopping at EOS), padded to P + new_tokens.
+
+        Row i is sampled with seed + i (vLLM seeds each request), so a batch's samples are a function of the
+        batch's seed and the weights."""
+        from vllm import SamplingParams  # lazy: vllm is optional and slow to import
+
+        greedy = settings.temperature == 0
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=settings.temperature,
+                top_p=1.0 if greedy else settings.top_p,
+                top_k=0 if greedy else settings.top_k,
+                max_tokens=new_tokens,
+                stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
+                seed=None if greedy else (seed + row) % 2**63,
+                detokenize=False,
+            )
+            for row in range(prompts.shape[0])
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": row.tolist()} for row in prompts], params, use_tqdm=False
+        )
+        out = torch.full((prompts.shape[0], prompts.shape[1] + new_tokens), pad_id or 0, dtype=torch.long)
+        out[:, : prompts.shape[1]] = prompts
+        for row, result in enumerate(outputs):
+            written = list(result.outputs[0].token_ids)[:new_tokens]
+            out[row, prompts.shape[1] : prompts.shape[1] + len(written)] = torch.tensor(written)
+        return out
+
+    def close(self) -> None:
+        self.llm = None
+        self.config_dir.cleanup()
