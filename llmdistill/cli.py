@@ -55,9 +55,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_build_teacher(args) -> None:
-    from llmdistill.tools.build_teacher import build_teacher
+    from llmdistill.tools.build_teacher import build_chat_teacher, build_teacher
 
-    build_teacher(config_path(args.config), args.overrides)
+    if args.chat:
+        build_chat_teacher(config_path(args.config or "configs/tiny/chat_teacher.yaml"), args.overrides)
+    else:
+        build_teacher(config_path(args.config or "configs/tiny/teacher.yaml"), args.overrides)
 
 
 def cmd_derive(args) -> None:
@@ -281,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=0, help="DeepSpeed's rendezvous port (0: a free one)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("build-teacher", help="rebuild the embedded tiny teacher from its recipe")
-    _config_args(p, default="configs/tiny/teacher.yaml")
+    _config_args(p)  # default: configs/tiny/teacher.yaml, or chat_teacher.yaml with --chat
+    p.add_argument(
+        "--chat", action="store_true", help="the chat teacher: SFT of the embedded teacher on the chat set"
+    )
     p.set_defaults(fn=cmd_build_teacher)
     p = sub.add_parser("warm", help="build DeepSpeed's JIT ops once")
     p.set_defaults(fn=cmd_warm)

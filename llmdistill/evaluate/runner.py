@@ -48,10 +48,12 @@ def task_manager(
 
 
 def resolve_model_dir(path: str, what: str) -> str:
-    """An HF model dir, "embedded", or a run directory (its exported `student/` is used)."""
+    """An HF model dir, "embedded" (or "embedded:chat"), or a run directory (its exported `student/` is
+    used)."""
+    from llmdistill.embedded import EMBEDDED_MODELS
     from llmdistill.models import resolve_model_path
 
-    if path == "embedded":
+    if path in EMBEDDED_MODELS:
         return resolve_model_path(path, what)
     p = Path(path).expanduser()
     # "runs/x" has the shape of a hub name; it is a local path when its parent exists here or the hub is off.
