@@ -5,8 +5,8 @@ The teacher (stdlib corpus → byte-level BPE tokenizer → tiny Llama, trained 
 package (llmdistill/embedded/teacher/) with build_info.json, whose fingerprint ties it to its recipe
 (configs/tiny/teacher.yaml) and to the corpus it was trained on. The chat teacher
 (llmdistill/embedded/chat_teacher/, `embedded:chat`) is that teacher fine-tuned on the embedded chat set with
-the embedded chat template (configs/tiny/chat_teacher.yaml), fingerprinted the same way. Building it runs the trainer, so that
-lives in the tools layer: llmdistill/tools/build_teacher.py.
+the embedded chat template (configs/tiny/chat_teacher.yaml), fingerprinted the same way. Building them runs
+the trainer, so that lives in the tools layer: llmdistill/tools/build_teacher.py.
 """
 
 from __future__ import annotations

@@ -72,12 +72,12 @@ def build_chat_teacher(config_path: str, overrides: list[str] = ()) -> Path:
     student = cfg.run.dir / "student"
     tok = load_tokenizer(str(student))
     tok.chat_template = EMBEDDED_CHAT_TEMPLATE.read_text()
-    tok.save_pretrained(student)  # writes chat_template.jinja beside the tokenizer, where transformers reads it
+    tok.save_pretrained(student)  # writes chat_template.jinja, where transformers reads it
     _install(student, EMBEDDED_CHAT_TEACHER, config_path, summary, info, t0)
     start, end = summary["student_eval_start"], summary["student_eval"]
     print(
-        f"embedded chat teacher: answer-only held-out loss {start['loss']:.4f} -> {end['loss']:.4f} nats/token "
-        f"-> {EMBEDDED_CHAT_TEACHER}"
+        f"embedded chat teacher: answer-only held-out loss {start['loss']:.4f} -> {end['loss']:.4f} "
+        f"nats/token -> {EMBEDDED_CHAT_TEACHER}"
     )
     return EMBEDDED_CHAT_TEACHER
 
