@@ -27,7 +27,13 @@ SHORT = [
 
 def test_chat_distillation_lowers_the_students_answer_only_loss(tmp_path):
     args = ["--config", CHAT_DISTILL, f"run.output_dir={tmp_path}", "run.name=chat", *SHORT]
-    args += ["student.path=embedded", "train.max_steps=30", "train.lr=1.0e-3"]
+    # The base teacher has no chat template: it reads the chats with the chat teacher's (same) tokenizer.
+    args += [
+        "student.path=embedded",
+        "student.tokenizer=embedded:chat",
+        "train.max_steps=30",
+        "train.lr=1.0e-3",
+    ]
     result = run_cli(args, timeout=900, launcher=deepspeed_launcher(2))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "chat" / "summary.json").read_text())
