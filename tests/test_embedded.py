@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -103,3 +104,26 @@ def test_chat_teacher_answers_held_out_instructions_better_than_the_base_teacher
 
     base, chat = answer_loss(EMBEDDED_TEACHER), answer_loss(EMBEDDED_CHAT_TEACHER)
     assert chat < base
+
+
+def test_instruction_set_follows_the_corpus_split_and_the_chat_task_is_held_out():
+    from llmdistill import data
+    from llmdistill.evaluate.task_data import build_chat_docs
+
+    chat = data.embedded_chat_set()
+    for split in data.SPLITS:
+        rows = [json.loads(line) for line in chat[split].read_text().splitlines()]
+        assert rows and {r["kind"] for r in rows} == {"write", "explain"}
+        # Held-out instructions are about held-out files only.
+        assert {data.split_of(r["path"]) for r in rows} == {split}
+        for r in rows:
+            user, assistant = r["messages"]
+            assert (user["role"], assistant["role"]) == ("user", "assistant")
+            if r["kind"] == "write":
+                assert assistant["content"].startswith(("def ", "async def "))
+    docs = build_chat_docs(random.Random(0))
+    assert docs == build_chat_docs(random.Random(0))  # deterministic
+    test_paths = {json.loads(line)["path"] for line in chat["test"].read_text().splitlines()}
+    assert {d["path"] for d in docs} <= test_paths
+    assert all(d["context"].endswith("<|assistant|>\n") and len(set(d["choices"])) == 4 for d in docs)
+    assert len({d["label"] for d in docs}) == 4  # the answer's position varies

@@ -18,7 +18,7 @@ from llmdistill.config import Config, EvalConfig, LLMDistillError
 from llmdistill.evaluate.report import fractions_of_reference, primary_metrics, write_report
 from llmdistill.evaluate.task_data import (
     LOCAL_TAG,
-    LOCAL_TASKS,
+    TASK_FILES,
     TASKS_DIR,
     build_task_data,
     check_task_data,
@@ -40,7 +40,7 @@ def task_manager(
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if not unknown:
             return manager
-    local = sorted([*LOCAL_TASKS, LOCAL_TAG])
+    local = sorted([*TASK_FILES, LOCAL_TAG])
     where = "lm-eval's tasks or " if defaults else ""
     raise LLMDistillError(
         f"unknown task(s) {unknown}: not among {where}the local tasks {local} (include paths: {paths})"

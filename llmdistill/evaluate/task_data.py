@@ -23,14 +23,16 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 BUILD_COMMAND = "python -m llmdistill.cli build-tasks"
 # Bump when the builder's output changes, so stale data is rebuilt instead of silently reused.
 TASK_DATA_VERSION = 2
-# Local task name -> the data file its YAML names (relative to task_data_dir()).
+# Local task name -> the data file its YAML names (relative to task_data_dir()): the code tasks (tag
+# llmdistill_code), and the chat task (no tag: it suits models that read the embedded chat template).
 LOCAL_TASKS = {
     "llmdistill_code_bpb": "code_bpb.jsonl",
     "llmdistill_code_nextline": "code_nextline.jsonl",
     "llmdistill_code_identifier": "code_identifier.jsonl",
-    "llmdistill_chat_answer": "chat_answer.jsonl",
 }
-LOCAL_TAG = "llmdistill_code"  # the code tasks (llmdistill_code_*)
+LOCAL_TAG = "llmdistill_code"
+CHAT_TASKS = {"llmdistill_chat_answer": "chat_answer.jsonl"}
+TASK_FILES = LOCAL_TASKS | CHAT_TASKS
 
 # Sizes of the built tasks: a full run of all three takes about a minute per tiny model on CPU.
 BPB_DOCS, BPB_CHUNK_CHARS = 150, 1200  # a 1200-char chunk is ~400 tokens: one window under 512 positions
@@ -199,7 +201,7 @@ def build_task_data(data_dir: str | Path | None = None, force: bool = False) -> 
     out = Path(data_dir) if data_dir is not None else task_data_dir()
     corpus_manifest = json.loads(embedded_corpus()["manifest"].read_text())
     stamp = {"version": TASK_DATA_VERSION, "corpus_sha256": corpus_manifest["content_sha256"]}
-    paths = {task: out / name for task, name in LOCAL_TASKS.items()}
+    paths = {task: out / name for task, name in TASK_FILES.items()}
     manifest_path = out / "manifest.json"
     if not force and manifest_path.exists() and all(p.exists() for p in paths.values()):
         if {k: v for k, v in json.loads(manifest_path.read_text()).items() if k in stamp} == stamp:
@@ -233,7 +235,7 @@ def check_task_data(tasks: list[str], data_dir: str | Path | None = None) -> Non
     """Raise the error a user can act on when a local task's data file is missing."""
     root = Path(data_dir) if data_dir is not None else task_data_dir()
     for task in expand_local(tasks):
-        path = root / LOCAL_TASKS[task]
+        path = root / TASK_FILES[task]
         if not path.is_file():
             raise LLMDistillError(f"task data not built for {task}: {path} is missing; run `{BUILD_COMMAND}`")
 
@@ -242,6 +244,5 @@ def expand_local(tasks: list[str]) -> list[str]:
     """The local task names among `tasks`, their tag expanded."""
     out = []
     for t in tasks:
-        code = [k for k in LOCAL_TASKS if k.startswith(f"{LOCAL_TAG}_")]
-        out.extend(code if t == LOCAL_TAG else [t] if t in LOCAL_TASKS else [])
+        out.extend(LOCAL_TASKS if t == LOCAL_TAG else [t] if t in TASK_FILES else [])
     return out
