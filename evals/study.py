@@ -28,6 +28,10 @@ sys.path.insert(0, str(REPO))  # run as a script from the checkout: its llmdisti
 from llmdistill.report import Curves, fmt, learning_curves, markdown, plot_curves, tokens_per_step  # noqa: E402
 
 TEACHER_DIR = REPO / "llmdistill" / "embedded" / "teacher"
+CHAT_TEACHER_DIR = REPO / "llmdistill" / "embedded" / "chat_teacher"
+# Arms of this group train on chat data (answer-only held-out loss): they compare with the chat teacher and
+# the first chat arm, not with the code arms.
+CHAT_GROUP = "chat"
 # The keys of a Llama config that fix its shape: enough to build a random-init twin of the derived student.
 SHAPE_KEYS = (
     "model_type",
@@ -189,6 +193,8 @@ def run_lm_eval(study: dict, runs: list[dict], output: Path) -> dict | None:
     from llmdistill.evaluate import evaluate_models
 
     models = {"teacher": str(TEACHER_DIR)}
+    if any(r["group"] == CHAT_GROUP for r in runs):
+        models["chat-teacher"] = str(CHAT_TEACHER_DIR)
     for r in runs:
         models.setdefault(r["arm"], r["summary"]["student_dir"])
     print(f"[study] lm-eval on {len(models)} models, limit {settings.get('limit')}", flush=True)
@@ -202,34 +208,46 @@ def run_lm_eval(study: dict, runs: list[dict], output: Path) -> dict | None:
     )
 
 
-def teacher_figures(runs: list[dict]) -> dict:
-    """The teacher's held-out loss/bpb, from any arm that had the in-process teacher (same eval batches)."""
+def teacher_figures(runs: list[dict], chat: bool = False) -> dict:
+    """The teacher's held-out loss/bpb, from any arm that had the in-process teacher (same eval batches); with
+    `chat`, the chat teacher's on the held-out instructions, from the chat arms."""
     for r in runs:
-        if r["summary"].get("teacher_eval"):
+        if r["summary"].get("teacher_eval") and (r["group"] == CHAT_GROUP) == chat:
             return r["summary"]["teacher_eval"]
     return {}
 
 
+def _teacher_lm_eval(lm_report: dict | None, model: str) -> dict:
+    if not lm_report or model not in lm_report["models"]:
+        return {}
+    return {
+        task: {"metric": key, "value": lm_report["models"][model]["metrics"].get(task, {}).get(key)}
+        for task, key in lm_report["primary"].items()
+    }
+
+
 def aggregate(study: dict, runs: list[dict], lm_report: dict | None) -> dict:
-    teacher = teacher_figures(runs)
+    teachers = {False: teacher_figures(runs), True: teacher_figures(runs, chat=True)}
     arms_by_name = {a["name"]: a for a in study["arms"]}
     rows = []
-    scratch_bpb = None
-    scratch_loss = None
+    baselines = {}  # per kind of data (code, chat): the first arm's (bpb, loss)
     for name, arm in arms_by_name.items():
         arm_runs = [r for r in runs if r["arm"] == name]
         if not arm_runs:
             continue
+        chat = arm.get("group") == CHAT_GROUP
+        teacher = teachers[chat]
         loss, loss_spread = mean_and_spread([r["summary"]["student_eval"]["loss"] for r in arm_runs])
         bpb, bpb_spread = mean_and_spread([r["summary"]["student_eval"]["bpb"] for r in arm_runs])
         # Loss in nats/token compares only between students that share the teacher's tokenizer.
         same_tokenizer = arm.get("group") != "tokenizer"
-        if scratch_bpb is None:
-            # The first arm is the baseline (arm 1: scratch CE); gains are measured against it.
-            scratch_bpb, scratch_loss = bpb, loss
+        # The first arm is the baseline (arm 1: scratch CE; the first chat arm for chat arms); gains are
+        # measured against it.
+        scratch_bpb, scratch_loss = baselines.setdefault(chat, (bpb, loss))
         row = {
             "arm": name,
             "group": arm.get("group", ""),
+            "chat": chat,
             "what": arm.get("what", ""),
             "seeds": [r["seed"] for r in arm_runs],
             "loss": loss,
@@ -256,19 +274,15 @@ def aggregate(study: dict, runs: list[dict], lm_report: dict | None) -> dict:
                     "recovery": lm_report["fraction_of_reference"].get(name, {}).get(task),
                 }
         rows.append(row)
-    teacher_lm = {}
-    if lm_report:
-        for task, key in lm_report["primary"].items():
-            teacher_lm[task] = {
-                "metric": key,
-                "value": lm_report["models"]["teacher"]["metrics"][task].get(key),
-            }
-    return {"teacher": {**teacher, "lm_eval": teacher_lm}, "rows": rows}
+    out = {"teacher": {**teachers[False], "lm_eval": _teacher_lm_eval(lm_report, "teacher")}, "rows": rows}
+    if any(row["chat"] for row in rows):
+        out["chat_teacher"] = {**teachers[True], "lm_eval": _teacher_lm_eval(lm_report, "chat-teacher")}
+    return out
 
 
 def markdown_table(results: dict) -> str:
     tasks = list(results["teacher"].get("lm_eval", {}))
-    short = {t: t.replace("llmdistill_code_", "") for t in tasks}
+    short = {t: t.replace("llmdistill_code_", "").replace("llmdistill_", "") for t in tasks}
     header = [
         "arm",
         "seeds",
@@ -282,34 +296,47 @@ def markdown_table(results: dict) -> str:
         f"lm-eval {short[t]} ({results['teacher']['lm_eval'][t]['metric'].split(',')[0]})" for t in tasks
     ]
     header += ["train s", "wall s", "tokens/s"]
-    teacher = results["teacher"]
-    teacher_cells = ["teacher", "—", fmt(teacher.get("loss")), fmt(teacher.get("bpb")), "100%", "—", "—"]
-    teacher_cells += [fmt(teacher["lm_eval"][t]["value"]) for t in tasks] + ["—", "—", "—"]
-    rows = [teacher_cells]
-    for row in results["rows"]:
-        cells = [
-            row["arm"],
-            ",".join(str(s) for s in row["seeds"]),
-            fmt(row["loss"], spread=row["loss_spread"]) + ("" if row["same_tokenizer"] else " ¹"),
-            fmt(row["bpb"], spread=row["bpb_spread"]),
-            f"{100 * row['recovery_bpb']:.1f}%" if row["recovery_bpb"] else "—",
-            fmt(row["gain_bpb"], signed=True),
-            fmt(row["gain_loss"], signed=True),
-        ]
-        for t in tasks:
-            entry = row["lm_eval"].get(t, {})
-            value, recovery = entry.get("value"), entry.get("recovery")
-            cells.append(fmt(value) + (f" ({100 * recovery:.0f}%)" if recovery is not None else ""))
-        cells += [f"{row['train_seconds']:.0f}", f"{row['wall_seconds']:.0f}", f"{row['tokens_per_s']:.0f}"]
+    all_rows = results["rows"]
+    teachers = [("teacher", results["teacher"], [r for r in all_rows if not r["chat"]])]
+    if "chat_teacher" in results:
+        teachers.append(("chat teacher ²", results["chat_teacher"], [r for r in all_rows if r["chat"]]))
+    rows = []
+    for label, teacher, teacher_rows in teachers:
+        cells = [label, "—", fmt(teacher.get("loss")), fmt(teacher.get("bpb")), "100%", "—", "—"]
+        cells += [fmt(teacher["lm_eval"].get(t, {}).get("value")) for t in tasks] + ["—", "—", "—"]
         rows.append(cells)
+        rows.extend(_arm_cells(row, tasks) for row in teacher_rows)
     notes = []
-    if any(not row["same_tokenizer"] for row in results["rows"]):
+    if any(not row["same_tokenizer"] for row in all_rows):
         notes.append("¹ nats per token of the student's own tokenizer: compare bpb across tokenizers.")
+    if "chat_teacher" in results:
+        notes.append(
+            "² chat arms: answer-only held-out loss on the embedded instruction set (validation split), "
+            "recovery vs the chat teacher, gains vs the first chat arm; lm-eval % vs the base teacher."
+        )
     if tasks:
         notes.append(
             f"lm-eval: first {results.get('lm_eval_limit') or 'all'} examples per task, first seed only."
         )
     return markdown(header, rows, notes)
+
+
+def _arm_cells(row: dict, tasks: list[str]) -> list[str]:
+    cells = [
+        row["arm"],
+        ",".join(str(s) for s in row["seeds"]),
+        fmt(row["loss"], spread=row["loss_spread"]) + ("" if row["same_tokenizer"] else " ¹"),
+        fmt(row["bpb"], spread=row["bpb_spread"]),
+        f"{100 * row['recovery_bpb']:.1f}%" if row["recovery_bpb"] else "—",
+        fmt(row["gain_bpb"], signed=True),
+        fmt(row["gain_loss"], signed=True),
+    ]
+    for t in tasks:
+        entry = row["lm_eval"].get(t, {})
+        value, recovery = entry.get("value"), entry.get("recovery")
+        cells.append(fmt(value) + (f" ({100 * recovery:.0f}%)" if recovery is not None else ""))
+    cells += [f"{row['train_seconds']:.0f}", f"{row['wall_seconds']:.0f}", f"{row['tokens_per_s']:.0f}"]
+    return cells
 
 
 # Held-out loss and bits per byte against training tokens, one colour per arm.

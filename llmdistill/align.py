@@ -25,7 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from llmdistill.config import LLMDistillError
+from llmdistill import data
+from llmdistill.config import DataConfig, LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -387,6 +388,10 @@ def aligned_dataset(
         batch_size=2000,
         remove_columns=texts.column_names,
     )
+    return _pad_packed(packed, teacher_tok, name, seq_len, max_teacher_len)
+
+
+def _pad_packed(packed, teacher_tok, name: str, seq_len: int, max_teacher_len: int | None):
     if len(packed) == 0:
         raise LLMDistillError(f"dataset {name} has fewer than {seq_len + 1} tokens: nothing to train on")
     longest = max(len(ids) for ids in packed["teacher_input_ids"])
@@ -395,3 +400,181 @@ def aligned_dataset(
     packed = packed.map(pad_teacher, fn_kwargs={"length": length, "pad_id": pad})
     packed.set_format("torch")
     return packed
+
+
+# ---------------------------------------------------------------------------------------------- chats
+#
+# Chat data (format: messages, or prompt_completion with data.chat): the student renders each conversation
+# with its chat template, the teacher with its own, and each side tokenizes its own rendering. The two texts
+# differ in everything but the turns' content, so chunks are formed only inside the assistant answers: per
+# answer, the tokens of each side lying wholly inside the answer's text get byte spans relative to the
+# answer's first byte, and the common boundaries of the two sides cut the answer into chunks. Template tokens
+# (role headers, end-of-turn markers, BOS) and the system/user turns are outside every chunk; a token that
+# straddles an answer's edge (a template gluing its header to the answer's first characters) is too, and the
+# answer's aligned region then starts (or ends) at the first (last) common boundary inside it. With templates
+# that keep the answer's edges token boundaries on both sides, as ChatML-like ones do, the chunks tile every
+# trained answer. The student's targets are those of chat data without a teacher: the answers and their
+# end-of-turn markers (data.train_on, data.truncation apply to the student's rendering).
+
+
+def _answer_tokens(text: str, offsets, ids, table, start: int, end: int, who: str):
+    """Indices of the tokens lying wholly inside characters [start, end) of `text`, and their byte spans
+    relative to the byte at `start`."""
+    inside = [i for i, (a, b) in enumerate(offsets) if a >= start and b <= end and b > a]
+    if not inside:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    first, last = inside[0], inside[-1]
+    if inside != list(range(first, last + 1)):
+        raise LLMDistillError(f"the {who} tokenizer's offsets are not in text order inside an answer")
+    lengths = document_byte_lengths(
+        [ids[i] for i in inside], table, text[offsets[first][0] : offsets[last][1]].encode(), who
+    )
+    begin = len(text[start : offsets[first][0]].encode())
+    token_start, token_end = spans_from_lengths(lengths, begin)
+    return np.asarray(inside, dtype=np.int64), token_start, token_end
+
+
+def chat_chunks(student: dict, teacher: dict, s_table, t_table) -> tuple[list, list, list, list]:
+    """Per conversation: chunk ids for the student's and the teacher's tokens (-1 outside every chunk), for
+    "unconstrained" and "space" chunks, numbered from 0 in answer order."""
+    s_n, t_n = len(student["ids"]), len(teacher["ids"])
+    out = {
+        kind: (np.full(s_n, -1, np.int64), np.full(t_n, -1, np.int64)) for kind in ("chunks", "space_chunks")
+    }
+    t_spans = {span.turn: span for span in teacher["spans"]}
+    counts = dict.fromkeys(out, 0)
+    for span in student["spans"]:
+        other = t_spans.get(span.turn)
+        if other is None:  # the teacher's template rewrites this answer (train_on=last): nothing to align
+            continue
+        answer = student["text"][span.start : span.answer_end]
+        si, ss, se = _answer_tokens(
+            student["text"],
+            student["offsets"],
+            student["ids"],
+            s_table,
+            span.start,
+            span.answer_end,
+            "student",
+        )
+        ti, ts, te = _answer_tokens(
+            teacher["text"],
+            teacher["offsets"],
+            teacher["ids"],
+            t_table,
+            other.start,
+            other.answer_end,
+            "teacher",
+        )
+        if not len(si) or not len(ti):
+            continue
+        allowed = whitespace_cuts(answer.encode())
+        for kind, cut in (("chunks", None), ("space_chunks", allowed)):
+            # A conversation's first token has no prediction: a chunk holding one is dropped.
+            cs, ct, n = align_chunks(ss, se, ts, te, si > 0, ti > 0, allowed=cut)
+            out[kind][0][si] = np.where(cs >= 0, cs + counts[kind], -1)
+            out[kind][1][ti] = np.where(ct >= 0, ct + counts[kind], -1)
+            counts[kind] += n
+    return out["chunks"][0], out["chunks"][1], out["space_chunks"][0], out["space_chunks"][1]
+
+
+def _rendered(turns, tokenizer, template, data_cfg, seq_len, where) -> dict:
+    text, ids, offsets, spans, status = data.encode_conversation(
+        turns, tokenizer, template, data_cfg, seq_len, where
+    )
+    return {"text": text, "ids": ids, "offsets": offsets, "spans": spans, "status": status}
+
+
+def pack_aligned_chats(
+    conversations: list[list[dict]],
+    student_tok,
+    teacher_tok,
+    templates: tuple[str, str],
+    data_cfg: DataConfig,
+    name: str,
+    first_row: int = 0,
+    tables=None,
+) -> dict[str, list]:
+    """Conversations rendered by each side with its own template, in the student's windows of data.seq_len
+    (whole conversations packed, or one per window with data.pack: false), with the teacher's tokens of the
+    same conversations and the chunk alignment of their answers: the columns of `pack_aligned`. Conversations
+    longer than seq_len in the student's rendering are dropped or cut by data.truncation, counted in the
+    log."""
+    seq_len = data_cfg.seq_len
+    s_table = (tables[0] if tables else token_bytes_table(student_tok))[0]
+    t_table = (tables[1] if tables else token_bytes_table(teacher_tok))[0]
+    pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id or 0
+    samples, statuses = [], []
+    for k, turns in enumerate(conversations):
+        turns = [{key: v for key, v in t.items() if v is not None} for t in turns]  # arrow adds absent keys
+        where = f"{name} row {first_row + k + 1}"
+        student = _rendered(turns, student_tok, templates[0], data_cfg, seq_len, where)
+        statuses.append(student["status"])
+        if student["status"] == data.DROPPED:
+            continue
+        # The teacher's rendering is not held to the student's seq_len; it stops where the student's does.
+        teacher = _rendered(
+            turns, teacher_tok, templates[1], data_cfg, 1 << 30, f"{where} (teacher template)"
+        )
+        last = {s.turn for s in student["spans"]}
+        kept = [s for s in teacher["spans"] if s.turn <= max(last)]
+        cut = data._tokens_before(teacher["offsets"], kept[-1].end) if kept else len(teacher["ids"])
+        teacher.update(ids=teacher["ids"][:cut], offsets=teacher["offsets"][:cut], spans=kept)
+        samples.append((student, teacher, *chat_chunks(student, teacher, s_table, t_table)))
+    keys = ["input_ids", "position_ids", "targets", "teacher_input_ids", "teacher_position_ids"]
+    keys += [f"{side}_{kind}" for kind in ("chunks", "space_chunks") for side in ("student", "teacher")]
+    out: dict[str, list] = {k: [] for k in keys}
+    groups, current, used = [], [], 0
+    for sample in samples:
+        n = len(sample[0]["ids"])
+        if current and (not data_cfg.pack or used + n > seq_len):
+            groups.append(current)
+            current, used = [], 0
+        current.append(sample)
+        used += n
+    if current:
+        groups.append(current)
+    for group in groups:
+        student_samples = [(s["ids"], data._span_mask(s["offsets"], s["spans"])) for s, *_ in group]
+        (window,) = data.sample_sequences(student_samples, seq_len, pad, True)
+        for key in ("input_ids", "position_ids", "targets"):
+            out[key].append(window[key])
+        out["teacher_input_ids"].append([i for _, t, *_ in group for i in t["ids"]])
+        out["teacher_position_ids"].append([p for _, t, *_ in group for p in range(len(t["ids"]))])
+        for kind, (s_col, t_col) in (("chunks", (2, 3)), ("space_chunks", (4, 5))):
+            # Position t predicts token t + 1 (conversations never share a chunk id: offset per conversation).
+            s_ids, t_ids, offset = [], [], 0
+            for sample in group:
+                s_c, t_c = sample[s_col], sample[t_col]
+                s_ids.extend(np.where(s_c >= 0, s_c + offset, -1).tolist())
+                t_ids.extend(np.where(t_c >= 0, t_c + offset, -1).tolist())
+                offset += int(max(s_c.max(initial=-1), t_c.max(initial=-1))) + 1
+            s_ids += [-1] * (seq_len + 1 - len(s_ids))
+            out[f"student_{kind}"].append(s_ids[1 : seq_len + 1])
+            out[f"teacher_{kind}"].append([*t_ids[1:], -1])
+    data.log_counts(name, statuses, data_cfg)
+    return out
+
+
+def aligned_chat_dataset(
+    conversations,
+    student_tok,
+    teacher_tok,
+    templates,
+    data_cfg,
+    name: str,
+    max_teacher_len: int | None = None,
+):
+    """`pack_aligned_chats` over a `datasets.Dataset` with a `messages` column (cached by `datasets`), the
+    teacher columns padded as in `aligned_dataset`, in torch format."""
+    tables = (token_bytes_table(student_tok), token_bytes_table(teacher_tok))
+    packed = conversations.map(
+        lambda b, idx: pack_aligned_chats(
+            b["messages"], student_tok, teacher_tok, templates, data_cfg, name, idx[0], tables
+        ),
+        batched=True,
+        batch_size=2000,
+        with_indices=True,
+        remove_columns=conversations.column_names,
+    )
+    return _pad_packed(packed, teacher_tok, name, data_cfg.seq_len, max_teacher_len)

@@ -55,9 +55,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_build_teacher(args) -> None:
-    from llmdistill.tools.build_teacher import build_teacher
+    from llmdistill.tools.build_teacher import build_chat_teacher, build_teacher
 
-    build_teacher(config_path(args.config), args.overrides)
+    if args.chat:
+        build_chat_teacher(config_path(args.config or "configs/tiny/chat_teacher.yaml"), args.overrides)
+    else:
+        build_teacher(config_path(args.config or "configs/tiny/teacher.yaml"), args.overrides)
 
 
 def cmd_derive(args) -> None:
@@ -162,8 +165,16 @@ def cmd_warm(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job on the embedded default: derive a student by pruning, distil it on 2 DeepSpeed ranks,
-    report. Only the package is needed (no checkout): both steps run as `python -m llmdistill.cli ...`."""
-    config, derive_config = config_path(args.config), config_path(args.derive_config)
+    report. Only the package is needed (no checkout): both steps run as `python -m llmdistill.cli ...`.
+
+    --chat: the same on chat data: a student derived from the embedded chat teacher, distilled on the embedded
+    instruction set (configs/tiny/chat_distill.yaml), answer-only loss, and the held-out chat lm-eval task.
+    """
+    if args.chat:
+        args.config = args.config or "configs/tiny/chat_distill.yaml"
+        args.derive_set = ["teacher.path=embedded:chat", "run.name=tiny-chat-derive", *args.derive_set]
+    config = config_path(args.config or "configs/tiny/distill.yaml")
+    derive_config = config_path(args.derive_config)
     cfg = load_config(config, args.overrides)
     load_config(derive_config, args.derive_set)  # a bad derive override fails here, not after a launch
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -192,7 +203,7 @@ def cmd_demo(args) -> None:
             raise LLMDistillError(f"the demo's {what} failed (see its output above)")
     summary = json.loads((cfg.run.dir / "summary.json").read_text())
     print_summary(summary)
-    _demo_eval(cfg, summary)
+    _demo_eval(cfg, summary, ["llmdistill_chat_answer"] if args.chat else None)
 
 
 def _free_port() -> int:
@@ -201,18 +212,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _demo_eval(cfg, summary: dict) -> None:
-    """The teacher vs the exported student on the local lm-eval tasks, on a subset so the demo stays short."""
+def _demo_eval(cfg, summary: dict, tasks: list[str] | None) -> None:
+    """The teacher vs the exported student on the local lm-eval tasks (default: the code tasks), on a subset
+    so the demo stays short."""
     from llmdistill.config import EvalConfig
     from llmdistill.evaluate import markdown_table, run_eval
 
     if not (cfg.run.dir / "student" / "config.json").exists():
         return
-    print("\nlm-eval: teacher vs student (local code tasks)", flush=True)
+    print(f"\nlm-eval: teacher vs student ({', '.join(tasks or ['local code tasks'])})", flush=True)
     if "lm_eval" in summary:  # the training config's own `eval` section already ran it at the end
         print((Path(summary["lm_eval"]) / "results.md").read_text())
         return
-    cfg.eval = cfg.eval or EvalConfig(limit=100, max_length=512)
+    cfg.eval = cfg.eval or EvalConfig(limit=100, max_length=512, **({"tasks": tasks} if tasks else {}))
     print(markdown_table(run_eval(cfg)))
 
 
@@ -304,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for /health")
     p.set_defaults(fn=cmd_serve_teacher)
     p = sub.add_parser("demo", help="the main job on the embedded default: derive, distil on 2 ranks, report")
-    _config_args(p, default="configs/tiny/distill.yaml")
+    _config_args(p)  # default: configs/tiny/distill.yaml, or chat_distill.yaml with --chat
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat distillation: the embedded chat teacher, the instruction set, answer-only loss",
+    )
     p.add_argument("--derive-config", default="configs/tiny/derive.yaml")
     p.add_argument(
         "--derive-set",
@@ -317,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=0, help="DeepSpeed's rendezvous port (0: a free one)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("build-teacher", help="rebuild the embedded tiny teacher from its recipe")
-    _config_args(p, default="configs/tiny/teacher.yaml")
+    _config_args(p)  # default: configs/tiny/teacher.yaml, or chat_teacher.yaml with --chat
+    p.add_argument(
+        "--chat", action="store_true", help="the chat teacher: SFT of the embedded teacher on the chat set"
+    )
     p.set_defaults(fn=cmd_build_teacher)
     p = sub.add_parser("warm", help="build DeepSpeed's JIT ops once")
     p.set_defaults(fn=cmd_warm)

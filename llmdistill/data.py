@@ -10,6 +10,7 @@ models with `position_ids=..., use_cache=False`.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import heapq
@@ -18,8 +19,10 @@ import json
 import logging
 import os
 import sysconfig
+import textwrap
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -107,6 +110,92 @@ def embedded_corpus() -> dict[str, Path]:
     return paths
 
 
+# ------------------------------------------------------------------------------------ embedded chat set
+#
+# Instructions made from the corpus's functions that have docstrings, two kinds per function:
+#   "write":   the signature and the docstring's first paragraph -> the function's code without its docstring
+#   "explain": the code without its docstring -> the docstring's first line
+# Each split's instructions come from that split's files, so validation and test instructions are about code
+# the train split never shows. Answers stay short enough for a 256-token sequence with the embedded tokenizer.
+
+CHAT_SET_VERSION = 1
+_CHAT_MAX_PROMPT_CHARS, _CHAT_MAX_ANSWER_CHARS = 320, 480
+WRITE_PROMPT = "Write the Python function `{name}({args})` that: {doc}"
+EXPLAIN_PROMPT = "What does this Python function do?\n\n{code}"
+
+
+def _function_instructions(source: str) -> Iterator[tuple[str, str, str]]:
+    """(kind, prompt, answer) for each function of one file that has a docstring and fits the limits."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        first = node.body[0]
+        # The code is the function less its docstring: there must be a body left, and the docstring must have
+        # lines of its own.
+        if not doc or len(node.body) < 2 or first.lineno == node.lineno:
+            continue
+        kept = lines[node.lineno - 1 : first.lineno - 1] + lines[first.end_lineno : node.end_lineno]
+        code = textwrap.dedent("\n".join(kept)).strip("\n")
+        if not code.startswith(("def ", "async def ")) or "\t" in code:
+            continue
+        paragraph = " ".join(doc.split("\n\n", 1)[0].split())
+        summary = paragraph.split(". ", 1)[0].rstrip(".") + "."  # its first sentence
+        if not 12 <= len(summary) <= 160 or len(code) > _CHAT_MAX_ANSWER_CHARS:
+            continue
+        write = WRITE_PROMPT.format(name=node.name, args=ast.unparse(node.args), doc=paragraph)
+        if len(write) <= _CHAT_MAX_PROMPT_CHARS:
+            yield "write", write, code
+        explain = EXPLAIN_PROMPT.format(code=code)
+        if len(explain) <= _CHAT_MAX_PROMPT_CHARS + _CHAT_MAX_ANSWER_CHARS:
+            yield "explain", explain, summary
+
+
+def embedded_chat_set() -> dict[str, Path]:
+    """Build (once) the instruction set from the embedded corpus as `messages` jsonl, one file per split;
+    returns {split: path} plus "manifest"."""
+    corpus = embedded_corpus()
+    content = json.loads(corpus["manifest"].read_text())["content_sha256"]
+    out = cache_dir() / f"chat-{content[:12]}-v{CHAT_SET_VERSION}"
+    paths = {s: out / f"{s}.jsonl" for s in SPLITS} | {"manifest": out / "manifest.json"}
+    if paths["manifest"].exists():
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in SPLITS:
+        seen, rows = set(), []
+        for line in corpus[split].open():
+            doc = json.loads(line)
+            for kind, prompt, answer in _function_instructions(doc["text"]):
+                if prompt in seen:  # the same trivial method in many classes
+                    continue
+                seen.add(prompt)
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                rows.append(json.dumps({"messages": messages, "kind": kind, "path": doc["path"]}) + "\n")
+        tmp = out / f"{split}.jsonl.{os.getpid()}.tmp"
+        tmp.write_text("".join(rows))
+        tmp.replace(paths[split])
+        counts[split] = len(rows)
+    manifest = {"source": "embedded corpus", "corpus_sha256": content, "version": CHAT_SET_VERSION}
+    # The manifest is written last: its presence marks a complete set.
+    paths["manifest"].write_text(json.dumps(manifest | {"instructions": counts}, indent=2))
+    return paths
+
+
+def embedded_file(name: str) -> Path:
+    """The file behind `embedded:<name>`: a corpus split (text) or `chat-<split>` (messages)."""
+    split = name.removeprefix("chat-")
+    if split not in SPLITS:
+        known = ", ".join([*SPLITS, *(f"chat-{s}" for s in SPLITS)])
+        raise LLMDistillError(f"data path embedded:{name}: unknown embedded set (known: {known})")
+    return (embedded_chat_set() if name.startswith("chat-") else embedded_corpus())[split]
+
+
 def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int):
     """A byte-level BPE tokenizer (GPT-2 style, so every byte string is encodable) wrapped as an HF
     tokenizer."""
@@ -174,10 +263,7 @@ def load_rows(spec: DatasetSpec):
     if not local and (spec.path.startswith((".", "/")) or Path(spec.path).suffix in _FILE_TYPES):
         raise LLMDistillError(f"data file not found: {spec.path}")
     if spec.path.startswith("embedded:"):
-        corpus_split = spec.path.split(":", 1)[1]
-        if corpus_split not in SPLITS:
-            raise LLMDistillError(f"data path {spec.path}: the embedded corpus has splits {SPLITS}")
-        builder, files = "json", [str(embedded_corpus()[corpus_split])]
+        builder, files = "json", [str(embedded_file(spec.path.split(":", 1)[1]))]
     elif local:
         builder, files = _data_files(Path(spec.path))
         if builder != "parquet":
@@ -292,12 +378,22 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
+class AnswerSpan(NamedTuple):
+    """Where an assistant turn lies in the rendered conversation, in characters: its answer text is
+    [start, answer_end), its trained span [start, end) (the end-of-turn marker included)."""
+
+    turn: int  # index of the turn in the conversation
+    start: int
+    answer_end: int
+    end: int
+
+
 def assistant_spans(
     messages: list[dict], tokenizer, template: str, where: str, only_last: bool = False
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span (answer start, end-of-turn end) of each assistant turn
-    with content. `only_last`: an earlier turn the template rewrites (some drop reasoning from past turns) is
-    left out instead of being an error."""
+) -> tuple[str, list[AnswerSpan]]:
+    """The rendered conversation and the span of each assistant turn with content. `only_last`: an earlier
+    turn the template rewrites (some drop reasoning from past turns) is left out instead of being an
+    error."""
     from jinja2 import TemplateError
 
     def render(turns, generation_prompt):
@@ -327,17 +423,18 @@ def assistant_spans(
                     f"{where}: the chat template does not reproduce assistant turn {k + 1}'s text in the "
                     "conversation (it rewrites earlier turns?); try data.train_on=last"
                 )
-            end = answer + len(content)
-            end += len(full[end:turn_end].rstrip())
-            spans.append((answer, end))
+            answer_end = answer + len(content)
+            spans.append(
+                AnswerSpan(k, answer, answer_end, answer_end + len(full[answer_end:turn_end].rstrip()))
+            )
     except TemplateError as err:
         raise LLMDistillError(f"{where}: the chat template failed: {err}") from None
     return full, spans
 
 
-def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+def _span_mask(offsets: list[tuple[int, int]], spans: list[AnswerSpan]) -> list[int]:
     mask = [0] * len(offsets)
-    for start, end in spans:
+    for _, start, _, end in spans:
         for i, (a, b) in enumerate(offsets):
             if a < end and b > start:
                 mask[i] = 1
@@ -349,19 +446,46 @@ def _tokens_before(offsets: list[tuple[int, int]], end: int) -> int:
     return next((i for i, (_, b) in enumerate(offsets) if b > end), len(offsets))
 
 
-def _fit(ids: list[int], offsets: list[tuple[int, int]], spans, data_cfg: DataConfig, seq_len: int):
-    """(ids, mask, status) of one chat sample within seq_len by the truncation rule."""
+def encode_conversation(
+    turns: list[dict], tokenizer, template: str, data_cfg: DataConfig, seq_len: int, where: str
+):
+    """(text, ids, character offsets, trained answer spans, status) of one conversation rendered with
+    `template`, within seq_len by the truncation rule."""
+    text, spans = assistant_spans(turns, tokenizer, template, where, data_cfg.train_on == "last")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
     status = KEPT
     if len(ids) > seq_len:
         # "turns": cut after the last assistant turn (its end marker included) that ends within seq_len.
-        fits = [s for s in spans if _tokens_before(offsets, s[1]) <= seq_len]
+        fits = [s for s in spans if _tokens_before(offsets, s.end) <= seq_len]
         if data_cfg.truncation == "drop" or not fits:
-            return [], [], DROPPED
-        keep = _tokens_before(offsets, fits[-1][1])
+            return text, [], [], [], DROPPED
+        keep = _tokens_before(offsets, fits[-1].end)
         ids, offsets, spans, status = ids[:keep], offsets[:keep], fits, TRUNCATED
     if data_cfg.train_on == "last":
         spans = spans[-1:]
-    return ids, _span_mask(offsets, spans), status
+    return text, ids, offsets, spans, status
+
+
+def row_turns(spec: DatasetSpec, data_cfg: DataConfig):
+    """`turns(row, index)`: a chat or prompt_completion row checked, as a conversation (a list of turns), or
+    as (prompt, completion) where prompt_completion rows are not rendered as chats (data.chat: false)."""
+
+    def turns(row: dict, index: int):
+        where = _where(spec, index)
+        if spec.format == "messages":
+            return _check_messages(row[spec.messages_field], where, spec.messages_field)
+        prompt, completion = row[spec.prompt_field], row[spec.completion_field]
+        for field, value in ((spec.prompt_field, prompt), (spec.completion_field, completion)):
+            if not isinstance(value, str):
+                raise LLMDistillError(f"{where}: {field} is missing or not a string")
+        if not completion.strip():
+            raise LLMDistillError(f"{where}: {spec.completion_field} is empty")
+        if data_cfg.chat:
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return prompt, completion
+
+    return turns
 
 
 def row_encoder(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, seq_len: int):
@@ -375,26 +499,16 @@ def row_encoder(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, seq_len: int
                 "chat data needs a fast tokenizer (its character offsets locate the answers)"
             )
     eos = tokenizer.eos_token_id
-
-    def encode_chat(turns, where):
-        text, spans = assistant_spans(turns, tokenizer, template, where, data_cfg.train_on == "last")
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        return _fit(enc["input_ids"], offsets, spans, data_cfg, seq_len)
+    turns_of = row_turns(spec, data_cfg)
 
     def encode(row: dict, index: int):
-        where = _where(spec, index)
-        if spec.format == "messages":
-            return encode_chat(_check_messages(row[spec.messages_field], where, spec.messages_field), where)
-        prompt, completion = row[spec.prompt_field], row[spec.completion_field]
-        for field, value in ((spec.prompt_field, prompt), (spec.completion_field, completion)):
-            if not isinstance(value, str):
-                raise LLMDistillError(f"{where}: {field} is missing or not a string")
-        if not completion.strip():
-            raise LLMDistillError(f"{where}: {spec.completion_field} is empty")
-        if data_cfg.chat:
-            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return encode_chat(turns, where)
+        turns = turns_of(row, index)
+        if isinstance(turns, list):
+            _, ids, offsets, spans, status = encode_conversation(
+                turns, tokenizer, template, data_cfg, seq_len, _where(spec, index)
+            )
+            return ids, _span_mask(offsets, spans), status
+        prompt, completion = turns
         # Tokenized apart, so no token straddles prompt and completion; EOS teaches the model to stop.
         head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
@@ -516,7 +630,7 @@ def _text_samples(tokenizer, texts: list[str], seq_len: int) -> Iterator[tuple[l
                 yield piece, [1] * len(piece)
 
 
-def _log_counts(name: str, statuses: list[int], data_cfg: DataConfig) -> None:
+def log_counts(name: str, statuses: list[int], data_cfg: DataConfig) -> None:
     dropped, truncated = statuses.count(DROPPED), statuses.count(TRUNCATED)
     if dropped or truncated:
         log.warning(
@@ -549,10 +663,22 @@ def packed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, pack_text
         )
     else:
         if pack_text is not None:
-            raise LLMDistillError(
-                f"dataset {name}: format {spec.format} with a cross-tokenizer objective is not supported "
-                "(text data only)"
+            # Cross-tokenizer objectives take the conversations: each side renders them with its own template.
+            if spec.format == "prompt_completion" and not data_cfg.chat:
+                raise LLMDistillError(
+                    f"dataset {name}: prompt_completion rows with a cross-tokenizer objective need "
+                    "data.chat: true (each side renders them with its chat template)"
+                )
+            turns_of = row_turns(spec, data_cfg)
+            conversations = rows.map(
+                lambda b, idx: {
+                    "messages": [turns_of({k: v[j] for k, v in b.items()}, i) for j, i in enumerate(idx)]
+                },
+                batched=True,
+                with_indices=True,
+                remove_columns=rows.column_names,
             )
+            return pack_text(conversations, name)
         encode = row_encoder(spec, data_cfg, tokenizer, seq_len)
 
         def encode_batch(batch, indices):
@@ -565,7 +691,7 @@ def packed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, pack_text
             return out
 
         encoded = rows.map(encode_batch, batched=True, with_indices=True, remove_columns=rows.column_names)
-        _log_counts(name, encoded["status"], data_cfg)
+        log_counts(name, encoded["status"], data_cfg)
         pad = _pad_id(tokenizer)
         packed = encoded.map(
             lambda b: _columns(
@@ -697,7 +823,7 @@ def _stream_epoch(rows, spec: DatasetSpec, data_cfg: DataConfig, tokenizer) -> I
         sequences = sample_sequences(samples(), seq_len, pad, data_cfg.pack)
     for s in sequences:
         yield {k: torch.tensor(v) for k, v in s.items()}
-    _log_counts(f"{spec.path} (one pass of the stream)", counts, data_cfg)
+    log_counts(f"{spec.path} (one pass of the stream)", counts, data_cfg)
 
 
 def _row_fields(spec: DatasetSpec) -> list[str]:

@@ -3,8 +3,10 @@ tokenizers built on demand from the embedded corpus.
 
 The teacher (stdlib corpus → byte-level BPE tokenizer → tiny Llama, trained by our own trainer) ships in the
 package (llmdistill/embedded/teacher/) with build_info.json, whose fingerprint ties it to its recipe
-(configs/tiny/teacher.yaml) and to the corpus it was trained on. Building it runs the trainer, so that
-lives in the tools layer: llmdistill/tools/build_teacher.py.
+(configs/tiny/teacher.yaml) and to the corpus it was trained on. The chat teacher
+(llmdistill/embedded/chat_teacher/, `embedded:chat`) is that teacher fine-tuned on the embedded chat set with
+the embedded chat template (configs/tiny/chat_teacher.yaml), fingerprinted the same way. Building them runs
+the trainer, so that lives in the tools layer: llmdistill/tools/build_teacher.py.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from llmdistill import data
 from llmdistill.config import apply_overrides
 
 EMBEDDED_TEACHER = Path(__file__).parent / "embedded" / "teacher"
+# The instruction-tuned teacher (configs/tiny/chat_teacher.yaml: the teacher above after SFT on the embedded
+# chat set) and the chat template it was trained with, which its tokenizer carries.
+EMBEDDED_CHAT_TEACHER = Path(__file__).parent / "embedded" / "chat_teacher"
+EMBEDDED_CHAT_TEMPLATE = Path(__file__).parent / "embedded" / "chat_template.jinja"
+# Model paths that configs may give as teacher.path / student.path.
+EMBEDDED_MODELS = {"embedded": EMBEDDED_TEACHER, "embedded:chat": EMBEDDED_CHAT_TEACHER}
 
 
-def recipe_fingerprint(config_path: str | Path, overrides: list[str] = ()) -> str:
-    """What determines the teacher: the recipe as written (less where its files go) and the corpus content.
+def recipe_fingerprint(config_path: str | Path, overrides: list[str] = (), inputs: dict | None = None) -> str:
+    """What determines the teacher: the recipe as written (less where its files go), the corpus content, and
+    any other `inputs` it was made from (the chat teacher: the base teacher's fingerprint, the template).
 
     Hashing the recipe's own keys, not the full resolved config, keeps the fingerprint stable when new config
     fields with defaults are added to the schema.
@@ -38,8 +47,16 @@ def recipe_fingerprint(config_path: str | Path, overrides: list[str] = ()) -> st
     raw.get("run", {}).pop("output_dir", None)
     raw.get("student", {}).pop("tokenizer", None)
     corpus = json.loads(data.embedded_corpus()["manifest"].read_text())["content_sha256"]
-    blob = json.dumps({"recipe": raw, "corpus": corpus}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    blob = {"recipe": raw, "corpus": corpus} | ({"inputs": inputs} if inputs else {})
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def chat_teacher_inputs() -> dict:
+    """What the chat teacher is made from besides its recipe: the base teacher it starts from, the chat
+    template, and the instruction set's builder version."""
+    base = json.loads((EMBEDDED_TEACHER / "build_info.json").read_text())["fingerprint"]
+    template = hashlib.sha256(EMBEDDED_CHAT_TEMPLATE.read_bytes()).hexdigest()
+    return {"base_teacher": base, "chat_template": template, "chat_set_version": data.CHAT_SET_VERSION}
 
 
 # ---------------------------------------------------------------------------------------- student tokenizers

@@ -12,17 +12,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from llmdistill.config import LLMDistillError, PeftConfig
-from llmdistill.embedded import EMBEDDED_TEACHER, STUDENT_TOKENIZERS, student_tokenizer
+from llmdistill.embedded import EMBEDDED_MODELS, STUDENT_TOKENIZERS, student_tokenizer
+from llmdistill.embedded import EMBEDDED_TEACHER as EMBEDDED_TEACHER  # importers read it from here
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(path: str, what: str, tokenizer_only: bool = False) -> str:
-    """A local dir, a hub name, or "embedded"; a missing local path is an error naming `what` (the field)."""
-    if path == "embedded":
-        if not (EMBEDDED_TEACHER / "config.json").exists():
-            raise LLMDistillError(f"{what}: the embedded teacher is not built; run `make teacher`")
-        return str(EMBEDDED_TEACHER)
+    """A local dir, a hub name, "embedded" or "embedded:chat"; a missing local path is an error naming `what`
+    (the field)."""
+    if path in EMBEDDED_MODELS:
+        if not (EMBEDDED_MODELS[path] / "config.json").exists():
+            raise LLMDistillError(f"{what}: the embedded model {path!r} is not built; run `make teacher`")
+        return str(EMBEDDED_MODELS[path])
     if tokenizer_only and path.startswith("embedded:"):
         # Student tokenizers built on demand from the embedded corpus, for cross-tokenizer configs (alm.yaml).
         if path.split(":", 1)[1] not in STUDENT_TOKENIZERS:

@@ -15,7 +15,7 @@ from transformers import AutoConfig
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from llmdistill import data, models
-from llmdistill.align import aligned_dataset, space_token_mask
+from llmdistill.align import aligned_chat_dataset, aligned_dataset, space_token_mask
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.losses import get_loss
 from llmdistill.losses.registry import check_terms
@@ -201,11 +201,16 @@ def build_datasets(cfg: Config, plan: Plan):
     """
     cross_tokenizer = any(get_loss(t.name).cross_tokenizer for t in cfg.loss) and plan.teacher_tok is not None
 
-    def aligned(texts, name):
+    def aligned(rows, name):
         # Both tokenizations of each window's text, and the chunk alignment, computed here once (cached by
-        # `datasets`), never in the training step.
+        # `datasets`), never in the training step. Chats: each side renders them with its own template.
         max_teacher = models.max_positions(plan.teacher_config)
-        return aligned_dataset(texts, plan.student_tok, plan.teacher_tok, cfg.data.seq_len, name, max_teacher)
+        if "messages" in rows.column_names:
+            templates = (data.chat_template(cfg.data, plan.student_tok), teacher_chat_template(plan))
+            return aligned_chat_dataset(
+                rows, plan.student_tok, plan.teacher_tok, templates, cfg.data, name, max_teacher
+            )
+        return aligned_dataset(rows, plan.student_tok, plan.teacher_tok, cfg.data.seq_len, name, max_teacher)
 
     def build(specs):
         pack_text = aligned if cross_tokenizer else None
@@ -217,6 +222,16 @@ def build_datasets(cfg: Config, plan: Plan):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validation = validation.head(cfg.train.eval_batches * cfg.train.micro_batch_size * world)
     return train, validation
+
+
+def teacher_chat_template(plan: Plan) -> str:
+    """The teacher renders chats with its own tokenizer's template (data.chat_template is the student's)."""
+    if not getattr(plan.teacher_tok, "chat_template", None):
+        raise LLMDistillError(
+            f"chat data with a cross-tokenizer objective: the teacher's tokenizer ({plan.teacher_path}) has "
+            "no chat template to render the conversations with"
+        )
+    return plan.teacher_tok.chat_template
 
 
 def derivation_defaults(student_path: str | None) -> dict:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmdistill import align, data
-from llmdistill.config import LLMDistillError
+from llmdistill.config import DatasetSpec, LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
 
 TEXTS = [
@@ -210,3 +210,67 @@ def test_special_token_strings_in_train_documents_are_aligned_not_left_out(token
     with caplog.at_level("WARNING", logger="llmdistill.align"):
         packed = align.pack_aligned(texts, tokenizers["sp"], tokenizers["bpe"], seq_len=256)
     assert packed["input_ids"] and "left out" not in caplog.text
+
+
+# ------------------------------------------------------------------------------ chats
+
+# Each side renders the same conversation with its own template: the embedded BPE with the embedded chat
+# template, the SentencePiece student with a Llama-2-like one of its own special tokens.
+SP_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}### {{ m.role }}:\n{{ m.content }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
+ANSWERS = ["def add(a, b):\n    return a + b", "Returns the sum: naïve but fine ✓.", "x = [1, 2]  # two\n"]
+CONVERSATIONS = [
+    [
+        {"role": "system", "content": "Answer with code."},
+        # the user quotes an answer's text: it is still outside every chunk
+        {"role": "user", "content": "Write add, like def add(a, b):\n    return a + b"},
+        {"role": "assistant", "content": ANSWERS[0]},
+        {"role": "user", "content": "What does it do?"},
+        {"role": "assistant", "content": ANSWERS[1]},
+    ],
+    [{"role": "user", "content": "A list of two."}, {"role": "assistant", "content": ANSWERS[2]}],
+]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_chat_chunks_lie_inside_the_answers_and_tile_them(tokenizers, pack):
+    from llmdistill.config import DataConfig
+    from llmdistill.embedded import EMBEDDED_CHAT_TEMPLATE
+
+    sp, bpe = tokenizers["sp"], tokenizers["bpe"]
+    templates = (SP_TEMPLATE, EMBEDDED_CHAT_TEMPLATE.read_text())
+    cfg = DataConfig(seq_len=200, pack=pack)
+    out = align.pack_aligned_chats(CONVERSATIONS * 2, sp, bpe, templates, cfg, "chats")
+    assert len(out["input_ids"]) == (2 if pack else 4)  # 132 + 45 student tokens per pair
+    s_table, _ = align.token_bytes_table(sp)
+    t_table, _ = align.token_bytes_table(bpe)
+    chunked_text = []
+    for w in range(len(out["input_ids"])):
+        targets, t_ids = out["targets"][w], out["teacher_input_ids"][w]
+        for kind in ("chunks", "space_chunks"):
+            s_chunk, t_chunk = out[f"student_{kind}"][w], out[f"teacher_{kind}"][w]
+            ids = sorted(set(s_chunk) - {-1})
+            assert ids == sorted(set(t_chunk) - {-1})
+            text = b""
+            for c in ids:
+                s_bytes = b"".join(s_table[targets[t]] for t in range(len(targets)) if s_chunk[t] == c)
+                t_bytes = b"".join(t_table[t_ids[j + 1]] for j in range(len(t_ids) - 1) if t_chunk[j] == c)
+                assert s_bytes == t_bytes and s_bytes
+                text += s_bytes
+            if kind == "chunks":
+                chunked_text.append(text)
+            # Every chunked student token is a trained target.
+            assert all(targets[t] != IGNORE_INDEX for t in range(len(targets)) if s_chunk[t] >= 0)
+    # The chunks, in order, are the answers' text (less surrounding whitespace, as the masks see it) and
+    # nothing else: template tokens, system and user turns are in none, and no answer byte is left out.
+    assert b"".join(chunked_text) == "".join(a.strip() for a in ANSWERS * 2).encode()
+    # The student's columns are what the student-only chat pipeline makes of its own rendering.
+    rows = [{"messages": conv} for conv in CONVERSATIONS * 2]
+    spec = DatasetSpec(path="x", format="messages")
+    encode = data.row_encoder(spec, DataConfig(seq_len=200, pack=pack, chat_template=SP_TEMPLATE), sp, 200)
+    samples = [encode(r, i)[:2] for i, r in enumerate(rows)]
+    plain = data._columns(data.sample_sequences(samples, 200, sp.pad_token_id, pack))
+    for key in ("input_ids", "position_ids", "targets"):
+        assert out[key] == plain[key]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -101,3 +102,76 @@ def test_every_train_document_round_trips(tokenizers, name):
     assert any("<s>" in t for t in texts)  # the corpus holds such text: this is not an idle check
     back = spelled_back(tokenizers[name], texts)
     assert [i for i, (a, b) in enumerate(zip(texts, back, strict=True)) if a != b] == []
+
+
+# ------------------------------------------------------------------------------ the chat teacher
+
+CHAT_RECIPE = REPO / "configs" / "tiny" / "chat_teacher.yaml"
+
+
+@pytest.fixture(scope="module")
+def chat_build_info():
+    from llmdistill.embedded import EMBEDDED_CHAT_TEACHER
+
+    return json.loads((EMBEDDED_CHAT_TEACHER / "build_info.json").read_text())
+
+
+def test_shipped_chat_teacher_matches_its_recipe_fingerprint(chat_build_info):
+    # Changing its recipe, the base teacher, the chat template or the instruction set without
+    # `llmdistill build-teacher --chat` breaks this.
+    from llmdistill.embedded import chat_teacher_inputs
+
+    assert chat_build_info["fingerprint"] == recipe_fingerprint(CHAT_RECIPE, inputs=chat_teacher_inputs())
+    assert chat_build_info["steps"] == yaml.safe_load(CHAT_RECIPE.read_text())["train"]["max_steps"]
+
+
+def test_chat_teacher_answers_held_out_instructions_better_than_the_base_teacher():
+    from llmdistill import data
+    from llmdistill.config import DataConfig, DatasetSpec
+    from llmdistill.embedded import EMBEDDED_CHAT_TEACHER, EMBEDDED_CHAT_TEMPLATE
+    from llmdistill.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(EMBEDDED_CHAT_TEACHER))
+    # The template ships with the chat teacher's tokenizer: no data.chat_template needed.
+    assert tokenizer.chat_template == EMBEDDED_CHAT_TEMPLATE.read_text()
+    spec = DatasetSpec(path="embedded:chat-validation", format="messages", max_documents=96)
+    packed = data.build_dataset(spec, DataConfig(seq_len=256), tokenizer, seed=0)
+    batch = data.collate([packed[i] for i in range(len(packed))])
+    answer_tokens = (batch["targets"] != -100).sum().item()
+    assert 0 < answer_tokens < 0.6 * batch["targets"].numel()  # prompts and headers are not scored
+
+    def answer_loss(path):
+        model = load_model(str(path))
+        with torch.no_grad():
+            logits = model(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            ).logits
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100
+        ).item()
+
+    base, chat = answer_loss(EMBEDDED_TEACHER), answer_loss(EMBEDDED_CHAT_TEACHER)
+    assert chat < base
+
+
+def test_instruction_set_follows_the_corpus_split_and_the_chat_task_is_held_out():
+    from llmdistill import data
+    from llmdistill.evaluate.task_data import build_chat_docs
+
+    chat = data.embedded_chat_set()
+    for split in data.SPLITS:
+        rows = [json.loads(line) for line in chat[split].read_text().splitlines()]
+        assert rows and {r["kind"] for r in rows} == {"write", "explain"}
+        # Held-out instructions are about held-out files only.
+        assert {data.split_of(r["path"]) for r in rows} == {split}
+        for r in rows:
+            user, assistant = r["messages"]
+            assert (user["role"], assistant["role"]) == ("user", "assistant")
+            if r["kind"] == "write":
+                assert assistant["content"].startswith(("def ", "async def "))
+    docs = build_chat_docs(random.Random(0))
+    assert docs == build_chat_docs(random.Random(0))  # deterministic
+    test_paths = {json.loads(line)["path"] for line in chat["test"].read_text().splitlines()}
+    assert {d["path"] for d in docs} <= test_paths
+    assert all(d["context"].endswith("<|assistant|>\n") and len(set(d["choices"])) == 4 for d in docs)
+    assert len({d["label"] for d in docs}) == 4  # the answer's position varies

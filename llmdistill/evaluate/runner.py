@@ -17,7 +17,7 @@ from llmdistill.config import Config, EvalConfig, LLMDistillError
 from llmdistill.evaluate.report import fractions_of_reference, primary_metrics, write_report
 from llmdistill.evaluate.task_data import (
     LOCAL_TAG,
-    LOCAL_TASKS,
+    TASK_FILES,
     TASKS_DIR,
     build_task_data,
     check_task_data,
@@ -40,7 +40,7 @@ def task_manager(
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if not unknown:
             return manager
-    local = sorted([*LOCAL_TASKS, LOCAL_TAG])
+    local = sorted([*TASK_FILES, LOCAL_TAG])
     where = "lm-eval's tasks or " if defaults else ""
     raise LLMDistillError(
         f"unknown task(s) {unknown}: not among {where}the local tasks {local} (include paths: {paths})"
@@ -48,10 +48,12 @@ def task_manager(
 
 
 def resolve_model_dir(path: str, what: str) -> str:
-    """An HF model dir, "embedded", or a run directory (its exported `student/` is used)."""
+    """An HF model dir, "embedded" (or "embedded:chat"), or a run directory (its exported `student/` is
+    used)."""
+    from llmdistill.embedded import EMBEDDED_MODELS
     from llmdistill.models import resolve_model_path
 
-    if path == "embedded":
+    if path in EMBEDDED_MODELS:
         return resolve_model_path(path, what)
     p = Path(path).expanduser()
     # "runs/x" has the shape of a hub name; it is a local path when its parent exists here or the hub is off.
