@@ -2,7 +2,6 @@
 torch.compile give the same numbers, fused AdamW on CUDA, liger-kernel's clear error where it is missing."""
 
 import copy
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from llmdistill import models
 from llmdistill.config import LLMDistillError, load_config
-from llmdistill.distributed import free_port
 from llmdistill.losses.divergences import cross_entropy
 from llmdistill.session import build_models, preflight
 from llmdistill.signal import forward_to_head, packed_attention_kwargs
@@ -134,17 +132,6 @@ def test_liger_without_liger_kernel_is_a_one_line_error_before_any_weights_load(
 def test_compile_with_zero3_is_refused_in_the_config():
     with pytest.raises(LLMDistillError, match="train.compile: not supported with deepspeed.zero_stage=3"):
         load_config(None, [*QUICK, "train.compile=true", "deepspeed.zero_stage=3"])
-
-
-@pytest.fixture
-def one_rank():
-    saved = dict(os.environ)
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.mark.slow  # inductor compiles the decoder layer on CPU: about a minute on a shared 2-core machine
