@@ -15,10 +15,10 @@ whose next token is `targets[:, -1]`) that target is appended to the prompt. Pos
 LOGP_FILLER: all mass in the tail) that losses never read: every loss reads only positions whose target is
 valid.
 
-Only what is trained is scored and converted: a prompt ends at its segment's last valid target (template tokens
-after an answer are never sent), and only valid positions of vLLM's answer are turned into the signal. vLLM's
-`prompt_logprobs` has no per-position selection (an int K for every prompt token), so the prompt's tokens
-before the first answer are still scored by the server and sent back; they are dropped on arrival.
+Only what is trained is scored and converted: a prompt ends at its segment's last valid target (template
+tokens after an answer are never sent), and only valid positions of vLLM's answer are turned into the signal.
+vLLM's `prompt_logprobs` has no per-position selection (an int K for every prompt token), so the prompt's
+tokens before the first answer are still scored by the server and sent back; they are dropped on arrival.
 
 vLLM returns the top K plus the actual next token (K + 1 entries when it ranks below K): the top K go to
 `topk_ids` / `topk_logprobs`, the actual token's log-prob to `target_logprobs` (what alm needs).
