@@ -391,6 +391,60 @@ def test_student_batch_masks_after_the_last_written_token_when_fewer_are_asked_f
     assert b["targets"][1].tolist() == [X, X, eos, X, X, X]
 
 
+CHAT_ON_POLICY = [
+    "teacher.path=embedded:chat",
+    "data.train.path=embedded:chat-validation",
+    "data.train.format=messages",
+    "data.train.max_documents=4",
+    "data.validation=null",
+    "data.seq_len=256",
+    "data.pack=false",
+    "teacher.source=on_policy",
+    "teacher.on_policy.scorer=hf",
+    "teacher.on_policy.fraction=1.0",
+    "teacher.on_policy.temperature=0",
+    "teacher.on_policy.max_new_tokens=6",
+]
+
+
+def test_on_policy_with_chat_data_writes_the_answer_after_the_chat_prompt(tmp_path):
+    from llmdistill import session
+    from llmdistill.data import collate
+    from llmdistill.models import load_model
+    from llmdistill.teachers import check_teacher_source
+    from llmdistill.teachers.on_policy import OnPolicyTeacher
+
+    packed = load_config(None, [*CHAT_ON_POLICY, "data.pack=true"])
+    with pytest.raises(LLMDistillError, match="needs data.pack: false"):
+        check_teacher_source(packed, frozenset({"teacher"}))
+    cfg = load_config(None, [*CHAT_ON_POLICY, f"run.output_dir={tmp_path}"])
+    plan = session.preflight(cfg)
+    dataset, _ = session.build_datasets(cfg, plan)
+    model = load_model(plan.teacher_path, "float32").eval()  # the student here: its greedy answer is known
+    source = OnPolicyTeacher(cfg, plan.teacher_tok, model, teacher=model)
+    batch = collate([dataset[i] for i in range(3)])
+    out = source.transform(dict(batch))
+    for row in range(3):
+        # The answer starts after the first trained position: the chat prompt, assistant header included.
+        start = int((batch["targets"][row] != X).nonzero()[0]) + 1
+        assert 0 < start < 256
+        assert torch.equal(out["input_ids"][row, :start], batch["input_ids"][row, :start])
+        # Prompt tokens are never targets; the generated tokens are, from the answer start on.
+        assert (out["targets"][row, : start - 1] == X).all()
+        trained = (out["targets"][row] != X).nonzero().flatten()
+        assert int(trained[0]) == start - 1 and 1 <= len(trained) <= 6
+        assert torch.equal(trained, torch.arange(start - 1, start - 1 + len(trained)))
+        written = out["targets"][row, trained]
+        assert torch.equal(out["input_ids"][row, start : start + len(trained) - 1], written[:-1])
+        # What the student writes greedily from that prompt.
+        greedy = model.generate(
+            input_ids=batch["input_ids"][row : row + 1, :start], max_new_tokens=6, do_sample=False
+        )[0, start:]
+        assert torch.equal(written, greedy[: len(written)])
+    signal = source.signal(out)
+    assert signal.logits.shape[:2] == out["input_ids"].shape
+
+
 def test_rollout_weights_lag_and_sync_every():
     from llmdistill.teachers.on_policy import weights_step
 
