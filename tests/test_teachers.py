@@ -287,6 +287,81 @@ def test_cache_build_resume_read_and_refusals(tmp_path, monkeypatch):
         build_cache(other, score=_fake_score)
 
 
+CHAT_CACHE = [
+    "teacher.path=embedded:chat",
+    "data.train.path=embedded:chat-validation",
+    "data.train.format=messages",
+    "data.train.max_documents=12",
+    "data.validation=null",
+    "data.seq_len=128",
+    "teacher.source=vllm_cache",
+    "teacher.cache.top_k=8",
+    "teacher.cache.shard_rows=4",
+]
+
+
+def test_cache_of_chat_data_stores_exactly_the_answer_positions(tmp_path):
+    import os
+
+    from safetensors.numpy import load_file
+
+    from llmdistill import session
+    from llmdistill.data import collate
+    from llmdistill.teachers import build_teacher_source
+
+    overrides = [*CHAT_CACHE, f"teacher.cache.dir={tmp_path}/cache", f"run.output_dir={tmp_path}"]
+    cfg = load_config(None, overrides)
+    old_umask = os.umask(0o022)
+    try:
+        build_cache(cfg, score=_fake_score)
+    finally:
+        os.umask(old_umask)
+    plan = session.preflight(cfg)
+    dataset, _ = session.build_datasets(cfg, plan)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    shards = [load_file(str(tmp_path / "cache" / name)) for name in manifest["shards"]]
+    for name in manifest["shards"]:  # the umask's mode, not safetensors' 0600
+        assert (tmp_path / "cache" / name).stat().st_mode & 0o777 == 0o644
+    # Each row keeps exactly its answer positions; the chat template and the user's text are dropped.
+    targets = dataset[:]["targets"]
+    answers = targets != X
+    assert 0 < int(answers.sum()) < answers.numel() // 2
+    assert sum(len(s["ids"]) for s in shards) == int(answers.sum())
+    per_row = np.concatenate([np.diff(s["row_offsets"]) for s in shards])
+    assert np.array_equal(per_row, answers.sum(1).numpy())
+    # The bytes on disk: the top-k of the answer positions only (a /2 cache held every position).
+    top_k_bytes = sum(s["ids"].nbytes + s["logprobs"].nbytes for s in shards)
+    assert top_k_bytes == int(answers.sum()) * manifest["encoding"]["bytes_per_token"]
+    on_disk = sum((tmp_path / "cache" / n).stat().st_size for n in manifest["shards"])
+    # Beyond the top-k: row hashes, offsets and each file's header, a few hundred bytes a shard.
+    every_position = answers.numel() * manifest["encoding"]["bytes_per_token"]
+    assert on_disk - top_k_bytes < 1024 * len(shards) and on_disk < every_position / 2
+    # Read back in another order: equal to the live signal on the answers, the filler elsewhere.
+    reader = build_teacher_source(cfg, None, frozenset({"teacher"}))
+    batch = collate([dataset[i] for i in (5, 0, 3)])
+    live = pr.score_batch(_fake_score, batch, 8)
+    got = reader.signal(batch)
+    valid = batch["targets"] != X
+    assert torch.equal(got.topk_ids[valid], live.topk_ids[valid])
+    assert (got.topk_logprobs - live.topk_logprobs)[valid].abs().max() <= 1 / vc.LOGPROB_SCALE + 1e-6
+    assert (got.topk_logprobs[~valid] == pr.LOGP_FILLER).all() and (got.topk_ids[~valid] == 0).all()
+    # The live signal is not converted outside the answers either.
+    assert (live.topk_logprobs[~valid] == pr.LOGP_FILLER).all()
+    # A cache of the earlier format (every position stored) is refused with one line naming the formats.
+    path = tmp_path / "cache" / "manifest.json"
+    path.write_text(json.dumps(dict(manifest, format="llmdistill-teacher-cache/2")))
+    with pytest.raises(LLMDistillError, match="format 'llmdistill-teacher-cache/2', this version reads"):
+        build_teacher_source(cfg, None, frozenset({"teacher"}))
+
+
+def test_prompts_end_at_the_last_answer_token():
+    # One conversation: template/user tokens 1-4, answer 5-6 (+ EOS 7), template tokens 8-9 after it.
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    targets = torch.tensor([[X, X, X, 5, 6, 7, X, X, X]])
+    prompts = pr.build_prompts(ids, torch.arange(9)[None], targets)
+    assert [(p.start, p.token_ids) for p in prompts] == [(0, [1, 2, 3, 4, 5, 6, 7])]
+
+
 # ---------------------------------------------------------------------------------------------- on-policy
 
 
@@ -314,6 +389,60 @@ def test_student_batch_masks_after_the_last_written_token_when_fewer_are_asked_f
     assert b["targets"][0].tolist() == [X, X, 8, 9, X, X]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0]
     assert b["targets"][1].tolist() == [X, X, eos, X, X, X]
+
+
+CHAT_ON_POLICY = [
+    "teacher.path=embedded:chat",
+    "data.train.path=embedded:chat-validation",
+    "data.train.format=messages",
+    "data.train.max_documents=4",
+    "data.validation=null",
+    "data.seq_len=256",
+    "data.pack=false",
+    "teacher.source=on_policy",
+    "teacher.on_policy.scorer=hf",
+    "teacher.on_policy.fraction=1.0",
+    "teacher.on_policy.temperature=0",
+    "teacher.on_policy.max_new_tokens=6",
+]
+
+
+def test_on_policy_with_chat_data_writes_the_answer_after_the_chat_prompt(tmp_path):
+    from llmdistill import session
+    from llmdistill.data import collate
+    from llmdistill.models import load_model
+    from llmdistill.teachers import check_teacher_source
+    from llmdistill.teachers.on_policy import OnPolicyTeacher
+
+    packed = load_config(None, [*CHAT_ON_POLICY, "data.pack=true"])
+    with pytest.raises(LLMDistillError, match="needs data.pack: false"):
+        check_teacher_source(packed, frozenset({"teacher"}))
+    cfg = load_config(None, [*CHAT_ON_POLICY, f"run.output_dir={tmp_path}"])
+    plan = session.preflight(cfg)
+    dataset, _ = session.build_datasets(cfg, plan)
+    model = load_model(plan.teacher_path, "float32").eval()  # the student here: its greedy answer is known
+    source = OnPolicyTeacher(cfg, plan.teacher_tok, model, teacher=model)
+    batch = collate([dataset[i] for i in range(3)])
+    out = source.transform(dict(batch))
+    for row in range(3):
+        # The answer starts after the first trained position: the chat prompt, assistant header included.
+        start = int((batch["targets"][row] != X).nonzero()[0]) + 1
+        assert 0 < start < 256
+        assert torch.equal(out["input_ids"][row, :start], batch["input_ids"][row, :start])
+        # Prompt tokens are never targets; the generated tokens are, from the answer start on.
+        assert (out["targets"][row, : start - 1] == X).all()
+        trained = (out["targets"][row] != X).nonzero().flatten()
+        assert int(trained[0]) == start - 1 and 1 <= len(trained) <= 6
+        assert torch.equal(trained, torch.arange(start - 1, start - 1 + len(trained)))
+        written = out["targets"][row, trained]
+        assert torch.equal(out["input_ids"][row, start : start + len(trained) - 1], written[:-1])
+        # What the student writes greedily from that prompt.
+        greedy = model.generate(
+            input_ids=batch["input_ids"][row : row + 1, :start], max_new_tokens=6, do_sample=False
+        )[0, start:]
+        assert torch.equal(written, greedy[: len(written)])
+    signal = source.signal(out)
+    assert signal.logits.shape[:2] == out["input_ids"].shape
 
 
 def test_rollout_weights_lag_and_sync_every():

@@ -7,7 +7,11 @@ the sampling seed are functions of the batch alone: the same after a resume, on 
 checkpoint.
 
 A student batch keeps the first `prompt_tokens` of each row and the student writes up to
-T - prompt_tokens + 1 tokens (the extra one is the last position's target). Targets on the prompt are masked
+T - prompt_tokens + 1 tokens (the extra one is the last position's target). With chat data (`format:
+messages` or `prompt_completion`) the prompt of a row is instead its conversation up to the first trained
+position: everything before the answer, the assistant header included (with `data.train_on: last`, everything
+before the last answer), and the student writes the answer; `prompt_tokens` is then unused. Each row must hold
+one conversation, so chat data needs `data.pack: false` (refused otherwise). Targets on the prompt are masked
 (the objective covers only what the student wrote, as in GKD); after the student's end-of-text token (or its
 last written token) the targets are masked too and those positions start a new "document", so the teacher
 never scores padding.
@@ -57,28 +61,48 @@ def batch_draw(input_ids: torch.Tensor, seed: int) -> tuple[float, int]:
     return int.from_bytes(raw[:8], "little") / 2**64, int.from_bytes(raw[8:12], "little")
 
 
-def student_batch(sampled: torch.Tensor, prompt_tokens: int, seq_len: int, eos_id: int | None) -> dict:
-    """The training batch for prompt + continuation `sampled` [B, P + n], n <= seq_len - P + 1 written
-    tokens (padded after EOS)."""
-    written = sampled.shape[1] - prompt_tokens
-    if written < seq_len - prompt_tokens + 1:  # fewer new tokens than the window holds: pad (masked below)
-        fill = torch.zeros(sampled.shape[0], seq_len + 1 - sampled.shape[1], dtype=sampled.dtype)
-        sampled = torch.cat([sampled, fill], dim=1)
-    input_ids = sampled[:, :seq_len].clone()
-    targets = sampled[:, 1 : seq_len + 1].clone()
-    targets[:, : prompt_tokens - 1] = IGNORE_INDEX
-    position_ids = torch.arange(seq_len).expand_as(input_ids).clone()
-    for row in range(sampled.shape[0]):
-        # Index in `sampled` of the last valid target: the EOS, or the last written token.
-        end = prompt_tokens + written - 1
+def student_batch(
+    sampled: torch.Tensor | list[torch.Tensor],
+    prompt_tokens: int | list[int],
+    seq_len: int,
+    eos_id: int | None,
+) -> dict:
+    """The training batch for prompt + continuation `sampled` ([B, P + n], or one 1-D row per sample with its
+    own prompt length P in `prompt_tokens`), n <= seq_len - P + 1 written tokens (padded after EOS)."""
+    rows = list(sampled)
+    lengths = [prompt_tokens] * len(rows) if isinstance(prompt_tokens, int) else list(prompt_tokens)
+    input_ids = torch.zeros(len(rows), seq_len, dtype=rows[0].dtype)
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    position_ids = torch.arange(seq_len).repeat(len(rows), 1)
+    for row, (tokens, prompt) in enumerate(zip(rows, lengths, strict=True)):
+        written = len(tokens) - prompt
+        # Fewer new tokens than the window holds: pad (masked below).
+        tokens = torch.cat([tokens, tokens.new_zeros(max(0, seq_len + 1 - len(tokens)))])
+        input_ids[row] = tokens[:seq_len]
+        targets[row, prompt - 1 :] = tokens[prompt : seq_len + 1]
+        # Index in `tokens` of the last valid target: the EOS, or the last written token.
+        end = prompt + written - 1
         if eos_id is not None:
-            eos = (sampled[row, prompt_tokens : prompt_tokens + written] == eos_id).nonzero()
+            eos = (tokens[prompt : prompt + written] == eos_id).nonzero()
             if eos.numel():
-                end = prompt_tokens + int(eos[0])
+                end = prompt + int(eos[0])
         if end < seq_len:
             targets[row, end:] = IGNORE_INDEX
             position_ids[row, end + 1 :] = torch.arange(seq_len - end - 1)
     return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
+
+
+def chat_prompt_lengths(targets: torch.Tensor) -> list[int]:
+    """Per row of a chat batch: the tokens before its answer (the first trained position's next token)."""
+    trained = targets != IGNORE_INDEX
+    if not trained.any(1).all():
+        raise LLMDistillError("on-policy with chat data: a batch row has no answer to write")
+    return [int(t) + 1 for t in trained.int().argmax(1)]
+
+
+def is_chat_data(cfg: Config) -> bool:
+    specs = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    return any(spec.format != "text" for spec in specs)
 
 
 def weights_step(step: int, opened_at: int, lag: int, sync_every: int) -> int:
@@ -90,6 +114,11 @@ def weights_step(step: int, opened_at: int, lag: int, sync_every: int) -> int:
 def check_on_policy(cfg: Config) -> None:
     """Refuse an on-policy setting that cannot run, before anything loads."""
     p = cfg.teacher.on_policy
+    if is_chat_data(cfg) and cfg.data.pack:
+        raise LLMDistillError(
+            "teacher.source=on_policy with chat data (data.train format messages/prompt_completion) needs "
+            "data.pack: false: each row's prompt is its conversation up to the answer"
+        )
     if p.prompt_tokens >= cfg.data.seq_len:
         raise LLMDistillError(
             f"teacher.on_policy.prompt_tokens={p.prompt_tokens} must be below data.seq_len={cfg.data.seq_len}"
@@ -175,6 +204,7 @@ class OnPolicyTeacher(TeacherSource):
         self.cfg, self.settings, self.student, self.rank = cfg, p, student, rank
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.new_tokens = p.max_new_tokens or cfg.data.seq_len - p.prompt_tokens + 1
+        self.chat = is_chat_data(cfg)
         if p.scorer == "hf":
             if teacher is None:
                 raise LLMDistillError("teacher.on_policy.scorer=hf needs the in-process teacher")
@@ -255,6 +285,8 @@ class OnPolicyTeacher(TeacherSource):
         step = self.position // self.grad_accum
         p = self.settings
         prompts = batch["input_ids"][:, : p.prompt_tokens]
+        if on_policy and self.chat:
+            lengths = chat_prompt_lengths(batch["targets"])
         weights = step
         if on_policy and self.engine is not None:
             weights = weights_step(step, self.opened_at, self.settings.lag, self.settings.sync_every)
@@ -265,16 +297,39 @@ class OnPolicyTeacher(TeacherSource):
                         raise RuntimeError("on-policy source closed while waiting for weights")
                 elif self.version != weights:
                     raise RuntimeError(f"on-policy engine holds step {self.version}'s weights, not {weights}")
-                sampled = self.engine.generate(prompts.cpu(), self.new_tokens, p, seed, self.pad_id)
+                if self.chat:
+                    ids = batch["input_ids"].cpu()
+                    sampled = self._chat_rollouts(self.engine.generate, ids, lengths, seed)
+                else:
+                    sampled = self.engine.generate(prompts.cpu(), self.new_tokens, p, seed, self.pad_id)
+        elif on_policy and self.chat:
+
+            def hf_generate(prompt, new_tokens, settings, row_seed, pad_id):
+                return generate(self.student, prompt, new_tokens, settings, row_seed, pad_id)
+
+            sampled = self._chat_rollouts(hf_generate, batch["input_ids"], lengths, seed)
         elif on_policy:
             sampled = generate(self.student, prompts, self.new_tokens, p, seed, self.pad_id)
         if on_policy:
-            batch = student_batch(sampled, p.prompt_tokens, self.cfg.data.seq_len, self.eos_id)
+            batch = student_batch(
+                sampled, lengths if self.chat else p.prompt_tokens, self.cfg.data.seq_len, self.eos_id
+            )
         with self.turn:
             self.position += 1
             self.turn.notify_all()
         self._log(batch, on_policy, step, weights)
         return batch
+
+    def _chat_rollouts(self, write, input_ids: torch.Tensor, lengths: list[int], seed: int) -> list:
+        """One rollout per row from its own chat prompt (prompts differ in length), row i seeded seed + i as
+        in a batched call; each writes up to the rest of the window (or max_new_tokens)."""
+        seq_len, limit = self.cfg.data.seq_len, self.settings.max_new_tokens
+        rows = []
+        for row, prompt in enumerate(lengths):
+            new_tokens = min(limit or seq_len, seq_len - prompt + 1)
+            out = write(input_ids[row : row + 1, :prompt], new_tokens, self.settings, seed + row, self.pad_id)
+            rows.append(out[0].cpu())
+        return rows
 
     def signal(self, batch: dict) -> TeacherSignal:
         try:
@@ -297,7 +352,7 @@ class OnPolicyTeacher(TeacherSource):
             "micro_batch": self.seen,
             "step": step,
             "on_policy": on_policy,
-            "prompt_tokens": self.settings.prompt_tokens if on_policy else 0,
+            "prompt_tokens": chat_prompt_lengths(batch["targets"][:1])[0] if on_policy else 0,
             "valid_targets": int((batch["targets"] != IGNORE_INDEX).sum()),
             "input_ids": batch["input_ids"][0].tolist(),
         }

@@ -11,7 +11,14 @@ Off-by-one: the signal at position t is the teacher's distribution of the token 
 is vLLM's prompt_logprobs[t - start + 1] for the segment starting at `start` (prompt_logprobs[0] is None). The
 last position of a segment would need the next token, so when its target is valid (the row's final position,
 whose next token is `targets[:, -1]`) that target is appended to the prompt. Positions whose target is -100
-(document ends) get a filler row (id 0, log-prob LOGP_FILLER: all mass in the tail) that losses never read.
+(document ends, and with chat data everything outside the answers) get a filler row (id 0, log-prob
+LOGP_FILLER: all mass in the tail) that losses never read: every loss reads only positions whose target is
+valid.
+
+Only what is trained is scored and converted: a prompt ends at its segment's last valid target (template
+tokens after an answer are never sent), and only valid positions of vLLM's answer are turned into the signal.
+vLLM's `prompt_logprobs` has no per-position selection (an int K for every prompt token), so the prompt's
+tokens before the first answer are still scored by the server and sent back; they are dropped on arrival.
 
 vLLM returns the top K plus the actual next token (K + 1 entries when it ranks below K): the top K go to
 `topk_ids` / `topk_logprobs`, the actual token's log-prob to `target_logprobs` (what alm needs).
@@ -65,12 +72,12 @@ def build_prompts(input_ids: torch.Tensor, position_ids: torch.Tensor, targets: 
         zip(input_ids.tolist(), position_ids.tolist(), targets.tolist(), strict=True)
     ):
         for start, end in segment_bounds(pos):
-            if all(t == IGNORE_INDEX for t in tgt[start:end]):
-                continue  # nothing to predict (a one-token document at a boundary, padding)
-            tokens = ids[start:end]
-            if tgt[end - 1] != IGNORE_INDEX:
-                tokens = [*tokens, tgt[end - 1]]  # so the segment's last position has a next token to score
-            prompts.append(Prompt(row, start, tokens))
+            valid = [t for t in range(start, end) if tgt[t] != IGNORE_INDEX]
+            if not valid:
+                continue  # nothing to predict (a one-token document at a boundary, padding, no answer)
+            # Up to the last valid position and its target (the next token), so that position has a score.
+            last = valid[-1]
+            prompts.append(Prompt(row, start, [*ids[start : last + 1], tgt[last]]))
     return prompts
 
 
@@ -87,13 +94,16 @@ def signal_from_prompt_logprobs(
     prompt_logprobs: list[list[dict[int, float] | None]],
     shape: tuple[int, int],
     k: int,
+    targets: torch.Tensor | None = None,
 ) -> TeacherSignal:
     """Scatter each prompt's prompt_logprobs[j] (j >= 1) to batch position start + j - 1: top-k [B, T, K] and
-    the actual next token's log-prob [B, T] (NaN where no prompt covers a position)."""
+    the actual next token's log-prob [B, T] (NaN where no prompt covers a position). With `targets` [B, T],
+    only positions whose target is valid are converted (the rest keep the filler)."""
     b, t = shape
     ids = torch.zeros(b, t, k, dtype=torch.int32)
     logprobs = torch.full((b, t, k), LOGP_FILLER, dtype=torch.float32)
     actual = torch.full((b, t), float("nan"), dtype=torch.float32)
+    wanted = None if targets is None else (targets != IGNORE_INDEX).tolist()
     for prompt, per_token in zip(prompts, prompt_logprobs, strict=True):
         if len(per_token) != len(prompt.token_ids):
             raise LLMDistillError(
@@ -104,6 +114,8 @@ def signal_from_prompt_logprobs(
             pos = prompt.start + j - 1
             if pos >= t:
                 break
+            if wanted is not None and not wanted[prompt.row][pos]:
+                continue
             top_ids, top_lp = top_k_entries(per_token[j], k)
             ids[prompt.row, pos] = torch.tensor(top_ids, dtype=torch.int32)
             logprobs[prompt.row, pos] = torch.tensor(top_lp, dtype=torch.float32)
@@ -116,7 +128,7 @@ def score_batch(score, batch: dict, k: int) -> TeacherSignal:
     signal of the batch's scored tokens."""
     ids, pos, targets = scored_tokens(batch)
     prompts = build_prompts(ids, pos, targets)
-    signal = signal_from_prompt_logprobs(prompts, score(prompts, k), tuple(ids.shape), k)
+    signal = signal_from_prompt_logprobs(prompts, score(prompts, k), tuple(ids.shape), k, targets)
     if "teacher_input_ids" in batch:
         signal.input_ids = ids
     return signal

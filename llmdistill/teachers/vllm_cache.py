@@ -4,22 +4,31 @@ back from disk while training.
 Layout of `teacher.cache.dir`:
   manifest.json        teacher, tokenizer hash, K, encoding, dataset spec and fingerprint, shard list (written
                        first, and compared before a build resumes or a run reads the cache)
-  shard_00000.safetensors ...   rows [i * shard_rows, (i + 1) * shard_rows) of the packed training set:
-      ids        [n, T, K] uint16 (vocab <= 65536) or [n, T, K, 3] uint8 (24-bit little-endian ids)
-      logprobs   [n, T, K] uint16 fixed point: log-prob = -q / 2048 (0 .. -32 nats)
-      row_hash   [n, 16] uint8: blake2b of the row's input_ids, position_ids, targets (and teacher_input_ids)
-      target_logprobs  [n, T] float32, cross-tokenizer caches only: the actual next token's log-prob (NaN:
+  shard_00000.safetensors ...   rows [i * shard_rows, (i + 1) * shard_rows) of the packed training set, and
+      of each row only its kept positions: those whose (scored) target is not -100, i.e. what a loss reads
+      (with chat data, the answers; never system/user text or template tokens). The m kept positions of the
+      shard's n rows, row after row, left to right:
+      ids        [m, K] uint16 (vocab <= 65536) or [m, K, 3] uint8 (24-bit little-endian ids)
+      logprobs   [m, K] uint16 fixed point: log-prob = -q / 2048 (0 .. -32 nats)
+      target_logprobs  [m] float32, cross-tokenizer caches only: the actual next token's log-prob (NaN:
                  none), which alm needs and the top-k may not hold
+      row_offsets  [n + 1] int64: row r's kept positions are entries [row_offsets[r], row_offsets[r + 1])
+      row_hash   [n, 16] uint8: blake2b of the row's input_ids, position_ids, targets (and teacher_input_ids)
   COMPLETE             written last: a cache without it is a partial build, never read
 
-A cross-tokenizer objective (alm, uld with another tokenizer) caches the teacher's own tokenization of each
-window: T is then the teacher's padded length, as the in-process teacher's signal is shaped.
+Which positions a row keeps is not stored: it is a function of the row (its targets), which the reader has
+and checks against the row hash. The reader fills the other positions with the filler every top-k source
+uses there (id 0, log-prob LOGP_FILLER, target log-prob NaN), which no loss reads.
 
-Why this encoding: at K = 32 and a vocabulary <= 65536 it is 2 + 2 bytes per entry = 128 bytes per token, vs
-2 * V bytes for fp16 logits. The fixed-point step (1/2048 nat, 2.4e-4 relative on each probability) is finer
-than fp16 below log-prob -0.5 and uniform over the range. Log-probs are rounded DOWN (towards less probable),
-so the decoded top-k never sums above the true mass: the tail mass 1 - sum(exp(top-k)) is kept, never
-negative, and at most 2.4e-4 above the true tail.
+A cross-tokenizer objective (alm, uld with another tokenizer) caches the teacher's own tokenization of each
+window: T is then the teacher's padded length, as the in-process teacher's signal is shaped, and a kept
+position is one that predicts the next teacher token of the same document.
+
+Why this encoding: at K = 32 and a vocabulary <= 65536 it is 2 + 2 bytes per entry = 128 bytes per kept
+token, vs 2 * V bytes for fp16 logits. The fixed-point step (1/2048 nat, 2.4e-4 relative on each probability)
+is finer than fp16 below log-prob -0.5 and uniform over the range. Log-probs are rounded DOWN (towards less
+probable), so the decoded top-k never sums above the true mass: the tail mass 1 - sum(exp(top-k)) is kept,
+never negative, and at most 2.4e-4 above the true tail.
 
 Rows are found by their content hash, not their index: the reader serves whatever order the trainer's sampler
 picks (any seed, any resume point), and a batch that is not in the cache is an error, never a silent mismatch.
@@ -38,10 +47,12 @@ from transformers import AutoConfig
 
 from llmdistill import models
 from llmdistill.config import Config, LLMDistillError
-from llmdistill.signal import TeacherSignal
+from llmdistill.signal import IGNORE_INDEX, TeacherSignal
 from llmdistill.teachers.base import Capabilities, TeacherSource, register_source
+from llmdistill.teachers.prompts import LOGP_FILLER, scored_tokens
 
-FORMAT = "llmdistill-teacher-cache/2"
+# /3: only kept (valid-target) positions are stored, with row_offsets; /2 stored every position.
+FORMAT = "llmdistill-teacher-cache/3"
 LOGPROB_SCALE = 2048.0  # fixed-point steps per nat
 COMPLETE = "COMPLETE"
 # The columns that identify a packed row (teacher_input_ids only in cross-tokenizer datasets).
@@ -83,6 +94,11 @@ def decode_logprobs(stored: np.ndarray) -> np.ndarray:
 
 def bytes_per_token(k: int, vocab_size: int, cross_tokenizer: bool = False) -> int:
     return k * (id_bytes_for(vocab_size) + 2) + (4 if cross_tokenizer else 0)
+
+
+def kept_positions(batch: dict) -> torch.Tensor:
+    """[B, T] bool: the positions a cache stores, those whose scored target is valid (what losses read)."""
+    return scored_tokens(batch)[2] != IGNORE_INDEX
 
 
 def row_hashes(rows: dict) -> np.ndarray:
@@ -175,6 +191,11 @@ class VLLMCacheTeacher(TeacherSource):
         if not manifest_path.is_file():
             raise LLMDistillError(f"{where}: no manifest.json (build it with launch/cache_teacher.py)")
         found = json.loads(manifest_path.read_text())
+        if found.get("format") != FORMAT:
+            raise LLMDistillError(
+                f"{where} is a cache of format {found.get('format')!r}, this version reads {FORMAT!r} "
+                "(rebuild it with launch/cache_teacher.py --overwrite)"
+            )
         if not (self.root / COMPLETE).is_file():
             raise LLMDistillError(f"{where}: a partial cache build (run launch/cache_teacher.py again)")
         # The reader has no dataset to hash: it checks the data by spec and size here, and row by row later;
@@ -218,8 +239,12 @@ class VLLMCacheTeacher(TeacherSource):
                 f"{'not ' if self.cross_tokenizer else ''}cross-tokenizer "
                 "(rebuild it with launch/cache_teacher.py --overwrite)"
             )
-        ids, logprobs, actual = [], [], []
-        for h in row_hashes(batch):
+        keep = kept_positions(batch)
+        b, t = keep.shape
+        ids = torch.zeros(b, t, self.k, dtype=torch.int32)
+        logprobs = torch.full((b, t, self.k), LOGP_FILLER, dtype=torch.float32)
+        actual = torch.full((b, t), float("nan"), dtype=torch.float32)
+        for row, h in enumerate(row_hashes(batch)):
             loc = self.where.get(h.tobytes())
             if loc is None:
                 raise LLMDistillError(
@@ -227,14 +252,19 @@ class VLLMCacheTeacher(TeacherSource):
                     "cached (rebuild it with launch/cache_teacher.py --overwrite)"
                 )
             f, r = self.files[loc[0]], loc[1]
-            ids.append(decode_ids(f.get_slice("ids")[r : r + 1])[0, :, : self.k])
-            logprobs.append(decode_logprobs(f.get_slice("logprobs")[r : r + 1])[0, :, : self.k])
+            first, end = (int(o) for o in f.get_slice("row_offsets")[r : r + 2])
+            if end == first:
+                continue  # nothing trained in this row
+            ids[row, keep[row]] = torch.from_numpy(decode_ids(f.get_slice("ids")[first:end])[:, : self.k])
+            logprobs[row, keep[row]] = torch.from_numpy(
+                decode_logprobs(f.get_slice("logprobs")[first:end])[:, : self.k]
+            )
             if self.cross_tokenizer:
-                actual.append(f.get_slice("target_logprobs")[r : r + 1][0])
+                actual[row, keep[row]] = torch.from_numpy(f.get_slice("target_logprobs")[first:end])
         return TeacherSignal(
-            topk_ids=torch.from_numpy(np.stack(ids)),
-            topk_logprobs=torch.from_numpy(np.stack(logprobs)),
-            target_logprobs=torch.from_numpy(np.stack(actual)) if actual else None,
+            topk_ids=ids,
+            topk_logprobs=logprobs,
+            target_logprobs=actual if self.cross_tokenizer else None,
             input_ids=batch["teacher_input_ids"] if self.cross_tokenizer else None,
         )
 

@@ -13,6 +13,7 @@ import os
 import signal as signals
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.numpy import save_file
 
@@ -27,6 +28,7 @@ from llmdistill.teachers.vllm_cache import (
     encode_ids,
     encode_logprobs,
     id_bytes_for,
+    kept_positions,
     manifest_differences,
     row_hashes,
     run_identity,
@@ -51,6 +53,8 @@ def expected_manifest(cfg: Config, teacher_path: str, tokenizer, vocab_size: int
         "ids": f"uint{8 * id_bytes_for(vocab_size)}",
         "logprobs": f"uint16 -q/{LOGPROB_SCALE:g}",
         "bytes_per_token": bytes_per_token(k, vocab_size, cross),
+        # Only positions whose target is valid are stored (teachers/vllm_cache.py).
+        "positions": "targets != -100, row r at [row_offsets[r], row_offsets[r + 1])",
     }
     if cross:
         encoding["target_logprobs"] = "float32"
@@ -158,17 +162,20 @@ def build_cache(cfg: Config, overwrite: bool = False, score=None) -> Path:
     for i in todo:
         chunk = dataset[i * rows : (i + 1) * rows]
         signal = score_batch(score, chunk, k)
+        keep = kept_positions(chunk)  # row-major: row r's kept positions follow row r - 1's
         tensors = {
-            "ids": encode_ids(signal.topk_ids.numpy(), id_bytes),
-            "logprobs": encode_logprobs(signal.topk_logprobs.numpy()),
+            "ids": encode_ids(signal.topk_ids[keep].numpy(), id_bytes),
+            "logprobs": encode_logprobs(signal.topk_logprobs[keep].numpy()),
+            "row_offsets": np.concatenate([[0], np.cumsum(keep.sum(1).numpy())]).astype(np.int64),
             "row_hash": row_hashes(chunk),
         }
         if wanted["cross_tokenizer"]:
-            tensors["target_logprobs"] = signal.target_logprobs.numpy()
+            tensors["target_logprobs"] = signal.target_logprobs[keep].numpy()
         final = root / wanted["shards"][i]
         tmp = final.with_name(final.name + ".tmp")
         # One metadata key: safetensors writes the metadata map in hash order, so several would vary per run.
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        models.honour_umask(tmp)  # safetensors writes 0600 whatever the umask
         tmp.replace(final)  # atomic: a shard on disk is whole, so a killed build resumes after it
         log.info(f"cache shard {i + 1}/{len(wanted['shards'])} written")
         # Fault injection for the resume test: LLMDISTILL_FAILPOINT=cache_shard@<i> kills the build here.

@@ -317,6 +317,60 @@ def test_training_from_the_cache(caches, tmp_path):
     assert log[6]["loss"] < log[1]["loss"]
 
 
+def test_chat_cache_holds_the_answers_only_and_its_fkl_equals_the_in_process_teachers(tmp_path, tiny_llama):
+    from safetensors import safe_open
+
+    from llmdistill.data import collate
+    from llmdistill.losses.divergences import forward_kl
+    from llmdistill.models import load_model
+    from llmdistill.signal import StudentOutput, TeacherSignal
+    from llmdistill.teachers import build_teacher_source
+
+    chat = [
+        "teacher.path=embedded:chat",
+        "data.train.path=embedded:chat-validation",
+        "data.train.format=messages",
+        "data.train.max_documents=24",
+        "data.validation=null",
+        "data.seq_len=128",
+        "teacher.cache.top_k=20",
+        "teacher.cache.shard_rows=4",
+        f"teacher.cache.dir={tmp_path / 'cache'}",
+    ]
+    cmd = [sys.executable, str(REPO / "launch/cache_teacher.py"), "--config", "configs/tiny/vllm_cache.yaml"]
+    built = subprocess.run(
+        [*cmd, *chat], cwd=REPO, env=dict(os.environ, **ENV), capture_output=True, text=True, timeout=300
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    cfg = _cfg(*chat, "teacher.source=vllm_cache")
+    plan, dataset = _dataset(cfg)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    stored = 0
+    for name in manifest["shards"]:
+        with safe_open(str(tmp_path / "cache" / name), framework="numpy") as f:
+            stored += f.get_slice("ids").get_shape()[0]
+    assert stored == int((dataset[:]["targets"] != X).sum())  # the answers' positions, nothing else
+    batch = collate([dataset[i] for i in range(4)])
+    cached = build_teacher_source(cfg, None, frozenset({"teacher"})).signal(batch)
+    teacher = load_model(plan.teacher_path, "float32").eval()
+    with torch.no_grad():
+        logits = teacher(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+        hidden = tiny_llama.get_decoder()(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+    student = StudentOutput(hidden, tiny_llama.get_output_embeddings())
+    top = torch.log_softmax(logits.float(), -1).topk(20, dim=-1)
+    # The losses read answer positions only: the cache's filler elsewhere changes nothing. (The in-process
+    # teacher's own top-20, as its full logits would differ by the truncation, ~6% here on a random student.)
+    got = forward_kl(student, cached, batch, tail="bucket")[0].item()
+    want = forward_kl(
+        student, TeacherSignal(topk_ids=top.indices.int(), topk_logprobs=top.values), batch, tail="bucket"
+    )
+    assert abs(got - want[0].item()) / abs(want[0].item()) < 1e-3, (got, want[0].item())
+
+
 # ---------------------------------------------------------------------------------------------- on-policy
 
 
