@@ -19,13 +19,19 @@ IGNORE_INDEX = -100
 class TeacherSignal:
     """What a teacher says about a batch, aligned with the batch's positions.
 
-    Either full `logits` [B, T, V] or sparse `topk_ids` [B, T, K] (int32) with `topk_logprobs` [B, T, K], the
-    teacher's log-probabilities (so 1 - exp(logsumexp(topk_logprobs)) is the tail mass outside the top K).
+    Either full `logits` [B, T, V]; or the same without ever holding them: `final_hidden` [B, T, H_t] (after
+    the final norm) with the LM head's `head_weight` [V, H_t] and `head_bias`, from which losses compute the
+    logits chunk by chunk (see `head_signal`); or sparse `topk_ids` [B, T, K] (int32) with `topk_logprobs`
+    [B, T, K], the teacher's log-probabilities (so 1 - exp(logsumexp(topk_logprobs)) is the tail mass outside
+    the top K).
     """
 
     logits: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    final_hidden: torch.Tensor | None = None
+    head_weight: torch.Tensor | None = None
+    head_bias: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] | None = None  # per layer [B, T, H_t], embeddings first (HF convention)
     # Cross-tokenizer runs: the teacher's own tokenization of the same text, and byte offsets per token.
     input_ids: torch.Tensor | None = None
@@ -33,12 +39,14 @@ class TeacherSignal:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.logits is None and (self.topk_ids is None or self.topk_logprobs is None):
-            raise ValueError("TeacherSignal needs logits, or topk_ids with topk_logprobs")
+        if self.is_sparse and (self.topk_ids is None or self.topk_logprobs is None):
+            raise ValueError(
+                "TeacherSignal needs logits, final_hidden with head_weight, or topk_ids with topk_logprobs"
+            )
 
     @property
     def is_sparse(self) -> bool:
-        return self.logits is None
+        return self.logits is None and (self.final_hidden is None or self.head_weight is None)
 
 
 @dataclass
