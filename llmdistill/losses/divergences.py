@@ -129,9 +129,10 @@ def _plain_linear_weight(head) -> bool:
     return not hasattr(weight, "ds_id") and weight.shape == (head.out_features, head.in_features)
 
 
-# A chunk's `value_and_grad(logits, rows, grad_scale)` returns (sum of the chunk's values as an fp32 scalar,
-# grad_scale * d(sum)/d(logits) in fp32, or None when grad_scale is None). It may free or overwrite nothing it
-# does not own; `logits` is dropped as soon as it is read, so in the eager path the chunk's logits die early.
+# A chunk's `value_and_grad(logits, rows, grad_scale)` returns (the sum of the chunk's values as an fp32
+# scalar, grad_scale * d(sum)/d(logits) in the logits' dtype, or None when grad_scale is None). It never
+# modifies `logits` and drops its reference as soon as it has read them, so in the eager path (which hands
+# over its only reference) the chunk's logits are freed before the divergence's buffers are allocated.
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -255,7 +256,7 @@ def autograd_value_and_grad(chunk_fn):
             leaf = logits.detach().requires_grad_(True)
             value = chunk_fn(leaf, rows).float()
             (grad,) = torch.autograd.grad(value, leaf, torch.full_like(value, grad_scale))
-        return value.detach(), grad.float()
+        return value.detach(), grad
 
     return value_and_grad
 
@@ -405,6 +406,16 @@ def jsd_rows(log_p, log_q, beta: float):
     return jsd_grad(beta)(log_p.clone(), log_q, False)[0]
 
 
+def softmax_backward(g: torch.Tensor, log_q: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * (g - q * sum(g)), q = exp(log_q): the gradient w.r.t. z of a function of log_q = log_softmax(z)
+    whose gradient w.r.t. log_q is g, written in `dtype` (the logits' own) in the same pass; overwrites
+    log_q."""
+    q = log_q.exp_().mul_(g.sum(-1, keepdim=True).mul_(-scale))
+    if dtype == q.dtype:
+        return q.add_(g, alpha=scale)
+    return torch.add(q, g, alpha=scale, out=torch.empty(q.shape, dtype=dtype, device=q.device))
+
+
 # ----------------------------------------------------------------------------------------------------
 # value_and_grad of a divergence between the student's chunk and the teacher on a common support.
 
@@ -415,7 +426,7 @@ def dense_divergence(signal: TeacherSignal, temperature: float, divergence):
     w.r.t. log q to g - q * sum(g)."""
 
     def value_and_grad(logits, rows, grad_scale):
-        width = logits.shape[-1]
+        width, dtype = logits.shape[-1], logits.dtype
         vocab = shared_vocab(width, teacher_vocab(signal))
         with torch.no_grad():
             t = teacher_logit_rows(signal, rows)[:, :vocab].float()
@@ -433,11 +444,7 @@ def dense_divergence(signal: TeacherSignal, temperature: float, divergence):
             del log_p
             if grad_scale is None:
                 return rows_value.sum(), None
-            g_sum = g.sum(-1, keepdim=True)
-            grad = g.sub_(log_q.exp_().mul_(g_sum))
-            del log_q
-            if grad_scale != temperature:
-                grad.mul_(grad_scale / temperature)
+            grad = softmax_backward(g, log_q, grad_scale / temperature, dtype)
             return rows_value.sum(), F.pad(grad, (0, width - vocab)) if width > vocab else grad
 
     return value_and_grad
@@ -451,7 +458,7 @@ def sparse_divergence(signal: TeacherSignal, temperature: float, tail: str, dive
     renormalize: log_softmax over z[ids], so dz = g - softmax(z[ids]) * sum(g) at the ids, 0 elsewhere."""
 
     def value_and_grad(logits, rows, grad_scale):
-        width = logits.shape[-1]
+        width, dtype = logits.shape[-1], logits.dtype
         with torch.no_grad():
             ids, logprobs = sparse_ids(signal, rows, width)
             z = logits.float()
@@ -484,7 +491,7 @@ def sparse_divergence(signal: TeacherSignal, temperature: float, tail: str, dive
             else:
                 grad = torch.zeros(ids.shape[0], width, dtype=torch.float32, device=ids.device)
                 top = g - log_q.exp() * g_sum
-            return rows_value.sum(), grad.scatter_(1, ids, top * factor)
+            return rows_value.sum(), grad.scatter_(1, ids, top * factor).to(dtype)
 
     return value_and_grad
 
@@ -614,6 +621,7 @@ def cross_entropy(
         # its gradient is d/dz = q - (1 - e) onehot(y) - e / V.
         with torch.no_grad():
             y = targets.index_select(0, rows).unsqueeze(1)
+            dtype = logits.dtype
             log_q = F.log_softmax(logits.float(), dim=-1)
             del logits
             value = -log_q.gather(1, y).sum()
@@ -625,7 +633,7 @@ def cross_entropy(
             grad.scatter_add_(1, y, torch.full(y.shape, label_smoothing - 1.0, device=y.device))
             if label_smoothing:
                 grad.sub_(label_smoothing / grad.shape[-1])
-            return value, grad.mul_(grad_scale) if grad_scale != 1.0 else grad
+            return value, (grad.mul_(grad_scale) if grad_scale != 1.0 else grad).to(dtype)
 
     size = auto_chunk_size(student, None, chunk_size, batch)
     return fused_head_loss(student, batch, size, value_and_grad), {}
