@@ -68,3 +68,62 @@ class StudentOutput:
         if self._logits is None:
             self._logits = self.head(self.hidden)
         return self._logits
+
+
+@torch.no_grad()
+def head_signal(model, input_ids, position_ids, output_hidden_states: bool = False) -> TeacherSignal:
+    """The teacher signal of an HF causal LM (or of a DeepSpeed engine wrapping one) in the fused form: its
+    final hidden states and LM head, so [B, T, V] logits never exist.
+
+    The model's own forward runs, so ZeRO-3's hooks gather and release parameters as usual, with
+    `logits_to_keep=1`; a forward hook on `get_decoder()` takes its `last_hidden_state` (after the final
+    norm). The one position of logits the forward still computes checks that the model's logits are its head
+    applied to those states (no soft-capping or scaling after the head). A ZeRO-3-partitioned head is gathered
+    and copied once per call.
+    """
+    import inspect
+
+    import torch.nn.functional as F
+
+    from llmdistill.config import ConfigError
+
+    inner = getattr(model, "module", model)
+    captured = []
+    hook = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    try:
+        out = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+            **keep,
+        )
+    finally:
+        hook.remove()
+    head = inner.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None]):
+            weight, bias = weight.clone(), None if bias is None else bias.clone()
+    hidden = captured[-1]
+    expected = out.logits[:, -1].float()
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    if not torch.allclose(
+        F.linear(hidden[:, -1], weight, bias).float(),
+        expected,
+        rtol=tolerance,
+        atol=tolerance * float(expected.abs().max()),
+    ):
+        raise ConfigError(
+            f"teacher {type(inner).__name__}: its logits are not its LM head applied to its last hidden "
+            "state (soft-capping or scaling after the head?), so the fused teacher form does not apply"
+        )
+    return TeacherSignal(
+        final_hidden=hidden,
+        head_weight=weight.detach(),
+        head_bias=None if bias is None else bias.detach(),
+        hidden_states=list(out.hidden_states) if output_hidden_states else None,
+    )
