@@ -1,18 +1,22 @@
 """Token-level losses over the vocabulary, fused with the LM head and computed chunk by chunk.
 
-How the memory stays small (the Liger idea, kept compatible with ZeRO-3):
-the student's logits only ever exist for `chunk_size` valid positions at a time. Each chunk runs
-`student.head(hidden_chunk)` and the divergence inside `torch.utils.checkpoint(..., use_reentrant=False)`, so
-the forward keeps nothing of the chunk but its [chunk, H] hidden rows, and the backward recomputes the chunk's
-logits just before differentiating them. Peak extra memory is therefore a few [chunk, V] fp32 buffers (forward
-or backward), never [B*T, V].
-
-ZeRO-3: the head is always called as the module (`student.head(...)`), never through its `.weight`, so
-DeepSpeed's module hooks gather the partitioned weight both in the forward and in the recomputation during the
-backward (the same path as activation checkpointing in HF models). The non-reentrant checkpoint keeps one
-autograd graph, so the head weight's gradient is accumulated once per backward (ZeRO-2/3 reduce hooks fire
-once), unlike a per-chunk `torch.autograd.backward`. Cost: one extra [chunk, H] x [H, V] matmul per chunk (4
-head matmuls instead of 3).
+How the memory stays small (the Liger idea, kept compatible with ZeRO-3): the student's logits only ever
+exist for `chunk_size` valid positions at a time, and so do the teacher's when the teacher comes as its final
+hidden states and LM head (TeacherSignal.final_hidden / head_weight) instead of [B, T, V] logits. Every
+divergence here has its gradient w.r.t. the student's logits in closed form, so a chunk's value and gradient
+come out of one pass over a few [chunk, V] fp32 buffers, with no autograd graph over them. Two paths
+(fused_head_loss):
+- eager, when the head is a plain nn.Linear with a full weight (no ZeRO, ZeRO-1/2): the gradients w.r.t. the
+  hidden states and the head weight are computed inside the forward's chunk loop (2 matmuls per chunk, in the
+  weight's dtype), the backward only hands them over: 3 head matmuls in all, nothing recomputed.
+- recompute, for any other head (ZeRO-3-partitioned, PEFT-wrapped): each chunk runs `student.head(h)` as the
+  module inside `torch.utils.checkpoint(..., use_reentrant=False)`, never through its `.weight`, so
+  DeepSpeed's module hooks gather the partitioned weight both in the forward and in the recomputation during
+  the backward (the same path as activation checkpointing in HF models). The non-reentrant checkpoint keeps
+  one autograd graph, so the head weight's gradient is accumulated once per backward (ZeRO-2/3 reduce hooks
+  fire once). Cost: one extra [chunk, H] x [H, V] matmul per chunk (4 head matmuls instead of 3).
+Peak extra memory is therefore a few [chunk, V] fp32 buffers plus the head weight's gradient, never
+[B*T, V]; the chunk size comes from a memory budget (CHUNK_BYTES) unless a loss's `chunk_size` sets it.
 
 Conventions (same for every divergence here):
 - p is the teacher, q the student, both at temperature T: softmax(logits / T). Values are averaged over the
@@ -110,7 +114,7 @@ def _head_width(student: StudentOutput) -> int | None:
 def auto_chunk_size(
     student: StudentOutput, signal: TeacherSignal | None, chunk_size: int | None, batch: dict
 ) -> int:
-    """chunk_size, or: the rows whose [rows, V] fp32 logits take CHUNK_BYTES, at most 1/16 of the valid
+    """chunk_size, or: the rows whose [rows, V] fp32 logits take CHUNK_BYTES, at most 1/8 of the valid
     positions (so the chunked peak stays well under the full [N, V]), never under 16 rows."""
     if chunk_size is not None:
         if chunk_size <= 0:
@@ -118,7 +122,7 @@ def auto_chunk_size(
         return chunk_size
     vocab = (teacher_vocab(signal) if signal is not None else None) or _head_width(student) or 32768
     positions = int((batch["targets"] != IGNORE_INDEX).sum())
-    return max(16, min(CHUNK_BYTES // (4 * vocab), -(-positions // 16)))
+    return max(16, min(CHUNK_BYTES // (4 * vocab), -(-positions // 8)))
 
 
 def _plain_linear_weight(head) -> bool:
