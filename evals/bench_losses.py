@@ -30,8 +30,9 @@ What is measured:
   imported (built in place so their construction leaves no higher transient peak), with glibc's mmap
   threshold fixed at 128 KiB so freed blocks leave the resident set. It includes allocator and page
   granularity, so small sizes are noisy.
-- time: the fastest of `--repeats` forward+backward runs after one warm-up, and the fastest over `--rounds`
-  fresh processes (the minimum is the least disturbed by other load on a shared machine).
+- time: the fastest of `--repeats` forward+backward runs after one warm-up, all variants of a loss in one
+  process taking turns (so load from other processes on a shared machine hits them alike, and the minimum is
+  the least disturbed run).
 Ratios: mem = variant / naive (CPU goal <= 0.15), speed = naive time / variant time (CPU goal >= 1.0).
 """
 
@@ -134,15 +135,20 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(args, name: str, impl: str) -> dict:
+    """Peak memory of one forward+backward of one variant, in this (fresh) process."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    dtype = getattr(torch, args.dtype)
     from llmdistill.losses import get_loss
 
     get_loss(name)  # imports every loss module before the baseline
     if impl == "liger":
         import liger_kernel.transformers  # noqa: F401
-    inputs = build_inputs(impl, args.tokens, args.hidden, args.vocab, dtype, device)
+    inputs = build_inputs(impl, args.tokens, args.hidden, args.vocab, getattr(torch, args.dtype), device)
     result = {"loss": name, "impl": impl, "device": device}
     try:
         if device == "cuda":
@@ -156,22 +162,31 @@ def measure(args, name: str, impl: str) -> dict:
             base = _rss_bytes()
             step(name, impl, inputs)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        times = []
-        for _ in range(args.repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(name, impl, inputs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError:
         return result | {"error": "OOM"}
     except Exception as e:  # liger-kernel imports on CPU but its Triton kernels need a GPU
         if impl != "liger":
             raise
         return result | {"error": type(e).__name__}
-    return result | {"peak_bytes": max(peak, 0), "seconds": min(times)}
+    return result | {"peak_bytes": max(peak, 0)}
+
+
+def time_variants(args, name: str, impls: list[str]) -> dict[str, float]:
+    """Fastest forward+backward of each variant over `repeats` rounds that take the variants in turn, in one
+    process: load from other processes then hits every variant alike. Variants that failed are skipped."""
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    dtype = getattr(torch, args.dtype)
+    inputs = {impl: build_inputs(impl, args.tokens, args.hidden, args.vocab, dtype, device) for impl in impls}
+    times = {impl: [] for impl in impls}
+    for round_ in range(args.repeats + 1):  # the first round warms up
+        for impl in impls:
+            _sync(device)
+            start = time.perf_counter()
+            step(name, impl, inputs[impl])
+            _sync(device)
+            if round_:
+                times[impl].append(time.perf_counter() - start)
+    return {impl: min(t) for impl, t in times.items()}
 
 
 def liger_available() -> bool:
@@ -182,42 +197,27 @@ def liger_available() -> bool:
     return True
 
 
-def run_one(args, name: str, impl: str, env: dict) -> dict:
-    """One fresh process per (loss, variant) and round: peak RSS is per process, and nothing one variant
-    cached helps another. Peak: the first round's; time: the fastest round's."""
-    passthrough = [
-        f"--tokens={args.tokens}",
-        f"--hidden={args.hidden}",
-        f"--vocab={args.vocab}",
-        f"--dtype={args.dtype}",
-        f"--repeats={args.repeats}",
-    ] + (["--cpu"] if args.cpu else [])
-    best = None
-    for _ in range(args.rounds):
-        out = subprocess.run(
-            [sys.executable, __file__, f"--one={name}:{impl}", *passthrough],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if out.returncode != 0:
-            lines = (out.stderr.strip() or "failed").splitlines()
-            return {"error": lines[-1][:40]}
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        if best is None or "error" in result:
-            best = result
-        else:
-            best["seconds"] = min(best["seconds"], result["seconds"])
-        if "error" in best:
-            break
-    return best
+def _passthrough(args) -> list[str]:
+    flags = [f"--tokens={args.tokens}", f"--hidden={args.hidden}", f"--vocab={args.vocab}"]
+    flags += [f"--dtype={args.dtype}", f"--repeats={args.repeats}"]
+    return flags + (["--cpu"] if args.cpu else [])
+
+
+def _subprocess(args, mode: str, env: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, mode, *_passthrough(args)], capture_output=True, text=True, env=env
+    )
+    if out.returncode != 0:
+        lines = (out.stderr.strip() or "failed").splitlines()
+        return {"error": lines[-1][:40]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def print_table(args, env: dict) -> None:
     impls = ["naive", "ours", "head"] + (["liger"] if liger_available() else [])
     print(
         f"tokens {args.tokens}, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}; peak = extra MiB of "
-        f"one fwd+bwd; time = fastest of {args.repeats} repeats x {args.rounds} rounds, seconds"
+        f"one fwd+bwd; time = fastest of {args.repeats} interleaved repeats, seconds"
     )
     header = f"{'loss':<9}" + "".join(f"{impl + ' MiB':>11}" for impl in impls)
     header += "".join(f"{impl + ' s':>10}" for impl in impls)
@@ -231,8 +231,17 @@ def print_table(args, env: dict) -> None:
             if impl == "liger" and name not in LIGER_BETA:
                 row[impl] = {"error": "n/a"}
                 continue
-            row[impl] = run_one(args, name, impl, env)
+            # A fresh process per variant: peak RSS is per process, and nothing one variant cached helps
+            # another.
+            row[impl] = _subprocess(args, f"--one={name}:{impl}", env)
             device = row[impl].get("device", device)
+        timed = [impl for impl in impls if "error" not in row[impl]]
+        seconds = _subprocess(args, f"--time={name}:{','.join(timed)}", env)
+        for impl in impls:
+            if impl in seconds:
+                row[impl]["seconds"] = seconds[impl]
+            elif "error" not in row[impl]:
+                row[impl]["error"] = seconds.get("error", "no time")
 
         def mib(r):
             return f"{r['peak_bytes'] / 2**20:>11.1f}" if "error" not in r else f"{r['error']:>11}"
@@ -264,15 +273,19 @@ def main(argv=None) -> None:
     parser.add_argument("--large", action="store_true", help="the three GPU sizes of the module docstring")
     parser.add_argument("--losses", default=",".join(LOSSES))
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="float32; --large: bfloat16")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant; time = fastest")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "loss:impl", run in this process only
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "loss:impl", peak memory here
+    parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: "loss:impl,impl", times here
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.large else "float32")
     if args.one:
         name, impl = args.one.split(":")
         print(json.dumps(measure(args, name, impl)))
+        return
+    if args.time:
+        name, impls = args.time.split(":")
+        print(json.dumps(time_variants(args, name, impls.split(","))))
         return
     # glibc serves large blocks from its heap once its adaptive mmap threshold has grown, and keeps freed heap
     # memory resident; a fixed threshold makes every block over 128 KiB its own mapping, returned on free, so
