@@ -1,25 +1,39 @@
-"""Peak memory and time of forward+backward: our fused, chunked losses vs a naive full-logit implementation.
+"""Peak memory and time of forward+backward: our fused, chunked losses vs a naive full-logit implementation
+(and liger-kernel's fused linear JSD where it imports and runs).
 
-    python evals/bench_losses.py            # CPU-friendly: 1024 tokens, hidden 256, vocab 32768
-    python evals/bench_losses.py --large    # the target size: 4096 tokens, hidden 2048, vocab 128256
+    python evals/bench_losses.py              # CPU-friendly: 1024 tokens, hidden 256, vocab 32768, float32
+    python evals/bench_losses.py --large      # GPU: the sizes below, bfloat16
     python evals/bench_losses.py --tokens 2048 --vocab 65536 --hidden 1024 --losses fkl,jsd --repeats 3
 
-Both variants get the same inputs: student hidden states [N, H] (requires grad), the LM head (nn.Linear, whose
-weight gets a gradient) and full teacher logits [N, V]. "naive" computes all N x V student logits at once and
-the divergence with plain torch ops (what a first implementation does); "ours" is the registered loss (fused
-head, gradients computed chunk by chunk). Sinkhorn's naive variant also materialises all logits, then solves
-the same batch-wise OT problems.
+`--large` runs 4096 x 2048 x 128256, 8192 x 4096 x 128256 and 16384 x 4096 x 151936 (tokens x hidden x vocab;
+Llama-3 and Qwen-2 vocabularies) in bfloat16.
+
+Every variant gets the student's hidden states [N, H] (requires grad) and LM head (nn.Linear, whose weight
+gets a gradient), and the teacher in the form it takes:
+- "naive": full teacher logits [N, V]; all N x V student logits at once and the divergence in plain torch ops
+  (what a first implementation does). Sinkhorn's naive variant also materialises all logits, then solves the
+  same batch-wise OT problems.
+- "ours": the registered loss with full teacher logits [N, V] (TeacherSignal(logits=...)).
+- "head": the registered loss with the teacher's final hidden states [N, H] and LM head [V, H]
+  (TeacherSignal(final_hidden=..., head_weight=...)): the teacher's logits exist a chunk at a time, and their
+  matmul is part of this variant's time.
+- "liger": liger-kernel's LigerFusedLinearJSD on the same teacher hidden states and head (fkl is its beta=0,
+  rkl beta=1, jsd beta=0.5); shown only when `import liger_kernel` works, "-" where it cannot run (CPU).
+Inputs are built before measuring, so the teacher logits of "naive" and "ours" are not in their peaks.
 
 What is measured:
 - peak memory: the extra memory of one forward+backward above what the inputs already use.
   CUDA: torch.cuda.max_memory_allocated() minus the allocated bytes after the inputs were built (the caching
   allocator's own view, so exactly what torch allocated). CPU: every (loss, variant) runs in a fresh
   subprocess, and the number is the process's peak resident set size (getrusage ru_maxrss, which sees torch's
-  allocations as the kernel sees them) minus its RSS right after the inputs were built (built in place so
-  their construction leaves no higher transient peak), with glibc's mmap threshold fixed at 128 KiB so freed
-  blocks leave the resident set. It includes allocator and page granularity, so small sizes are noisy.
-- time: median wall time of `--repeats` forward+backward runs after one warm-up, in the same process.
-Ratios: mem = ours / naive (goal <= 0.15), speed = naive time / ours time (goal >= 1.0).
+  allocations as the kernel sees them) minus its RSS right after the inputs were built and the loss code
+  imported (built in place so their construction leaves no higher transient peak), with glibc's mmap
+  threshold fixed at 128 KiB so freed blocks leave the resident set. It includes allocator and page
+  granularity, so small sizes are noisy.
+- time: the fastest of `--repeats` forward+backward runs after one warm-up, all variants of a loss in one
+  process taking turns (so load from other processes on a shared machine hits them alike, and the minimum is
+  the least disturbed run).
+Ratios: mem = variant / naive (CPU goal <= 0.15), speed = naive time / variant time (CPU goal >= 1.0).
 """
 
 from __future__ import annotations
@@ -28,7 +42,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +53,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LOSSES = ["fkl", "rkl", "jsd", "sinkhorn"]
+LARGE = [(4096, 2048, 128256), (8192, 4096, 128256), (16384, 4096, 151936)]
+LIGER_BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": 0.5}
 
 
 def naive_loss(name: str, logits: torch.Tensor, teacher: torch.Tensor, group_size: int = 64) -> torch.Tensor:
@@ -66,31 +81,52 @@ def naive_loss(name: str, logits: torch.Tensor, teacher: torch.Tensor, group_siz
     raise ValueError(name)
 
 
-def build_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
+def build_inputs(impl: str, tokens: int, hidden: int, vocab: int, dtype, device: str, seed: int = 0) -> dict:
+    """The student's hidden states and head, and the teacher in the form `impl` takes, each built in place
+    (no temporary larger than the inputs themselves). The teacher's logits are its head applied to its
+    hidden states, so every variant sees the same teacher."""
     torch.manual_seed(seed)
-    # Built in place: no temporary larger than the inputs themselves.
     head = torch.nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
         head.weight.normal_(0.0, hidden**-0.5)
-    h = torch.empty(tokens, hidden, device=device, dtype=dtype).normal_().requires_grad_(True)
-    teacher = torch.empty(tokens, vocab, device=device, dtype=dtype).normal_(0.0, 2.0)
-    targets = torch.zeros(1, tokens, dtype=torch.long, device=device)
-    return h, head, teacher, targets
+    inputs = {
+        "h": torch.empty(tokens, hidden, device=device, dtype=dtype).normal_().requires_grad_(True),
+        "head": head,
+        "teacher_hidden": torch.empty(tokens, hidden, device=device, dtype=dtype).normal_(),
+        "teacher_weight": torch.empty(vocab, hidden, device=device, dtype=dtype).normal_(0, 2 * hidden**-0.5),
+        "targets": torch.zeros(1, tokens, dtype=torch.long, device=device),
+    }
+    if impl in ("naive", "ours"):
+        with torch.no_grad():
+            inputs["teacher_logits"] = inputs["teacher_hidden"] @ inputs["teacher_weight"].T
+        del inputs["teacher_hidden"], inputs["teacher_weight"]
+    return inputs
 
 
-def step(name: str, impl: str, h, head, teacher, targets) -> None:
+def step(name: str, impl: str, inputs: dict) -> None:
     from llmdistill.losses import get_loss
     from llmdistill.signal import StudentOutput, TeacherSignal
 
+    h, head = inputs["h"], inputs["head"]
     h.grad = None
     head.weight.grad = None
     if impl == "naive":
-        loss = naive_loss(name, head(h), teacher)
+        loss = naive_loss(name, head(h), inputs["teacher_logits"])
+    elif impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        fused = LigerFusedLinearJSD(jsd_beta=LIGER_BETA[name])
+        loss = fused(h, head.weight, inputs["teacher_hidden"], inputs["teacher_weight"], None)
     else:
         student = StudentOutput(hidden=h.unsqueeze(0), head=head)
-        signal = TeacherSignal(logits=teacher.unsqueeze(0))
+        if impl == "ours":
+            signal = TeacherSignal(logits=inputs["teacher_logits"].unsqueeze(0))
+        else:
+            signal = TeacherSignal(
+                final_hidden=inputs["teacher_hidden"].unsqueeze(0), head_weight=inputs["teacher_weight"]
+            )
         params = {"beta": 0.5} if name == "jsd" else {}
-        loss, _ = get_loss(name)(student, signal, {"targets": targets}, **params)
+        loss, _ = get_loss(name)(student, signal, {"targets": inputs["targets"]}, **params)
     loss.backward()
 
 
@@ -99,37 +135,134 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(args, name: str, impl: str) -> dict:
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    dtype = getattr(torch, args.dtype)
-    h, head, teacher, targets = build_inputs(args.tokens, args.hidden, args.vocab, dtype, device)
+def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(name, impl, h, head, teacher, targets)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        step(name, impl, h, head, teacher, targets)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
-    for _ in range(args.repeats):
+
+
+def measure(args, name: str, impl: str) -> dict:
+    """Peak memory of one forward+backward of one variant, in this (fresh) process."""
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    from llmdistill.losses import get_loss
+
+    get_loss(name)  # imports every loss module before the baseline
+    if impl == "liger":
+        import liger_kernel.transformers  # noqa: F401
+    inputs = build_inputs(impl, args.tokens, args.hidden, args.vocab, getattr(torch, args.dtype), device)
+    result = {"loss": name, "impl": impl, "device": device}
+    try:
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(name, impl, h, head, teacher, targets)
-        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(name, impl, inputs)
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {
-        "loss": name,
-        "impl": impl,
-        "peak_bytes": max(peak, 0),
-        "seconds": statistics.median(times),
-        "device": device,
-    }
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            base = _rss_bytes()
+            step(name, impl, inputs)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    except torch.OutOfMemoryError:
+        return result | {"error": "OOM"}
+    except Exception as e:  # liger-kernel imports on CPU but its Triton kernels need a GPU
+        if impl != "liger":
+            raise
+        return result | {"error": type(e).__name__}
+    return result | {"peak_bytes": max(peak, 0)}
+
+
+def time_variants(args, name: str, impls: list[str]) -> dict[str, float]:
+    """Fastest forward+backward of each variant over `repeats` rounds that take the variants in turn, in one
+    process: load from other processes then hits every variant alike. Variants that failed are skipped."""
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    dtype = getattr(torch, args.dtype)
+    inputs = {impl: build_inputs(impl, args.tokens, args.hidden, args.vocab, dtype, device) for impl in impls}
+    times = {impl: [] for impl in impls}
+    for round_ in range(args.repeats + 1):  # the first round warms up
+        for impl in impls:
+            _sync(device)
+            start = time.perf_counter()
+            step(name, impl, inputs[impl])
+            _sync(device)
+            if round_:
+                times[impl].append(time.perf_counter() - start)
+    return {impl: min(t) for impl, t in times.items()}
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _passthrough(args) -> list[str]:
+    flags = [f"--tokens={args.tokens}", f"--hidden={args.hidden}", f"--vocab={args.vocab}"]
+    flags += [f"--dtype={args.dtype}", f"--repeats={args.repeats}"]
+    return flags + (["--cpu"] if args.cpu else [])
+
+
+def _subprocess(args, mode: str, env: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, mode, *_passthrough(args)], capture_output=True, text=True, env=env
+    )
+    if out.returncode != 0:
+        lines = (out.stderr.strip() or "failed").splitlines()
+        return {"error": lines[-1][:40]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(args, env: dict) -> None:
+    impls = ["naive", "ours", "head"] + (["liger"] if liger_available() else [])
+    print(
+        f"tokens {args.tokens}, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}; peak = extra MiB of "
+        f"one fwd+bwd; time = fastest of {args.repeats} interleaved repeats, seconds"
+    )
+    header = f"{'loss':<9}" + "".join(f"{impl + ' MiB':>11}" for impl in impls)
+    header += "".join(f"{impl + ' s':>10}" for impl in impls)
+    header += "".join(f"{'mem ' + impl:>11}" for impl in impls[1:])
+    header += "".join(f"{'speed ' + impl:>13}" for impl in impls[1:])
+    print(header)
+    device = None
+    for name in args.losses.split(","):
+        row = {}
+        for impl in impls:
+            if impl == "liger" and name not in LIGER_BETA:
+                row[impl] = {"error": "n/a"}
+                continue
+            # A fresh process per variant: peak RSS is per process, and nothing one variant cached helps
+            # another.
+            row[impl] = _subprocess(args, f"--one={name}:{impl}", env)
+            device = row[impl].get("device", device)
+        timed = [impl for impl in impls if "error" not in row[impl]]
+        seconds = _subprocess(args, f"--time={name}:{','.join(timed)}", env)
+        for impl in impls:
+            if impl in seconds:
+                row[impl]["seconds"] = seconds[impl]
+            elif "error" not in row[impl]:
+                row[impl]["error"] = seconds.get("error", "no time")
+
+        def mib(r):
+            return f"{r['peak_bytes'] / 2**20:>11.1f}" if "error" not in r else f"{r['error']:>11}"
+
+        def sec(r):
+            return f"{r['seconds']:>10.3f}" if "error" not in r else f"{'-':>10}"
+
+        naive = row["naive"]
+        line = f"{name:<9}" + "".join(mib(row[i]) for i in impls) + "".join(sec(row[i]) for i in impls)
+        for key, fmt, width in (("peak_bytes", "{:.3f}", 11), ("seconds", "{:.2f}x", 13)):
+            for impl in impls[1:]:
+                r = row[impl]
+                if "error" in r or "error" in naive:
+                    line += f"{'-':>{width}}"
+                elif key == "peak_bytes":
+                    line += f"{fmt.format(r[key] / max(naive[key], 1)):>{width}}"
+                else:
+                    line += f"{fmt.format(naive[key] / r[key]):>{width}}"
+        print(line, flush=True)
+    liger = "liger-kernel column included" if "liger" in impls else "liger-kernel not installed: no column"
+    print(f"device: {device}; {liger}")
 
 
 def main(argv=None) -> None:
@@ -137,69 +270,30 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--large", action="store_true", help="4096 tokens, hidden 2048, vocab 128256")
+    parser.add_argument("--large", action="store_true", help="the three GPU sizes of the module docstring")
     parser.add_argument("--losses", default=",".join(LOSSES))
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="float32; --large: bfloat16")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "loss:impl", run in this process only
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "loss:impl", peak memory here
+    parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: "loss:impl,impl", times here
     args = parser.parse_args(argv)
-    if args.large:
-        args.tokens, args.hidden, args.vocab = 4096, 2048, 128256
+    args.dtype = args.dtype or ("bfloat16" if args.large else "float32")
     if args.one:
         name, impl = args.one.split(":")
         print(json.dumps(measure(args, name, impl)))
         return
-    passthrough = [
-        f"--tokens={args.tokens}",
-        f"--hidden={args.hidden}",
-        f"--vocab={args.vocab}",
-        f"--dtype={args.dtype}",
-        f"--repeats={args.repeats}",
-    ] + (["--cpu"] if args.cpu else [])
-    print(
-        f"tokens {args.tokens}, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}; "
-        "peak = extra memory of one fwd+bwd; time = median of repeats"
-    )
-    columns = [
-        ("loss", 9),
-        ("naive MiB", 11),
-        ("ours MiB", 10),
-        ("mem ratio", 11),
-        ("naive s", 10),
-        ("ours s", 9),
-        ("speed", 8),
-    ]
-    print(f"{columns[0][0]:<{columns[0][1]}}" + "".join(f"{n:>{w}}" for n, w in columns[1:]))
+    if args.time:
+        name, impls = args.time.split(":")
+        print(json.dumps(time_variants(args, name, impls.split(","))))
+        return
     # glibc serves large blocks from its heap once its adaptive mmap threshold has grown, and keeps freed heap
     # memory resident; a fixed threshold makes every block over 128 KiB its own mapping, returned on free, so
-    # the resident set follows what torch actually holds (same setting for both variants).
+    # the resident set follows what torch actually holds (same setting for every variant).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    for name in args.losses.split(","):
-        row = {}
-        for impl in ("naive", "ours"):
-            # A fresh process per variant: peak RSS is per process, and nothing one variant cached helps
-            # another.
-            out = subprocess.run(
-                [sys.executable, __file__, f"--one={name}:{impl}", *passthrough],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=env,
-            )
-            row[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-        naive, ours = row["naive"], row["ours"]
-        mem_ratio = ours["peak_bytes"] / max(naive["peak_bytes"], 1)
-        speed = naive["seconds"] / ours["seconds"]
-        print(
-            f"{name:<9}{naive['peak_bytes'] / 2**20:>11.1f}{ours['peak_bytes'] / 2**20:>10.1f}"
-            f"{mem_ratio:>11.3f}"
-            f"{naive['seconds']:>10.3f}{ours['seconds']:>9.3f}{speed:>7.2f}x",
-            flush=True,
-        )
-    print(
-        f"device: {row['ours']['device']}; liger-kernel column: only where it runs (CUDA); not measured here"
-    )
+    for tokens, hidden, vocab in LARGE if args.large else [(args.tokens, args.hidden, args.vocab)]:
+        args.tokens, args.hidden, args.vocab = tokens, hidden, vocab
+        print_table(args, env)
 
 
 if __name__ == "__main__":

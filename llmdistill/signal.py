@@ -19,8 +19,11 @@ IGNORE_INDEX = -100
 class TeacherSignal:
     """What a teacher says about a batch, aligned with the batch's positions.
 
-    Either full `logits` [B, T, V] or sparse `topk_ids` [B, T, K] (int32) with `topk_logprobs` [B, T, K], the
-    teacher's log-probabilities (so 1 - exp(logsumexp(topk_logprobs)) is the tail mass outside the top K).
+    Either full `logits` [B, T, V]; or the same without ever holding them: `final_hidden` [B, T, H_t] (after
+    the final norm) with the LM head's `head_weight` [V, H_t] and `head_bias`, from which losses compute the
+    logits chunk by chunk (see `head_signal`); or sparse `topk_ids` [B, T, K] (int32) with `topk_logprobs`
+    [B, T, K], the teacher's log-probabilities (so 1 - exp(logsumexp(topk_logprobs)) is the tail mass outside
+    the top K).
     """
 
     logits: torch.Tensor | None = None
@@ -29,6 +32,9 @@ class TeacherSignal:
     # Sparse teachers: the log-prob of the actual next token at each position [B, T] (NaN: not given), which
     # the top-k may not hold (alm reads it; vLLM always returns it).
     target_logprobs: torch.Tensor | None = None
+    final_hidden: torch.Tensor | None = None
+    head_weight: torch.Tensor | None = None
+    head_bias: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] | None = None  # per layer [B, T, H_t], embeddings first (HF convention)
     # Cross-tokenizer runs: the teacher's own tokenization of the same text, and byte offsets per token.
     input_ids: torch.Tensor | None = None
@@ -36,12 +42,14 @@ class TeacherSignal:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.logits is None and (self.topk_ids is None or self.topk_logprobs is None):
-            raise ValueError("TeacherSignal needs logits, or topk_ids with topk_logprobs")
+        if self.is_sparse and (self.topk_ids is None or self.topk_logprobs is None):
+            raise ValueError(
+                "TeacherSignal needs logits, final_hidden with head_weight, or topk_ids with topk_logprobs"
+            )
 
     @property
     def is_sparse(self) -> bool:
-        return self.logits is None
+        return self.logits is None and (self.final_hidden is None or self.head_weight is None)
 
 
 @dataclass
@@ -92,3 +100,63 @@ def packed_attention_kwargs(model, position_ids: torch.Tensor) -> dict:
     # Every row starts a document at position 0, so the restarts of the flattened positions are the cuts.
     (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
     return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": max_q, "max_length_k": max_k}
+
+
+@torch.no_grad()
+def head_signal(model, input_ids, position_ids, output_hidden_states: bool = False) -> TeacherSignal:
+    """The teacher signal of an HF causal LM (or of a DeepSpeed engine wrapping one) in the fused form: its
+    final hidden states and LM head, so [B, T, V] logits never exist.
+
+    The model's own forward runs, so ZeRO-3's hooks gather and release parameters as usual, with
+    `logits_to_keep=1`; a forward hook on `get_decoder()` takes its `last_hidden_state` (after the final
+    norm). The one position of logits the forward still computes checks that the model's logits are its head
+    applied to those states (no soft-capping or scaling after the head). A ZeRO-3-partitioned head is gathered
+    and copied once per call.
+    """
+    import inspect
+
+    import torch.nn.functional as F
+
+    from llmdistill.config import ConfigError
+
+    inner = getattr(model, "module", model)
+    captured = []
+    hook = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    try:
+        out = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+            **keep,
+            **packed_attention_kwargs(inner, position_ids),
+        )
+    finally:
+        hook.remove()
+    head = inner.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None]):
+            weight, bias = weight.clone(), None if bias is None else bias.clone()
+    hidden = captured[-1]
+    expected = out.logits[:, -1].float()
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    if not torch.allclose(
+        F.linear(hidden[:, -1], weight, bias).float(),
+        expected,
+        rtol=tolerance,
+        atol=tolerance * float(expected.abs().max()),
+    ):
+        raise ConfigError(
+            f"teacher {type(inner).__name__}: its logits are not its LM head applied to its last hidden "
+            "state (soft-capping or scaling after the head?), so the fused teacher form does not apply"
+        )
+    return TeacherSignal(
+        final_hidden=hidden,
+        head_weight=weight.detach(),
+        head_bias=None if bias is None else bias.detach(),
+        hidden_states=list(out.hidden_states) if output_hidden_states else None,
+    )

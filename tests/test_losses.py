@@ -534,3 +534,156 @@ def test_context_defaults_fill_only_parameters_a_loss_takes_and_the_config_leave
     assert objective.stateful["0"].pairs == [(1, 1), (4, 2)]
     assert objective.stateful["1"].pairs == [(2, 1), (3, 2)]  # the config's own map wins
     assert objective.terms[2][3] == {}  # fkl takes no layer_map
+
+
+# --- the fused teacher form (final hidden states + LM head) and the closed-form gradients ---
+
+
+def teacher_head_case(seed, vocab_t=V, bias=True):
+    """Teacher hidden states [B, T, H_t] and head (weight, bias), and the same teacher as full logits."""
+    g = torch.Generator().manual_seed(seed)
+    hidden_t = torch.randn(B, T, 12, generator=g)
+    weight_t = torch.randn(vocab_t, 12, generator=g)
+    bias_t = torch.randn(vocab_t, generator=g) if bias else None
+    head_form = TeacherSignal(final_hidden=hidden_t, head_weight=weight_t, head_bias=bias_t)
+    return head_form, TeacherSignal(logits=F.linear(hidden_t, weight_t, bias_t))
+
+
+@pytest.mark.parametrize("name", [*DIVERGENCES, "sinkhorn"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("recompute", [False, True], ids=["eager", "recompute"])
+def test_teacher_head_form_equals_logits_form(name, temperature, recompute):
+    hidden, weight, _, batch = make_case(seed=20)
+    head_form, logits_form = teacher_head_case(seed=21, vocab_t=V + 8)  # padded teacher vocabulary too
+    assert not head_form.is_sparse
+    results = []
+    for signal in (head_form, logits_form):
+        student, h, head = student_of(hidden, weight, recompute)
+        size = {} if name == "sinkhorn" else {"chunk_size": 3}
+        value, _ = get_loss(name)(student, signal, batch, temperature=temperature, **size)
+        results.append((value, *torch.autograd.grad(value, [h, head.weight])))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_head_form_without_grad_and_in_the_objective():
+    hidden, weight, _, batch = make_case(seed=22)
+    head_form, logits_form = teacher_head_case(seed=23, bias=False)
+    objective = Objective([LossTerm(name="jsd", weight=0.5), LossTerm(name="ce", weight=0.2)])
+    with torch.no_grad():
+        a, _ = objective(student_of(hidden, weight)[0], head_form, batch)
+        b, _ = objective(student_of(hidden, weight)[0], logits_form, batch)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="final_hidden with head_weight"):
+        TeacherSignal(final_hidden=head_form.final_hidden)
+
+
+@pytest.mark.parametrize(
+    "divergence",
+    ["fkl", "rkl", "jsd:0.3", "skew_fkl:0.2", "skew_rkl:0.2", "tvd"],
+)
+def test_closed_form_divergence_gradient_matches_autograd(divergence):
+    """Each divergence's value and d/dlog q against autograd through the plain formula (log q a free leaf)."""
+    from llmdistill.losses import divergences as d
+
+    name, _, param = divergence.partition(":")
+    fn = {
+        "fkl": d.fkl_grad,
+        "rkl": d.rkl_grad,
+        "tvd": d.tvd_grad,
+        "jsd": lambda: d.jsd_grad(float(param)),
+        "skew_fkl": lambda: d.skew_fkl_grad(float(param)),
+        "skew_rkl": lambda: d.skew_rkl_grad(float(param)),
+    }[name]
+    fn = fn() if param else fn
+    g = torch.Generator().manual_seed(24)
+    log_p = torch.log_softmax(torch.randn(7, 30, generator=g, dtype=torch.float64) * 3, -1)
+    log_q = torch.log_softmax(torch.randn(7, 30, generator=g, dtype=torch.float64) * 3, -1)
+    leaf = log_q.clone().requires_grad_(True)
+    p, q = log_p.exp(), leaf.exp()
+    kw = {"beta": float(param)} if name == "jsd" else {"alpha": float(param)} if param else {}
+    expected = ref_rows(name, p, q, **kw)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    rows, grad = fn(log_p.clone(), log_q, True)
+    torch.testing.assert_close(rows, expected.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+    assert fn(log_p.clone(), log_q, False)[1] is None
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("recompute", [False, True], ids=["eager", "recompute"])
+def test_ce_closed_form_gradient_matches_autograd_with_bias(smoothing, recompute):
+    hidden, weight, _, batch = make_case(seed=25)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(26))
+    student, h, head = student_of(hidden, weight)
+    head.bias = torch.nn.Parameter(bias.clone())
+    if recompute:
+        student = StudentOutput(hidden=h, head=WrappedHead(head))
+    value, _ = get_loss("ce")(student, None, batch, label_smoothing=smoothing, chunk_size=4)
+    grads = torch.autograd.grad(value, [h, head.weight, head.bias])
+    h64, w64, b64 = (x.double().requires_grad_(True) for x in (hidden, weight, bias))
+    expected = F.cross_entropy(
+        F.linear(h64, w64, b64).reshape(-1, V), batch["targets"].reshape(-1), label_smoothing=smoothing
+    )
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(expected, [h64, w64, b64]), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd", "ce"])
+def test_bf16_fused_loss_tracks_fp32(name):
+    """bf16 head and hidden states: logits and gradients in bf16 (grad_W accumulated in bf16), the divergence
+    in fp32; values and gradients stay within bf16 rounding of the fp32 loss."""
+    hidden, weight, teacher, batch = make_case(seed=27)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        student, h, head = student_of(hidden.to(dtype), weight.to(dtype))
+        head.to(dtype)
+        value, _ = get_loss(name)(student, TeacherSignal(logits=teacher.to(dtype)), batch, chunk_size=3)
+        grads = torch.autograd.grad(value, [h, head.weight])
+        assert value.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+        results.append((value.detach(), *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b.float(), a, rtol=5e-2, atol=5e-2 * float(a.abs().max()))
+
+
+def test_head_signal_from_an_hf_model(tiny_llama):
+    from llmdistill.signal import head_signal
+
+    g = torch.Generator().manual_seed(28)
+    input_ids = torch.randint(0, 2048, (2, 9), generator=g)
+    position_ids = torch.arange(9).repeat(2, 1)
+    signal = head_signal(tiny_llama, input_ids, position_ids, output_hidden_states=True)
+    with torch.no_grad():
+        out = tiny_llama(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True)
+    assert torch.equal(signal.head_weight, tiny_llama.lm_head.weight) and signal.head_bias is None
+    torch.testing.assert_close(F.linear(signal.final_hidden, signal.head_weight), out.logits)
+    assert len(signal.hidden_states) == len(out.hidden_states)
+    batch = {"targets": input_ids.roll(-1, 1)}
+    hidden = torch.randn(2, 9, 16, generator=g)
+    weight = torch.randn(2048, 16, generator=g) * 0.1
+    a, _ = get_loss("fkl")(student_of(hidden, weight)[0], signal, batch)
+    b, _ = get_loss("fkl")(student_of(hidden, weight)[0], TeacherSignal(logits=out.logits), batch)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_head_signal_refuses_a_model_whose_logits_are_not_its_head():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from llmdistill.signal import head_signal
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=32,
+        final_logit_softcapping=0.5,
+    )
+    model = Gemma2ForCausalLM(config).eval()
+    input_ids = torch.randint(0, 256, (1, 6))
+    with pytest.raises(ConfigError, match="soft-capping"):
+        head_signal(model, input_ids, torch.arange(6)[None])

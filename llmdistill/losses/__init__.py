@@ -144,6 +144,8 @@ def _inputs_to_check(student, signal):
     if signal is not None:
         if signal.logits is not None:
             yield "teacher logits", signal.logits
+        if signal.final_hidden is not None:
+            yield "teacher final hidden state", signal.final_hidden
         if signal.topk_logprobs is not None:
             yield "teacher top-k logprobs", signal.topk_logprobs
         for i, h in enumerate(signal.hidden_states or ()):

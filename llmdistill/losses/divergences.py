@@ -1,18 +1,22 @@
 """Token-level losses over the vocabulary, fused with the LM head and computed chunk by chunk.
 
-How the memory stays small (the Liger idea, kept compatible with ZeRO-3):
-the student's logits only ever exist for `chunk_size` valid positions at a time. Each chunk runs
-`student.head(hidden_chunk)` and the divergence inside `torch.utils.checkpoint(..., use_reentrant=False)`, so
-the forward keeps nothing of the chunk but its [chunk, H] hidden rows, and the backward recomputes the chunk's
-logits just before differentiating them. Peak extra memory is therefore a few [chunk, V] fp32 buffers (forward
-or backward), never [B*T, V].
-
-ZeRO-3: the head is always called as the module (`student.head(...)`), never through its `.weight`, so
-DeepSpeed's module hooks gather the partitioned weight both in the forward and in the recomputation during the
-backward (the same path as activation checkpointing in HF models). The non-reentrant checkpoint keeps one
-autograd graph, so the head weight's gradient is accumulated once per backward (ZeRO-2/3 reduce hooks fire
-once), unlike a per-chunk `torch.autograd.backward`. Cost: one extra [chunk, H] x [H, V] matmul per chunk (4
-head matmuls instead of 3).
+How the memory stays small (the Liger idea, kept compatible with ZeRO-3): the student's logits only ever
+exist for `chunk_size` valid positions at a time, and so do the teacher's when the teacher comes as its final
+hidden states and LM head (TeacherSignal.final_hidden / head_weight) instead of [B, T, V] logits. Every
+divergence here has its gradient w.r.t. the student's logits in closed form, so a chunk's value and gradient
+come out of one pass over a few [chunk, V] fp32 buffers, with no autograd graph over them. Two paths
+(fused_head_loss):
+- eager, when the head is a plain nn.Linear with a full weight (no ZeRO, ZeRO-1/2): the gradients w.r.t. the
+  hidden states and the head weight are computed inside the forward's chunk loop (2 matmuls per chunk, in the
+  weight's dtype), the backward only hands them over: 3 head matmuls in all, nothing recomputed.
+- recompute, for any other head (ZeRO-3-partitioned, PEFT-wrapped): each chunk runs `student.head(h)` as the
+  module inside `torch.utils.checkpoint(..., use_reentrant=False)`, never through its `.weight`, so
+  DeepSpeed's module hooks gather the partitioned weight both in the forward and in the recomputation during
+  the backward (the same path as activation checkpointing in HF models). The non-reentrant checkpoint keeps
+  one autograd graph, so the head weight's gradient is accumulated once per backward (ZeRO-2/3 reduce hooks
+  fire once). Cost: one extra [chunk, H] x [H, V] matmul per chunk (4 head matmuls instead of 3).
+Peak extra memory is therefore a few [chunk, V] fp32 buffers plus the head weight's gradient, never
+[B*T, V]; the chunk size comes from a memory budget (CHUNK_BYTES) unless a loss's `chunk_size` sets it.
 
 Conventions (same for every divergence here):
 - p is the teacher, q the student, both at temperature T: softmax(logits / T). Values are averaged over the
@@ -49,8 +53,9 @@ log = logging.getLogger(__name__)
 # finite (0) where a probability is zero, and a reverse KL against a zero teacher probability is large but not
 # inf.
 LOGP_FLOOR = -1e4
-# Auto chunk size: this many logits ([chunk, V] fp32 = 128 MiB) per chunk.
-CHUNK_ELEMENTS = 1 << 25
+# Auto chunk size: the rows whose [rows, V] fp32 logits take this many bytes (a chunk's work holds about 3
+# such buffers at its peak); the `chunk_size` parameter of each loss overrides it.
+CHUNK_BYTES = 128 << 20
 TAIL_MODES = ("bucket", "renormalize")
 _logged: set[str] = set()
 
@@ -109,17 +114,15 @@ def _head_width(student: StudentOutput) -> int | None:
 def auto_chunk_size(
     student: StudentOutput, signal: TeacherSignal | None, chunk_size: int | None, batch: dict
 ) -> int:
-    """chunk_size, or: about CHUNK_ELEMENTS logits per chunk and at most 1/16 of the valid positions (so the
-    chunked peak stays well under the full [N, V]), never under 16 rows."""
+    """chunk_size, or: the rows whose [rows, V] fp32 logits take CHUNK_BYTES, at most 1/8 of the valid
+    positions (so the chunked peak stays well under the full [N, V]), never under 16 rows."""
     if chunk_size is not None:
         if chunk_size <= 0:
             raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
         return chunk_size
-    vocab = (
-        signal.logits.shape[-1] if signal is not None and signal.logits is not None else _head_width(student)
-    )
+    vocab = (teacher_vocab(signal) if signal is not None else None) or _head_width(student) or 32768
     positions = int((batch["targets"] != IGNORE_INDEX).sum())
-    return max(16, min(CHUNK_ELEMENTS // (vocab or 32768), -(-positions // 16)))
+    return max(16, min(CHUNK_BYTES // (4 * vocab), -(-positions // 8)))
 
 
 def _plain_linear_weight(head) -> bool:
@@ -130,98 +133,140 @@ def _plain_linear_weight(head) -> bool:
     return not hasattr(weight, "ds_id") and weight.shape == (head.out_features, head.in_features)
 
 
-class _EagerFusedLinearLoss(torch.autograd.Function):
-    """sum_c chunk_fn(h_c W^T + b) with the gradients computed during the forward, chunk by chunk
-    (Liger-style).
+# A chunk's `value_and_grad(logits, rows, grad_scale)` returns (the sum of the chunk's values as an fp32
+# scalar, grad_scale * d(sum)/d(logits) in the logits' dtype, or None when grad_scale is None). It never
+# modifies `logits` and drops its reference as soon as it has read them, so in the eager path (which hands
+# over its only reference) the chunk's logits are freed before the divergence's buffers are allocated.
 
-    Forward, per chunk: logits (1 matmul), the loss and its gradient w.r.t. the chunk's logits (local autograd
-    on a [chunk, V] leaf), then grad_h_c = g W and grad_W += g^T h_c (2 matmuls). Backward only scales the
-    stored [N, H] and [V, H] gradients by the incoming scalar: 3 head matmuls in all, like the naive version.
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """scale * sum_c value(h_c W^T + b), with the gradients computed during the forward, chunk by chunk.
+
+    Forward, per chunk: logits (1 matmul), the value and its gradient w.r.t. the logits in closed form, then
+    grad_h_c = g W and grad_W += g^T h_c (2 matmuls, in the weight's dtype: bf16 tensor cores on a GPU, no
+    fp32 copy of W or of grad_W). Backward only hands over the stored [N, H] and [V, H] gradients (scaled
+    when the upstream gradient is not 1): 3 head matmuls in all, nothing recomputed, no autograd graph over
+    [chunk, V]. In bf16, grad_W is rounded to bf16 once per chunk (as in liger-kernel): larger chunks, fewer
+    roundings.
     """
 
     @staticmethod
-    def forward(ctx, hidden_rows, weight, bias, chunk_fn, chunk_size, index):
-        grad_dtype = torch.float32
-        grad_h = torch.empty(hidden_rows.shape, dtype=hidden_rows.dtype, device=hidden_rows.device)
-        grad_w = torch.zeros(weight.shape, dtype=grad_dtype, device=weight.device)
-        grad_b = torch.zeros(bias.shape, dtype=grad_dtype, device=bias.device) if bias is not None else None
+    def forward(ctx, hidden_rows, weight, bias, value_and_grad, chunk_size, index, scale):
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden_rows) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_b = torch.zeros_like(bias) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden_rows.device)
         for start in range(0, hidden_rows.shape[0], chunk_size):
             h = hidden_rows[start : start + chunk_size]
-            with torch.enable_grad():
-                logits = F.linear(h, weight, bias).detach().requires_grad_(True)
-                value = chunk_fn(logits, index[start : start + chunk_size])
-                (grad_logits,) = torch.autograd.grad(value, logits)
-            total += value.detach().float()
-            grad_logits = grad_logits.to(weight.dtype)
-            grad_h[start : start + chunk_size] = grad_logits @ weight
-            grad_w.addmm_(grad_logits.t().to(grad_dtype), h.to(grad_dtype))
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0).to(grad_dtype)
-            del logits, grad_logits
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b)
-        return total
+            value, grad = value_and_grad(F.linear(h, weight, bias), index[start : start + chunk_size], scale)
+            total += value
+            grad = grad.to(weight.dtype)
+            if want_h:
+                torch.mm(grad, weight, out=grad_h[start : start + chunk_size])
+            if want_w:
+                grad_w.addmm_(grad.t(), h)
+            if want_b:
+                grad_b += grad.sum(0)
+            del grad
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        if torch.equal(grad_out, torch.ones_like(grad_out)):
-            # Hand the stored gradients over as they are: no extra [V, H] copy at the peak.
-            return grad_h, grad_w, grad_b, None, None, None
-        scale = grad_out.to(grad_h.dtype)
-        return (
-            grad_h * scale,
-            grad_w * scale,
-            grad_b * scale if grad_b is not None else None,
-            None,
-            None,
-            None,
-        )
+        grads = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):
+            grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+        # The stored tensors are handed over as they are when the upstream gradient is 1: autograd has
+        # released them from ctx by then, so the weight's .grad takes this buffer without another copy.
+        return *grads, None, None, None, None
 
 
-def fused_head_sum(
-    student: StudentOutput, batch: dict, chunk_size: int, chunk_fn
-) -> tuple[torch.Tensor, int]:
-    """sum over chunks of chunk_fn(student.head(hidden[rows]), rows); returns (sum, number of valid
-    positions).
+class _LogitsLoss(torch.autograd.Function):
+    """scale * value(logits) for the recompute path: the forward computes only the value; the backward the
+    closed-form gradient from the saved logits (which the surrounding checkpoint recomputes)."""
 
-    `rows` are flat indices into [B*T]; chunk_fn indexes the teacher with them itself, so no gathered copy of
-    the teacher outlives its chunk. Two ways to keep only [chunk, V] logits alive:
-    - eager (head is a plain nn.Linear with a full weight: no ZeRO or ZeRO-1/2): gradients are computed in the
-      forward, chunk by chunk (_EagerFusedLinearLoss), 3 head matmuls, nothing recomputed;
+    @staticmethod
+    def forward(ctx, logits, rows, value_and_grad, scale):
+        ctx.save_for_backward(logits, rows)
+        ctx.value_and_grad, ctx.scale = value_and_grad, scale
+        value, _ = value_and_grad(logits, rows, None)
+        return value * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, rows = ctx.saved_tensors
+        _, grad = ctx.value_and_grad(logits, rows, ctx.scale)
+        return grad.mul_(grad_out).to(logits.dtype), None, None, None
+
+
+def fused_head_loss(
+    student: StudentOutput, batch: dict, chunk_size: int, value_and_grad, factor: float = 1.0
+) -> torch.Tensor:
+    """factor * (sum of value_and_grad's chunk values) / (number of valid positions), with the student's head
+    applied chunk by chunk over the valid positions, so only [chunk, V] logits ever exist.
+
+    Two paths:
+    - eager (head is a plain nn.Linear with a full weight: no ZeRO or ZeRO-1/2): _FusedLinearLoss, gradients
+      in the forward, 3 head matmuls, nothing recomputed;
     - recompute (any other head, e.g. ZeRO-3-partitioned or PEFT-wrapped): each chunk runs `student.head(h)`
       as a module inside a non-reentrant checkpoint, so ZeRO-3's hooks gather the weight in the forward and
-      again in the backward's recomputation, and the head weight's gradient is accumulated once per backward.
+      again in the backward's recomputation, and the head weight's gradient is accumulated once per backward;
+      the chunk's gradient w.r.t. its logits is still the closed form (_LogitsLoss).
+    `rows` given to value_and_grad are flat indices into [B*T]; it indexes the teacher with them itself, so no
+    gathered copy of the teacher outlives its chunk.
     """
     index = valid_positions(batch)
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
     if index.numel() == 0:
         # Keep the graph connected so every rank's backward touches the same parameters.
-        return student.hidden.sum() * 0.0, 0
-    needs_grad = torch.is_grad_enabled()
+        return student.hidden.sum() * 0.0
+    scale = factor / index.numel()
     head = student.head
-    if needs_grad and _plain_linear_weight(head):
-        rows = hidden.index_select(0, index)
-        total = _EagerFusedLinearLoss.apply(rows, head.weight, head.bias, chunk_fn, chunk_size, index)
-        return total, index.numel()
+    if not torch.is_grad_enabled():
+        total = 0.0
+        for start in range(0, index.numel(), chunk_size):
+            rows = index[start : start + chunk_size]
+            total = total + value_and_grad(head(hidden.index_select(0, rows)), rows, None)[0]
+        return total * scale
+    if _plain_linear_weight(head):
+        # All positions valid (packed data): the hidden states themselves, no gathered copy.
+        rows_h = hidden if index.numel() == hidden.shape[0] else hidden.index_select(0, index)
+        return _FusedLinearLoss.apply(
+            rows_h, head.weight, head.bias, value_and_grad, chunk_size, index, scale
+        )
 
     def run(h, rows):
-        return chunk_fn(head(h), rows)
+        return _LogitsLoss.apply(head(h), rows, value_and_grad, scale)
 
     total = None
     for start in range(0, index.numel(), chunk_size):
         rows = index[start : start + chunk_size]
         h = hidden.index_select(0, rows)
-        if needs_grad:
-            value = checkpoint(run, h, rows, use_reentrant=False, preserve_rng_state=False)
-        else:
-            value = run(h, rows)
+        value = checkpoint(run, h, rows, use_reentrant=False, preserve_rng_state=False)
         total = value if total is None else total + value
-    return total, index.numel()
+    return total
+
+
+def autograd_value_and_grad(chunk_fn):
+    """value_and_grad from a differentiable chunk_fn(logits, rows) -> scalar, by autograd over the chunk (for
+    losses without a closed-form gradient, e.g. sinkhorn)."""
+
+    def value_and_grad(logits, rows, grad_scale):
+        if grad_scale is None:
+            with torch.no_grad():
+                return chunk_fn(logits, rows).float(), None
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_(True)
+            value = chunk_fn(leaf, rows).float()
+            (grad,) = torch.autograd.grad(value, leaf, torch.full_like(value, grad_scale))
+        return value.detach(), grad
+
+    return value_and_grad
 
 
 # ----------------------------------------------------------------------------------------------------
-# Teacher and student log-probabilities on a shared support, one chunk at a time.
+# The teacher's side, one chunk at a time.
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -245,83 +290,217 @@ def check_sparse_ids(signal: TeacherSignal, vocab: int) -> None:
         )
 
 
-def pair_log_probs(
-    student_logits: torch.Tensor, signal: TeacherSignal, rows: torch.Tensor, temperature: float, tail: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p_teacher, log q_student) on a common support, [rows, M], fp32; the teacher's clamped at
-    LOGP_FLOOR.
+def teacher_vocab(signal: TeacherSignal) -> int | None:
+    """The width of a full-vocabulary teacher's logits (None for a sparse one)."""
+    if signal.logits is not None:
+        return signal.logits.shape[-1]
+    return signal.head_weight.shape[0] if signal.head_weight is not None else None
 
-    Written for a small peak: the teacher side is built without autograd and in place, and the student's
-    logits are divided by T only when T != 1 (each [rows, V] temporary counts at the chunk's peak).
-    """
-    s = student_logits.float()
-    if not signal.is_sparse:
-        t_all = signal.logits.reshape(-1, signal.logits.shape[-1])
-        vocab = shared_vocab(s.shape[-1], t_all.shape[-1])
-        z = s[:, :vocab] if temperature == 1.0 else s[:, :vocab] / temperature
-        log_q = F.log_softmax(z, dim=-1)
-        with torch.no_grad():
-            t = t_all.index_select(0, rows)[:, :vocab].float()  # a fresh copy: safe to modify in place
-            if temperature != 1.0:
-                t.div_(temperature)
-            log_p = F.log_softmax(t, dim=-1).clamp_(min=LOGP_FLOOR)
-        return log_p, log_q
-    ids, logprobs = sparse_ids(signal, rows, s.shape[-1])
-    z = s if temperature == 1.0 else s / temperature
-    if tail == "bucket":
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=-1, keepdim=True)
-        # The student's rest is -inf only if its top-k hold all the mass: floor it like the teacher's.
-        log_q = torch.cat([z.gather(1, ids), rest.clamp(min=LOGP_FLOOR)], dim=-1) - lse
-        teacher_rest = log1mexp(torch.logsumexp(logprobs, dim=-1, keepdim=True))
-        log_p = F.log_softmax(torch.cat([logprobs, teacher_rest], dim=-1) / temperature, dim=-1)
-    else:
-        log_q = F.log_softmax(z.gather(1, ids), dim=-1)
-        log_p = F.log_softmax(logprobs / temperature, dim=-1)
-    return log_p.clamp(min=LOGP_FLOOR), log_q
+
+@torch.no_grad()
+def teacher_logit_rows(signal: TeacherSignal, rows: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits at flat positions `rows`, [n, V_t], a fresh tensor (safe to modify in place):
+    gathered from full logits, or its LM head applied to its final hidden states at those rows only."""
+    if signal.logits is not None:
+        return signal.logits.reshape(-1, signal.logits.shape[-1]).index_select(0, rows)
+    hidden = signal.final_hidden.reshape(-1, signal.final_hidden.shape[-1]).index_select(0, rows)
+    return F.linear(hidden, signal.head_weight, signal.head_bias)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Divergences between rows of log-probabilities: (log_p teacher, log_q student) -> [rows].
+# Divergences in closed form. Each takes (log_p teacher, log_q student) [n, M] in fp32 and want_grad, and
+# returns (value per row [n], d(sum of values)/d(log_q) [n, M] or None). It may overwrite log_p (always the
+# loss's own buffer), never log_q. Buffers are reused in place: each [n, M] temporary counts at the peak.
 
 
-def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row."""
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) without an [n, M] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
     """log(weight_a * a + (1 - weight_a) * b)."""
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    out = log_a + math.log(weight_a)
+    return torch.logaddexp(out, log_b + math.log1p(-weight_a), out=out)
+
+
+def fkl_grad(log_p, log_q, want_grad):
+    """KL(p || q) = sum p (log p - log q); d/dlog q = -p."""
+    p = log_p.exp()
+    rows = _rowdot(p, log_p) - _rowdot(p, log_q)
+    return rows, (p.neg_() if want_grad else None)
+
+
+def rkl_grad(log_p, log_q, want_grad):
+    """KL(q || p) = sum q (log q - log p); d/dlog q = q (log q - log p + 1)."""
+    q = log_q.exp()
+    diff = log_p.neg_().add_(log_q)
+    rows = _rowdot(q, diff)
+    return rows, (diff.add_(1.0).mul_(q) if want_grad else None)
+
+
+def jsd_grad(beta: float):
+    """TRL / GKD convention: beta = 0 is exactly forward KL(p||q), beta = 1 exactly reverse KL(q||p); in
+    between beta * KL(p||m) + (1 - beta) * KL(q||m) with m = beta * p + (1 - beta) * q, whose gradient is
+    d/dlog q = (1 - beta) q (log q - log m). (The interior tends to 0 at both ends, so the end points are
+    special cases, as in TRL's generalized_jsd_loss.)"""
+    if beta == 0.0:
+        return fkl_grad
+    if beta == 1.0:
+        return rkl_grad
+
+    def divergence(log_p, log_q, want_grad):
+        log_m = log_mix(log_p, log_q, beta)
+        p = log_p.exp()
+        rows = beta * _rowdot(p, log_p.sub_(log_m))
+        del p
+        q = log_q.exp()
+        q_over_m = log_m.neg_().add_(log_q)
+        rows += (1.0 - beta) * _rowdot(q, q_over_m)
+        return rows, (q_over_m.mul_(q).mul_(1.0 - beta) if want_grad else None)
+
+    return divergence
+
+
+def skew_fkl_grad(alpha: float):
+    """DistiLLM's alpha-skew KL: KL(p || m), m = alpha p + (1 - alpha) q; d/dlog q = -(1 - alpha) p q / m.
+    alpha = 0 is forward KL."""
+    if alpha == 0.0:
+        return fkl_grad
+
+    def divergence(log_p, log_q, want_grad):
+        log_m = log_mix(log_p, log_q, alpha)
+        p = log_p.exp()
+        rows = _rowdot(p, log_p.sub_(log_m))
+        if not want_grad:
+            return rows, None
+        return rows, log_m.neg_().add_(log_q).exp_().mul_(p).mul_(alpha - 1.0)
+
+    return divergence
+
+
+def skew_rkl_grad(alpha: float):
+    """DistiLLM's alpha-skew reverse KL: KL(q || m), m = alpha q + (1 - alpha) p;
+    d/dlog q = q (log q - log m + 1 - alpha q / m). alpha = 0 is reverse KL."""
+    if alpha == 0.0:
+        return rkl_grad
+
+    def divergence(log_p, log_q, want_grad):
+        q = log_q.exp()
+        q_over_m = log_mix(log_q, log_p, alpha).neg_().add_(log_q)
+        rows = _rowdot(q, q_over_m)
+        if not want_grad:
+            return rows, None
+        ratio = q_over_m.exp().mul_(-alpha)
+        return rows, q_over_m.add_(1.0).add_(ratio).mul_(q)
+
+    return divergence
+
+
+def tvd_grad(log_p, log_q, want_grad):
+    """0.5 sum |p - q|; d/dlog q = 0.5 q sign(q - p)."""
+    q = log_q.exp()
+    diff = log_p.exp_().neg_().add_(q)
+    rows = 0.5 * diff.abs().sum(-1)
+    return rows, (diff.sign_().mul_(q).mul_(0.5) if want_grad else None)
 
 
 def jsd_rows(log_p, log_q, beta: float):
-    # TRL / GKD convention: beta = 0 is exactly forward KL(p||q), beta = 1 exactly reverse KL(q||p); in
-    # between beta * KL(p||m) + (1 - beta) * KL(q||m) with m = beta * p + (1 - beta) * q. (The interior tends
-    # to 0 at both ends, so the end points are special cases, as in TRL's generalized_jsd_loss.)
-    if beta == 0.0:
-        return kl(log_p, log_q)
-    if beta == 1.0:
-        return kl(log_q, log_p)
-    log_m = log_mix(log_p, log_q, beta)
-    return beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m)
+    """Generalized JSD per row (see jsd_grad)."""
+    return jsd_grad(beta)(log_p.clone(), log_q, False)[0]
 
 
-def skew_fkl_rows(log_p, log_q, alpha: float):
-    # DistiLLM's alpha-skew KL: KL(p || alpha * p + (1 - alpha) * q); alpha = 0 is forward KL.
-    return kl(log_p, log_mix(log_p, log_q, alpha)) if alpha > 0 else kl(log_p, log_q)
+def softmax_backward(g: torch.Tensor, log_q: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * (g - q * sum(g)), q = exp(log_q): the gradient w.r.t. z of a function of log_q = log_softmax(z)
+    whose gradient w.r.t. log_q is g, written in `dtype` (the logits' own) in the same pass; overwrites
+    log_q."""
+    q = log_q.exp_().mul_(g.sum(-1, keepdim=True).mul_(-scale))
+    if dtype == q.dtype:
+        return q.add_(g, alpha=scale)
+    return torch.add(q, g, alpha=scale, out=torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
-def skew_rkl_rows(log_p, log_q, alpha: float):
-    # DistiLLM's alpha-skew reverse KL: KL(q || alpha * q + (1 - alpha) * p); alpha = 0 is reverse KL.
-    return kl(log_q, log_mix(log_q, log_p, alpha)) if alpha > 0 else kl(log_q, log_p)
+# ----------------------------------------------------------------------------------------------------
+# value_and_grad of a divergence between the student's chunk and the teacher on a common support.
 
 
-def tvd_rows(log_p, log_q):
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+def dense_divergence(signal: TeacherSignal, temperature: float, divergence):
+    """A full-vocabulary teacher (logits, or final hidden states + LM head): both sides' log-probabilities
+    over the shared vocabulary, the teacher's clamped at LOGP_FLOOR. d/dz of log_softmax(z) maps a gradient g
+    w.r.t. log q to g - q * sum(g)."""
+
+    def value_and_grad(logits, rows, grad_scale):
+        width, dtype = logits.shape[-1], logits.dtype
+        vocab = shared_vocab(width, teacher_vocab(signal))
+        with torch.no_grad():
+            t = teacher_logit_rows(signal, rows)[:, :vocab].float()
+            if temperature != 1.0:
+                t.div_(temperature)
+            log_p = F.log_softmax(t, dim=-1).clamp_(min=LOGP_FLOOR)
+            del t
+            z = logits[:, :vocab].float()
+            del logits
+            if temperature != 1.0:
+                z = z / temperature
+            log_q = F.log_softmax(z, dim=-1)
+            del z
+            rows_value, g = divergence(log_p, log_q, grad_scale is not None)
+            del log_p
+            if grad_scale is None:
+                return rows_value.sum(), None
+            grad = softmax_backward(g, log_q, grad_scale / temperature, dtype)
+            return rows_value.sum(), F.pad(grad, (0, width - vocab)) if width > vocab else grad
+
+    return value_and_grad
 
 
-def _divergence_loss(student, signal, batch, temperature, tail, chunk_size, rows_fn, name):
+def sparse_divergence(signal: TeacherSignal, temperature: float, tail: str, divergence):
+    """A top-k teacher, compared per `tail` (module docstring). Gradients w.r.t. the tempered logits z:
+    bucket: the student's support is log q_k = z[id_k] - lse(z) and log q_rest = lse(z outside the ids) -
+    lse(z) (clamped at LOGP_FLOOR, where it then passes no gradient), so with g = d/dlog q on that support,
+    dz_v = g_rest * q_v / q_rest - q_v * sum(g) outside the ids and g_k - q_v * sum(g) at id_k;
+    renormalize: log_softmax over z[ids], so dz = g - softmax(z[ids]) * sum(g) at the ids, 0 elsewhere."""
+
+    def value_and_grad(logits, rows, grad_scale):
+        width, dtype = logits.shape[-1], logits.dtype
+        with torch.no_grad():
+            ids, logprobs = sparse_ids(signal, rows, width)
+            z = logits.float()
+            del logits
+            if temperature != 1.0:
+                z = z / temperature
+            if tail == "bucket":
+                log_q_all = F.log_softmax(z, dim=-1)
+                del z
+                log_top = log_q_all.gather(1, ids)
+                outside = log_q_all.scatter_(1, ids, float("-inf"))  # in place: the tail's log q_v
+                log_rest = torch.logsumexp(outside, dim=-1, keepdim=True).clamp_(min=LOGP_FLOOR)
+                log_q = torch.cat([log_top, log_rest], dim=-1)
+                teacher_rest = log1mexp(torch.logsumexp(logprobs, dim=-1, keepdim=True))
+                log_p = F.log_softmax(torch.cat([logprobs, teacher_rest], dim=-1) / temperature, dim=-1)
+            else:
+                log_q = F.log_softmax(z.gather(1, ids), dim=-1)
+                del z
+                log_p = F.log_softmax(logprobs / temperature, dim=-1)
+            rows_value, g = divergence(log_p.clamp_(min=LOGP_FLOOR), log_q, grad_scale is not None)
+            if grad_scale is None:
+                return rows_value.sum(), None
+            g_sum = g.sum(-1, keepdim=True)
+            factor = grad_scale / temperature
+            if tail == "bucket":
+                g_rest = torch.where(log_rest > LOGP_FLOOR, g[:, -1:], 0.0)
+                # q_v / q_rest outside the ids (0 at the ids), then scaled in place into the gradient.
+                grad = outside.sub_(log_rest).exp_().mul_((g_rest - log_rest.exp() * g_sum) * factor)
+                top = g[:, :-1] - log_top.exp() * g_sum
+            else:
+                grad = torch.zeros(ids.shape[0], width, dtype=torch.float32, device=ids.device)
+                top = g - log_q.exp() * g_sum
+            return rows_value.sum(), grad.scatter_(1, ids, top * factor).to(dtype)
+
+    return value_and_grad
+
+
+def _divergence_loss(student, signal, batch, temperature, tail, chunk_size, divergence, name):
     if signal is None:
         raise ConfigError(f"loss {name} needs a teacher signal")
     if temperature <= 0:
@@ -331,15 +510,11 @@ def _divergence_loss(student, signal, batch, temperature, tail, chunk_size, rows
         width = _head_width(student)
         if width is not None:
             check_sparse_ids(signal, width)
-
-    def chunk_fn(logits, rows):
-        log_p, log_q = pair_log_probs(logits, signal, rows, temperature, tail)
-        return rows_fn(log_p, log_q).sum()
-
-    total, count = fused_head_sum(
-        student, batch, auto_chunk_size(student, signal, chunk_size, batch), chunk_fn
-    )
-    return total / max(count, 1) * temperature**2, {}
+        value_and_grad = sparse_divergence(signal, temperature, tail, divergence)
+    else:
+        value_and_grad = dense_divergence(signal, temperature, divergence)
+    size = auto_chunk_size(student, signal, chunk_size, batch)
+    return fused_head_loss(student, batch, size, value_and_grad, factor=temperature**2), {}
 
 
 @register("fkl", needs={"teacher"})
@@ -347,7 +522,7 @@ def forward_kl(
     student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
 ):
     """Forward KL(teacher || student): mode-covering; the classic distillation loss."""
-    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, kl, "fkl")
+    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, fkl_grad, "fkl")
 
 
 @register("rkl", needs={"teacher"})
@@ -355,9 +530,7 @@ def reverse_kl(
     student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
 ):
     """Reverse KL(student || teacher): mode-seeking (MiniLLM)."""
-    return _divergence_loss(
-        student, signal, batch, temperature, tail, chunk_size, lambda lp, lq: kl(lq, lp), "rkl"
-    )
+    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, rkl_grad, "rkl")
 
 
 @register("jsd", needs={"teacher"})
@@ -373,9 +546,7 @@ def generalized_jsd(
     """Generalized JSD(beta) in the TRL/GKD convention: beta=0 -> forward KL, beta=1 -> reverse KL."""
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"jsd: beta must be in [0, 1], got {beta}")
-    return _divergence_loss(
-        student, signal, batch, temperature, tail, chunk_size, lambda lp, lq: jsd_rows(lp, lq, beta), "jsd"
-    )
+    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, jsd_grad(beta), "jsd")
 
 
 @register("skew_fkl", needs={"teacher"})
@@ -398,7 +569,7 @@ def skew_forward_kl(
         temperature,
         tail,
         chunk_size,
-        lambda lp, lq: skew_fkl_rows(lp, lq, alpha),
+        skew_fkl_grad(alpha),
         "skew_fkl",
     )
 
@@ -423,7 +594,7 @@ def skew_reverse_kl(
         temperature,
         tail,
         chunk_size,
-        lambda lp, lq: skew_rkl_rows(lp, lq, alpha),
+        skew_rkl_grad(alpha),
         "skew_rkl",
     )
 
@@ -433,7 +604,7 @@ def total_variation(
     student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
 ):
     """Total variation distance 0.5 * sum |p - q|, in [0, 1] (times T^2)."""
-    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, tvd_rows, "tvd")
+    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, tvd_grad, "tvd")
 
 
 @register("ce")
@@ -447,8 +618,9 @@ def cross_entropy(
     """Next-token cross-entropy on the data's targets (already shifted; -100 positions are skipped)."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError(f"ce: label_smoothing must be in [0, 1), got {label_smoothing}")
-    total, count = summed_nll(student, batch, label_smoothing, chunk_size)
-    return total / max(count, 1), {}
+    size = auto_chunk_size(student, None, chunk_size, batch)
+    # The mean over targets is folded into the gradients in the forward (factor 1): no rescaling after.
+    return fused_head_loss(student, batch, size, _nll_value_and_grad(batch, label_smoothing)), {}
 
 
 def summed_nll(
@@ -456,14 +628,35 @@ def summed_nll(
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token negative log-likelihood of the batch's targets and the number of target tokens.
 
-    The one held-out NLL: the `ce` loss, the trainer's held-out evaluation (student and teacher) and
-    derivation's calibration and candidate losses all use it; the head runs chunk by chunk (fused_head_sum).
+    The one held-out NLL: the `ce` loss's value, the trainer's held-out evaluation (student and teacher) and
+    derivation's calibration and candidate losses; the head runs chunk by chunk (fused_head_loss).
     """
+    size = auto_chunk_size(student, None, chunk_size, batch)
+    count = valid_positions(batch).numel()
+    value_and_grad = _nll_value_and_grad(batch, label_smoothing)
+    return fused_head_loss(student, batch, size, value_and_grad, factor=float(count)), count
+
+
+def _nll_value_and_grad(batch: dict, label_smoothing: float):
     targets = batch["targets"].reshape(-1)
 
-    def chunk_fn(logits, rows):
-        return F.cross_entropy(
-            logits.float(), targets[rows], reduction="sum", label_smoothing=label_smoothing
-        )
+    def value_and_grad(logits, rows, grad_scale):
+        # The sum of (1 - e) * -log q[y] + e * mean_v(-log q_v), as F.cross_entropy with label smoothing e;
+        # its gradient is d/dz = q - (1 - e) onehot(y) - e / V.
+        with torch.no_grad():
+            y = targets.index_select(0, rows).unsqueeze(1)
+            dtype = logits.dtype
+            log_q = F.log_softmax(logits.float(), dim=-1)
+            del logits
+            value = -log_q.gather(1, y).sum()
+            if label_smoothing:
+                value = (1.0 - label_smoothing) * value - label_smoothing * log_q.mean(-1).sum()
+            if grad_scale is None:
+                return value, None
+            grad = log_q.exp_()
+            grad.scatter_add_(1, y, torch.full(y.shape, label_smoothing - 1.0, device=y.device))
+            if label_smoothing:
+                grad.sub_(label_smoothing / grad.shape[-1])
+            return value, (grad.mul_(grad_scale) if grad_scale != 1.0 else grad).to(dtype)
 
-    return fused_head_sum(student, batch, auto_chunk_size(student, None, chunk_size, batch), chunk_fn)
+    return value_and_grad

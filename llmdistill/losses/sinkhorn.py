@@ -35,12 +35,15 @@ import torch.nn.functional as F
 
 from llmdistill.config import ConfigError
 from llmdistill.losses.divergences import (
+    autograd_value_and_grad,
     check_sparse_ids,
     check_tail,
-    fused_head_sum,
+    fused_head_loss,
     log1mexp,
     shared_vocab,
     sparse_ids,
+    teacher_logit_rows,
+    teacher_vocab,
 )
 from llmdistill.losses.registry import register
 
@@ -127,8 +130,8 @@ def sinkhorn_loss(
     def chunk_fn(logits, rows):
         s = logits.float()
         if not signal.is_sparse:
-            t = signal.logits.reshape(-1, signal.logits.shape[-1]).index_select(0, rows)
-            vocab = shared_vocab(s.shape[-1], t.shape[-1])
+            t = teacher_logit_rows(signal, rows)
+            vocab = shared_vocab(s.shape[-1], teacher_vocab(signal))
             q = F.softmax(s[:, :vocab] / temperature, dim=-1)
             p = F.softmax(t[:, :vocab].float() / temperature, dim=-1)
             cost = l1_cost_dense(q, p)
@@ -145,5 +148,4 @@ def sinkhorn_loss(
         # Each group's value is a per-position average; weight it by the group's size for the overall mean.
         return sinkhorn_cost(cost, epsilon, iterations) * rows.numel()
 
-    total, count = fused_head_sum(student, batch, group_size, chunk_fn)
-    return total / max(count, 1), {}
+    return fused_head_loss(student, batch, group_size, autograd_value_and_grad(chunk_fn)), {}

@@ -3,10 +3,15 @@ batch."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from llmdistill.signal import TeacherSignal, packed_attention_kwargs
+from llmdistill.config import ConfigError
+from llmdistill.signal import TeacherSignal, head_signal, packed_attention_kwargs
 from llmdistill.teachers.base import Capabilities, TeacherSource, register_source
+
+log = logging.getLogger("llmdistill.teachers.hf")
 
 
 @register_source("hf")
@@ -19,6 +24,7 @@ class HFTeacher(TeacherSource):
     def __init__(self, model, hidden_states: bool = False):
         self.model = model  # an HF model, or a DeepSpeed engine wrapping one
         self.hidden_states = hidden_states
+        self.fused = True  # until the model shows its logits are not its head's output
 
     @classmethod
     def build(cls, cfg, model, needs, student):
@@ -26,10 +32,18 @@ class HFTeacher(TeacherSource):
 
     @torch.no_grad()
     def signal(self, batch: dict) -> TeacherSignal:
-        # Cross-tokenizer batches carry the teacher's own tokenization of the same text.
+        # Cross-tokenizer batches carry the teacher's own tokenization of the same text; alm/uld read logits.
         cross = "teacher_input_ids" in batch
         input_ids = batch["teacher_input_ids"] if cross else batch["input_ids"]
         position_ids = batch["teacher_position_ids"] if cross else batch["position_ids"]
+        if not cross and self.fused:
+            # The fused form: final hidden states and the LM head, so [B, T, V] teacher logits never exist;
+            # the losses apply the head chunk by chunk beside the student's.
+            try:
+                return head_signal(self.model, input_ids, position_ids, self.hidden_states)
+            except ConfigError as err:  # logits that are not the head's output (soft-capping): full logits
+                log.warning(f"{err}; using full teacher logits")
+                self.fused = False
         model = self.model.module if hasattr(self.model, "module") else self.model
         out = self.model(
             input_ids=input_ids,
