@@ -441,8 +441,8 @@ def test_on_policy_with_chat_data_writes_the_answer_after_the_chat_prompt(tmp_pa
             input_ids=batch["input_ids"][row : row + 1, :start], max_new_tokens=6, do_sample=False
         )[0, start:]
         assert torch.equal(written, greedy[: len(written)])
-    signal = source.signal(out)
-    assert signal.logits.shape[:2] == out["input_ids"].shape
+    signal = source.signal(out)  # the in-process teacher's fused form: final hidden states and head
+    assert signal.final_hidden.shape[:2] == out["input_ids"].shape
 
 
 def test_rollout_weights_lag_and_sync_every():
