@@ -658,7 +658,7 @@ def _vllm_like_scorer(model, k):
 def test_cross_tokenizer_batches_are_scored_on_the_teachers_tokens_and_alm_agrees(tmp_path):
     from llmdistill.losses import get_loss
     from llmdistill.models import load_model, model_from_config
-    from llmdistill.signal import StudentOutput
+    from llmdistill.signal import forward_to_head
     from llmdistill.teachers.hf import HFTeacher
 
     cfg, plan, _, batch = _cross_batch(tmp_path)
@@ -680,10 +680,7 @@ def test_cross_tokenizer_batches_are_scored_on_the_teachers_tokens_and_alm_agree
     torch.manual_seed(0)
     student_model = model_from_config(plan.student_config, "float32")
     with torch.no_grad():
-        hidden = student_model.model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).last_hidden_state
-    student = StudentOutput(hidden, student_model.lm_head)
+        student = forward_to_head(student_model, batch)
     got, got_metrics = get_loss("alm")(student, sparse, batch)
     want, want_metrics = get_loss("alm")(student, full, batch)
     assert got_metrics["alm/chunks_per_seq"] == want_metrics["alm/chunks_per_seq"] > 0

@@ -418,7 +418,7 @@ def test_alm_from_the_vllm_cache_and_server_equals_alm_from_the_in_process_teach
     from llmdistill.data import collate
     from llmdistill.losses import get_loss
     from llmdistill.models import load_model, model_from_config
-    from llmdistill.signal import StudentOutput
+    from llmdistill.signal import forward_to_head
     from llmdistill.teachers import build_teacher_source
     from llmdistill.teachers.hf import HFTeacher
     from llmdistill.teachers.vllm_server import VLLMServerTeacher
@@ -464,10 +464,7 @@ def test_alm_from_the_vllm_cache_and_server_equals_alm_from_the_in_process_teach
     torch.manual_seed(0)
     student_model = model_from_config(plan.student_config, "float32")
     with torch.no_grad():
-        hidden = student_model.model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).last_hidden_state
-    student = StudentOutput(hidden, student_model.lm_head)
+        student = forward_to_head(student_model, batch)
     want, want_metrics = get_loss("alm")(student, full, batch)
     assert want_metrics["alm/chunks_per_seq"] > 5
     for name, sparse in (("cache", cached), ("server", served)):
