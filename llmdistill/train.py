@@ -47,7 +47,7 @@ from llmdistill.losses.divergences import summed_nll
 from llmdistill.runlog import RunLog, truncate_log
 from llmdistill.session import build_datasets, build_models, loss_defaults, preflight
 from llmdistill.signal import StudentOutput, forward_to_head
-from llmdistill.teachers import TeacherUnavailable, build_teacher_source
+from llmdistill.teachers import TeacherUnavailable, build_teacher_source, check_teacher_ready
 from llmdistill.trackers import run_params
 
 log = logging.getLogger("llmdistill.train")
@@ -173,6 +173,7 @@ class Trainer:
         # Everything that needs no weights comes first, so that bad input costs seconds and writes nothing:
         # the config, its files and data sources, the run directory, the checkpoint to resume from, the data.
         self.plan = preflight(cfg)
+        check_teacher_ready(cfg, self.plan.needs)
         if cfg.eval is not None and (cfg.eval.every or cfg.eval.at_end):
             e = cfg.eval
             task_manager(e.tasks, e.include_paths, e.include_defaults)  # unknown task names fail now

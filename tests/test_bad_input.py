@@ -83,6 +83,12 @@ ROWS = [
         ],
         "needs a teacher, but teacher.source is 'none'",
     ),
+    # teacher sources
+    (
+        "missing_vllm_cache",
+        ["teacher.source=vllm_cache", "teacher.cache.dir={inputs}/no_cache"],
+        "teacher.cache.dir={inputs}/no_cache: no manifest.json",
+    ),
     # DeepSpeed
     ("offload_param_stage1", ["deepspeed.offload_param=true"], "offload_param needs deepspeed.zero_stage=3"),
     ("missing_ds_file", ["deepspeed.config_file={inputs}/ds.json"], "deepspeed.config_file not found"),

@@ -65,8 +65,7 @@ def check_teacher_source(cfg: Config, needs: frozenset[str], cross_tokenizer: bo
     if not needs & {"teacher", "teacher_hidden"}:
         return
     name = cfg.teacher.source
-    if name == "on_policy":
-        on_policy.check_on_policy(cfg)
+    source_class(name).preflight(cfg)
     can = source_class(name).capabilities
     if "teacher_hidden" in needs and not can.hidden_states:
         raise LLMDistillError(
@@ -77,6 +76,12 @@ def check_teacher_source(cfg: Config, needs: frozenset[str], cross_tokenizer: bo
         if name == "on_policy":
             raise LLMDistillError(on_policy.CROSS_TOKENIZER_REFUSAL)
         raise LLMDistillError(f"teacher.source={name} cannot serve a cross-tokenizer loss (alm, uld)")
+
+
+def check_teacher_ready(cfg: Config, needs: frozenset[str]) -> None:
+    """What a training run's teacher source reads must exist before any weights load (a built cache)."""
+    if needs & {"teacher", "teacher_hidden"}:
+        source_class(cfg.teacher.source).check_ready(cfg)
 
 
 def build_teacher_source(

@@ -54,6 +54,15 @@ class TeacherSource:
     on_consumed: Callable[[dict], None] | None = None
 
     @classmethod
+    def preflight(cls, cfg) -> None:
+        """Refuse a setting this source cannot run, before anything loads (cheap checks only)."""
+
+    @classmethod
+    def check_ready(cls, cfg) -> None:
+        """Before a training run loads weights: is what this source reads there (a built cache)? Not part of
+        preflight, which the cache builder also runs before the cache exists."""
+
+    @classmethod
     def build(cls, cfg, model, needs: frozenset[str], student) -> TeacherSource:
         raise NotImplementedError
 

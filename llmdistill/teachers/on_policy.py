@@ -187,6 +187,10 @@ class OnPolicyTeacher(TeacherSource):
     # would need the teacher's tokenization of the sampled text and a new chunk alignment per batch.
     capabilities = Capabilities(top_k=True, can_fail=True)
 
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        check_on_policy(cfg)
+
     def __init__(
         self,
         cfg: Config,

@@ -183,13 +183,20 @@ class VLLMCacheTeacher(TeacherSource):
 
     capabilities = Capabilities(top_k=True, cross_tokenizer=True)
 
+    @classmethod
+    def check_ready(cls, cfg) -> None:
+        root = Path(cfg.teacher.cache.dir)
+        if not (root / "manifest.json").is_file():
+            raise LLMDistillError(
+                f"teacher.cache.dir={root}: no manifest.json (build it with `llmdistill cache-teacher`)"
+            )
+
     def __init__(self, cfg: Config, tokenizer, vocab_size: int, teacher_path: str):
+        self.check_ready(cfg)
         self.root = Path(cfg.teacher.cache.dir)
         self.k = cfg.teacher.cache.top_k
         where = f"teacher.cache.dir={self.root}"
         manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise LLMDistillError(f"{where}: no manifest.json (build it with launch/cache_teacher.py)")
         found = json.loads(manifest_path.read_text())
         if found.get("format") != FORMAT:
             raise LLMDistillError(
