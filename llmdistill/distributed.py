@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -38,12 +39,30 @@ def init_distributed(device: str = "auto") -> tuple[int, int, str]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+        _unlink_shm_workspace()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     return rank, world, device
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer, keeping the buffer itself.
+
+    When all ranks share a node (the launcher sets LOCAL_SIZE), DeepSpeed's CPU comm op gives each rank a
+    /dev/shm segment of ~66 MiB and never unlinks it: every run would leave 66 MiB per rank in RAM-backed
+    /dev/shm until the machine fills. The segments are opened by every rank during init, so once all ranks
+    are past it the names can go; the mappings live until the processes exit, killed ones included.
+    """
+    path = Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}"
+    )
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    path.unlink(missing_ok=True)  # absent on GPUs and across nodes: DeepSpeed made no segment
 
 
 def barrier() -> None:
