@@ -89,6 +89,20 @@ ROWS = [
         ["teacher.source=vllm_cache", "teacher.cache.dir={inputs}/no_cache"],
         "teacher.cache.dir={inputs}/no_cache: no manifest.json",
     ),
+    (
+        "dead_vllm_server",  # port 9 (discard): nothing listens there
+        [
+            "teacher.source=vllm_server",
+            "teacher.server.urls=[http://127.0.0.1:9]",
+            "teacher.server.retries=0",
+        ],
+        "teacher.server.urls: no vLLM server answers at http://127.0.0.1:9",
+    ),
+    (
+        "dead_on_policy_scorer",
+        ["teacher.source=on_policy", "teacher.server.urls=[http://127.0.0.1:9]", "teacher.server.retries=0"],
+        "teacher.server.urls: no vLLM server answers at http://127.0.0.1:9",
+    ),
     # DeepSpeed
     ("offload_param_stage1", ["deepspeed.offload_param=true"], "offload_param needs deepspeed.zero_stage=3"),
     ("missing_ds_file", ["deepspeed.config_file={inputs}/ds.json"], "deepspeed.config_file not found"),

@@ -191,6 +191,11 @@ class OnPolicyTeacher(TeacherSource):
     def preflight(cls, cfg) -> None:
         check_on_policy(cfg)
 
+    @classmethod
+    def check_ready(cls, cfg) -> None:
+        if cfg.teacher.on_policy.scorer == "vllm_server":
+            VLLMServerTeacher.check_ready(cfg)
+
     def __init__(
         self,
         cfg: Config,

@@ -10,7 +10,13 @@ from __future__ import annotations
 from llmdistill import models
 from llmdistill.config import Config, LLMDistillError
 from llmdistill.signal import TeacherSignal
-from llmdistill.teachers.base import Capabilities, TeacherSource, process_rank, register_source
+from llmdistill.teachers.base import (
+    Capabilities,
+    TeacherSource,
+    TeacherUnavailable,
+    process_rank,
+    register_source,
+)
 from llmdistill.teachers.prompts import Prompt, score_batch
 from llmdistill.teachers.vllm_client import ServerClient
 
@@ -27,6 +33,21 @@ class VLLMServerTeacher(TeacherSource):
         self.k, self.prefetch = s.top_k, s.prefetch
         self.client = ServerClient(s.urls, s.served_model_name, s.timeout, s.retries, s.backoff, first=rank)
         self.max_model_len = self.client.check(tokenizer, s.top_k, cfg.data.seq_len) if check else None
+
+    @classmethod
+    def check_ready(cls, cfg) -> None:
+        """Every server answers /health (with the run's retries): a server that never started is found in
+        seconds, before the models load, not after."""
+        s = cfg.teacher.server
+        client = ServerClient(s.urls, s.served_model_name, s.timeout, s.retries, s.backoff)
+        for url in client.urls:
+            try:
+                client.call("/health", url=url)
+            except TeacherUnavailable as err:
+                raise LLMDistillError(
+                    f"teacher.server.urls: no vLLM server answers at {url} ({err}); start it first "
+                    "(llmdistill serve-teacher --config <this config>)"
+                ) from None
 
     @classmethod
     def build(cls, cfg, model, needs, student):
