@@ -144,11 +144,22 @@ def save_checkpoint(engine, root: Path, step: int, consumed: int, rank: int, kee
         record = {"step": step, "consumed_micro_batches": consumed, "time": time.time(), **meta}
         marker.write_text(json.dumps(record | {"files": _files_of(path)}))
         marker.replace(path / COMPLETE)  # atomic: a checkpoint is complete or it is not
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
+        prune_checkpoints(root, keep)
     barrier()
     failpoint("checkpoint_complete", step)
     return path
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` intact checkpoints and the damaged ones newer than the oldest of them.
+
+    Counting a damaged checkpoint as one of the `keep` would delete the intact one that `resume: auto`
+    falls back to; damaged ones are left for the user to look at until intact ones outnumber them."""
+    done = complete_checkpoints(root)
+    kept = [p for p in done if damage(p) is None][-keep:]
+    oldest_kept = done.index(kept[0]) if kept else len(done)
+    for old in done[:oldest_kept]:
+        shutil.rmtree(old)
 
 
 def read_marker(path: Path) -> dict:

@@ -10,7 +10,7 @@ import stat
 import pytest
 from conftest import QUICK, read_log, run_cli
 
-from llmdistill.checkpoint import COMPLETE, complete_checkpoints, damage
+from llmdistill.checkpoint import COMPLETE, complete_checkpoints, damage, prune_checkpoints
 from llmdistill.cli import main
 
 RUN = [*QUICK, "train.max_steps=4", "train.save_every=2", "deepspeed.zero_stage=1", "run.name=run"]
@@ -67,6 +67,19 @@ def test_damage_names_a_deleted_truncated_or_rewritten_file(run_dir):
     assert damage(newest) == f"{weights} has {len(data) // 2} bytes, {len(data)} were written"
     weights.unlink()
     assert damage(newest) == f"{weights} is missing"
+
+
+def test_pruning_counts_only_intact_checkpoints(run_dir):
+    root = run_dir / "checkpoints"
+    for step in (6, 8):  # two more complete checkpoints, copies of step 4 under their own markers
+        shutil.copytree(root / "step_00000004", root / f"step_{step:08d}")
+    weights = _weights_file(root / "step_00000006")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    # Keeping the newest two would keep the damaged step 6 and leave one checkpoint to fall back to.
+    prune_checkpoints(root, keep=2)
+    assert _checkpoints(run_dir) == ["step_00000004", "step_00000006", "step_00000008"]
+    prune_checkpoints(root, keep=1)
+    assert _checkpoints(run_dir) == ["step_00000008"]
 
 
 def test_a_damaged_checkpoint_named_by_resume_is_an_error(run_dir, capsys):
