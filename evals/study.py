@@ -1,6 +1,6 @@
 """The proof table: every distillation arm against training from scratch, at an equal token budget.
 
-    python evals/study.py --config configs/tiny/study.yaml [--smoke] [--output DIR]
+    python evals/study.py --config configs/tiny/study.yaml [--smoke] [--output DIR] [--arms A,B]
 
 The study YAML is this script's own (it is not a training config): a `study` section with `base_config`,
 `base_overrides`, `arms: [{name, group, config, overrides}]`, `seeds`, the repeat rule for close arms and the
@@ -25,6 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from the checkout: its llmdistill, not an installed one
 
+from llmdistill.checkpoint import SHAPE_KEYS as CHECKPOINT_SHAPE_KEYS  # noqa: E402
 from llmdistill.report import Curves, fmt, learning_curves, markdown, plot_curves, tokens_per_step  # noqa: E402
 
 TEACHER_DIR = REPO / "llmdistill" / "embedded" / "teacher"
@@ -32,18 +33,11 @@ CHAT_TEACHER_DIR = REPO / "llmdistill" / "embedded" / "chat_teacher"
 # Arms of this group train on chat data (answer-only held-out loss): they compare with the chat teacher and
 # the first chat arm, not with the code arms.
 CHAT_GROUP = "chat"
-# The keys of a Llama config that fix its shape: enough to build a random-init twin of the derived student.
+# A random-init twin of the derived student needs its shape (what a checkpoint checks) and what the shape
+# leaves to defaults that the derived config may have changed.
 SHAPE_KEYS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
+    *CHECKPOINT_SHAPE_KEYS,
     "max_position_embeddings",
-    "tie_word_embeddings",
     "rms_norm_eps",
     "bos_token_id",
     "eos_token_id",
@@ -109,9 +103,12 @@ def child_env(ranks: int) -> dict:
 
 def prepare(study: dict, output: Path, env: dict) -> None:
     """Build what the arms depend on (the derived student, the vLLM teacher cache) when it is missing."""
+    arms = {arm["name"] for arm in study["arms"]}
     for step in study.get("prepare", []):
         if (REPO / step["creates"]).exists():
             continue
+        if "needed_by" in step and not arms & set(step["needed_by"]):
+            continue  # --arms left out every arm that reads it
         print(f"[study] preparing {step['creates']}: {' '.join(step['command'])}", flush=True)
         cmd = [sys.executable if c == "python" else c for c in step["command"]]
         try:
@@ -377,8 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--master-port", type=int, help="the ranks' rendezvous port (default: study.master_port)"
     )
+    parser.add_argument("--arms", help="comma-separated arm names to run (default: all of the YAML's)")
     args = parser.parse_args(argv)
     study = load_study(args.config, args.smoke)
+    if args.arms:
+        names = args.arms.split(",")
+        unknown = sorted(set(names) - {arm["name"] for arm in study["arms"]})
+        if unknown:
+            parser.error(f"--arms: {unknown} are not arms of {args.config}")
+        study["arms"] = [arm for arm in study["arms"] if arm["name"] in names]
     if args.master_port:
         study["master_port"] = args.master_port
     output = Path(args.output or study["output"])

@@ -48,3 +48,18 @@ def test_study_smoke_writes_table_json_and_plot(tmp_path):
     assert "| scratch-fkl |" in proc.stdout  # the script prints the table it writes
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "study"
+    proc = subprocess.run(
+        [sys.executable, "evals/study.py", "--config", "configs/tiny/study.yaml", "--smoke"]
+        + ["--output", str(out), "--arms", "scratch-ce,scratch-kl"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--arms: ['scratch-kl'] are not arms of configs/tiny/study.yaml" in proc.stderr
+    assert not out.exists()
