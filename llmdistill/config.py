@@ -347,8 +347,8 @@ class DeriveSearch(Section):
     # A fraction of the teacher's parameters (<= 1) or an absolute parameter count (> 1).
     param_budget: float | None = Field(None, gt=0)
     # Serving memory in GiB (2^30 bytes): the weights plus the KV cache of `memory_batch` sequences of
-    # `memory_context` tokens, all in `memory_dtype`. Every layer is counted at the full context (an upper
-    # bound for sliding-window layers).
+    # `memory_context` tokens, all in `memory_dtype`. A sliding-window layer holds at most its window (the
+    # teacher's share of such layers stands for the student's).
     memory_budget_gb: float | None = Field(None, gt=0)
     memory_context: int = Field(4096, gt=0)
     memory_batch: int = Field(1, gt=0)

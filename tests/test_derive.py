@@ -388,12 +388,17 @@ def test_search_enumerates_feasible_shapes_under_the_budget():
     assert len(picked) == 5 and len({c["shape"]["num_layers"] for c in picked}) > 1
 
 
-def test_memory_counts_weights_and_the_kv_cache_a_forward_pass_fills():
-    """memory_gb equals the student's weight bytes plus the KV cache transformers builds for that batch."""
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3_text"])
+def test_memory_counts_weights_and_the_kv_cache_a_forward_pass_fills(family):
+    """memory_gb equals the student's weight bytes plus the KV cache transformers builds for that batch;
+    sliding-window layers (a window of 8 within the context of 20) keep only their window."""
     from llmdistill.derive.search import memory_gb
 
-    teacher = tiny_model("llama")
-    shape = resolve_shape(teacher.config, {"num_layers": 3, "hidden_size": 48, "num_attention_heads": 2})
+    teacher = tiny_model(family, **({} if family == "llama" else {"sliding_window": 8}))
+    layers = (
+        teacher.config.num_hidden_layers
+    )  # all kept: the student's share of sliding layers is the teacher's
+    shape = resolve_shape(teacher.config, {"num_layers": layers, "hidden_size": 48, "num_attention_heads": 2})
     student = build_student(teacher, random_plan(teacher.config, shape, seed=0)).to(torch.bfloat16)
     search = DeriveSearch(memory_budget_gb=1.0, memory_context=20, memory_batch=3, memory_dtype="bfloat16")
     with torch.no_grad():

@@ -72,15 +72,29 @@ def enumerate_shapes(config, search: DeriveSearch) -> list[dict[str, int]]:
     return shapes
 
 
+def cached_tokens_per_layer(config, context: int) -> float:
+    """Tokens a layer keeps in its KV cache, on average over the layers: a sliding-window layer keeps at most
+    its window less one. Which teacher layers a derivation keeps is not known yet, so the teacher's share of
+    sliding layers stands for the student's (Gemma-2 alternates, Gemma-3 has five in six, Mistral slides in
+    all)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window > context:
+        return float(context)
+    types = getattr(config, "layer_types", None)
+    sliding = sum(t == "sliding_attention" for t in types) / len(types) if types else 1.0
+    # The newest token attends to itself and the window - 1 before it: those are what the cache keeps.
+    return sliding * (window - 1) + (1 - sliding) * context
+
+
 def memory_gb(params: int, config, shape: dict[str, int], search: DeriveSearch) -> float:
-    """GiB to serve a shape: its weights plus a KV cache (keys and values, every layer, full context)."""
+    """GiB to serve a shape: its weights plus a KV cache (keys and values, every layer)."""
     per_value = DTYPE_BYTES[search.memory_dtype]
     kv_cache = (
         2
         * shape["num_layers"]
         * shape["num_key_value_heads"]
         * head_dim(config)
-        * search.memory_context
+        * cached_tokens_per_layer(config, search.memory_context)
         * search.memory_batch
     )
     return (params + kv_cache) * per_value / GIB
