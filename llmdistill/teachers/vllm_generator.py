@@ -11,6 +11,9 @@ The engine starts from the student's config with dummy weights (no files are wri
 the trainer pushes the real weights before the first rollout and every `sync_every` optimizer steps:
 `student_weights` yields them one parameter at a time, gathered under ZeRO-3 (every rank takes part) and with
 LoRA adapters merged, straight into vLLM's in-place reload (the worker's `reload_weights`).
+
+The same weights and sampling settings feed the separate rollout server (generator=vllm_server,
+teachers/vllm_rollout_server.py).
 """
 
 from __future__ import annotations

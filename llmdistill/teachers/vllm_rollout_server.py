@@ -22,6 +22,7 @@ whole step and stops; the same command resumes once the server is back (it gets 
 
 from __future__ import annotations
 
+import http.client
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -134,11 +135,12 @@ def check_servers(cfg: Config) -> None:
     client = ServerClient(s.urls, SERVED_NAME, min(s.timeout, 30.0), 0, 0.0, role="student")
     start = "start it with `llmdistill serve-student --config <this config>` (launch/serve_student.sh)"
     for url in client.urls:
-        try:
-            served = {m["id"]: m for m in client.call("/v1/models", url=url).get("data", [])}
-        except TeacherUnavailable as err:
+        try:  # one attempt, and no retry logging: this is the one line a user sees
+            served = {m["id"]: m for m in client._once(url, "/v1/models", None).get("data", [])}
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
             raise LLMDistillError(
-                f"teacher.on_policy.server.urls: no student server at {url} ({err}); {start}"
+                f"teacher.on_policy.server.urls: no student server at {url} ({reason}); {start}"
             ) from None
         max_len = served.get(SERVED_NAME, {}).get("max_model_len")
         if SERVED_NAME not in served:
