@@ -243,18 +243,17 @@ class OnPolicyTeacher(TeacherSource):
         self.failed = self.closed = False
         self.turn = threading.Condition()
         self.push_failure: TeacherUnavailable | None = None
-        if p.generator == "vllm":
-            from llmdistill.teachers.vllm_generator import VLLMGenerator  # lazy: vllm is slow to import
-
+        if p.generator in ("vllm", "vllm_server"):
             config = student.get_base_model().config if hasattr(student, "get_base_model") else student.config
-            self.engine = VLLMGenerator(cfg, config, self.eos_id)
-        elif p.generator == "vllm_server":
-            from llmdistill.teachers.vllm_rollout_server import RolloutServer
+            if p.generator == "vllm":
+                from llmdistill.teachers.vllm_generator import VLLMGenerator  # lazy: vllm is slow to import
 
-            self.engine = RolloutServer(
-                cfg, self.eos_id, rank, Path(run_dir or cfg.run.dir) / "rollout_weights"
-            )
-        if self.engine is not None:
+                self.engine = VLLMGenerator(cfg, config, self.eos_id)
+            else:
+                from llmdistill.teachers.vllm_rollout_server import RolloutServer
+
+                weights_dir = Path(run_dir or cfg.run.dir) / "rollout_weights"
+                self.engine = RolloutServer(cfg, config, self.eos_id, rank, weights_dir)
             # With lag 1, one step's micro-batches are written (and scored) ahead, in a thread.
             self.prefetch = self.grad_accum if p.lag else 0
 

@@ -41,6 +41,23 @@ SERVED_NAME = "student"
 EXTENSION = f"{__name__}.StudentWeightsFromDisk"
 # Rank 0 holds at most one shard of the student's weights in memory while writing them.
 SHARD_BYTES = 2**30
+# The config fields that must agree between the served model and the run's student for its weights to fit.
+ARCHITECTURE = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
+SERVE = "`llmdistill serve-student --config <this config>` (launch/serve_student.sh)"
+
+
+def architecture(config) -> dict:
+    values = config.to_dict()
+    return {key: values.get(key) for key in ARCHITECTURE}
 
 
 class StudentWeightsFromDisk:
@@ -55,9 +72,10 @@ class StudentWeightsFromDisk:
         with set_current_vllm_config(self.vllm_config):
             _reprocess_tied_layers(self.model_runner.get_model())
 
-    def llmdistill_student_server(self) -> bool:
-        """Answers True: the preflight's proof that this server can take the trainer's weights."""
-        return True
+    def llmdistill_student_architecture(self) -> dict:
+        """The served model's shape (the trainer checks it is its student's; answering at all proves the
+        server can take the trainer's weights)."""
+        return architecture(self.vllm_config.model_config.hf_config)
 
 
 def write_weights(weights: Iterator[tuple[str, torch.Tensor]], directory: Path) -> None:
@@ -132,32 +150,33 @@ def check_servers(cfg: Config) -> None:
     """Before any weights load: every rollout server answers, serves the student at the run's length, and
     was started by `llmdistill serve-student` (it can take the trainer's weights)."""
     s = cfg.teacher.on_policy.server
+    # One attempt each, without the client's retry logging: the error is the one line a user sees.
     client = ServerClient(s.urls, SERVED_NAME, min(s.timeout, 30.0), 0, 0.0, role="student")
-    start = "start it with `llmdistill serve-student --config <this config>` (launch/serve_student.sh)"
     for url in client.urls:
-        try:  # one attempt, and no retry logging: this is the one line a user sees
+        try:
             served = {m["id"]: m for m in client._once(url, "/v1/models", None).get("data", [])}
         except (OSError, http.client.HTTPException, ValueError) as err:
             reason = getattr(err, "reason", None) or err
             raise LLMDistillError(
-                f"teacher.on_policy.server.urls: no student server at {url} ({reason}); {start}"
+                f"teacher.on_policy.server.urls: no student server at {url} ({reason}); start it with {SERVE}"
             ) from None
         max_len = served.get(SERVED_NAME, {}).get("max_model_len")
         if SERVED_NAME not in served:
             raise LLMDistillError(
-                f"teacher.on_policy.server.urls: {url} serves {sorted(served)}, not the student; {start}"
+                f"teacher.on_policy.server.urls: {url} serves {sorted(served)}, not the student; "
+                f"start it with {SERVE}"
             )
         if max_len is not None and max_len < cfg.data.seq_len + 2:
             raise LLMDistillError(
-                f"{url}: max_model_len {max_len} is below data.seq_len + 2 = {cfg.data.seq_len + 2} "
-                "(restart it with this config's data.seq_len)"
+                f"teacher.on_policy.server.urls: {url} has max_model_len {max_len}, below data.seq_len + 2 = "
+                f"{cfg.data.seq_len + 2}; restart it with {SERVE}"
             )
         try:
-            client.call("/collective_rpc", {"method": "llmdistill_student_server"}, url=url)
-        except LLMDistillError:
+            client._once(url, "/collective_rpc", {"method": "llmdistill_student_architecture"})
+        except (OSError, http.client.HTTPException, ValueError):
             raise LLMDistillError(
                 f"teacher.on_policy.server.urls: {url} cannot take the trainer's weights (not started in "
-                f"vLLM dev mode with --worker-extension-cls {EXTENSION}); {start}"
+                f"vLLM dev mode with --worker-extension-cls {EXTENSION}); restart it with {SERVE}"
             ) from None
 
 
@@ -165,11 +184,25 @@ class RolloutServer:
     """The rollout servers, with the colocated engine's interface: `load` pushes weights (every rank calls
     it, in step), `generate` samples (any rank, any time between pushes)."""
 
-    def __init__(self, cfg: Config, eos_id: int | None, rank: int, weights_dir: Path):
+    def __init__(self, cfg: Config, student_config, eos_id: int | None, rank: int, weights_dir: Path):
         s = cfg.teacher.on_policy.server
         self.client = ServerClient(
             s.urls, SERVED_NAME, s.timeout, s.retries, s.backoff, first=rank, role="student"
         )
+        ours = architecture(student_config)
+        for url in self.client.urls:
+            body = {"method": "llmdistill_student_architecture"}
+            served = self.client.call("/collective_rpc", body, url=url)["results"][0]
+            differ = [
+                f"{key} {served.get(key)} (this run: {ours[key]})"
+                for key in ours
+                if served.get(key) != ours[key]
+            ]
+            if differ:
+                raise LLMDistillError(
+                    f"teacher.on_policy.server.urls: {url} serves another student: {', '.join(differ)}; "
+                    f"restart it with {SERVE}"
+                )
         self.eos_id, self.rank = eos_id, rank
         self.weights_dir = weights_dir.resolve()
         self.pool = ThreadPoolExecutor(max_workers=cfg.train.micro_batch_size, thread_name_prefix="rollout")
