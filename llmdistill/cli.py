@@ -138,6 +138,12 @@ def cmd_serve_student(args) -> None:
     from llmdistill.teachers.vllm_rollout_server import student_serve_command
 
     cfg = _load(args)
+    if cfg.teacher.source != "on_policy" or cfg.teacher.on_policy.generator != "vllm_server":
+        raise LLMDistillError(
+            "serve-student serves the rollouts of teacher.source=on_policy with teacher.on_policy.generator="
+            f"vllm_server; this config has teacher.source={cfg.teacher.source}, generator="
+            f"{cfg.teacher.on_policy.generator}"
+        )
     run_dir = Path(args.dir) if args.dir else cfg.run.dir
     plan = preflight(cfg)
     model_dir = (run_dir / "student_server_model").resolve()

@@ -81,8 +81,8 @@ class OnPolicyConfig(Section):
     # The samples for step k come from the weights of step k - lag (rounded down to a sync): 1 lets the vLLM
     # engine write step k + 1's samples while step k trains.
     lag: int = Field(0, ge=0, le=1)
-    # Fraction of the GPU's memory the vLLM engine may take (weights + KV cache); on the CPU its KV cache is
-    # VLLM_CPU_KVCACHE_SPACE GiB (1 unless set).
+    # Fraction of the GPU's memory the vLLM engine (or the vllm_server's) may take (weights + KV cache); on
+    # the CPU its KV cache is VLLM_CPU_KVCACHE_SPACE GiB (1 unless set).
     gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
     # Who scores the samples (and the dataset's batches): the vLLM teacher servers (teacher.server) or the
     # teacher in-process (teacher.path, full logits).

@@ -140,6 +140,8 @@ def student_serve_command(cfg: Config, model_dir: Path, python: str, gpu: bool, 
     ]
     if cfg.student.trust_remote_code:
         args.append("--trust-remote-code")
+    if gpu:
+        args += ["--gpu-memory-utilization", str(cfg.teacher.on_policy.gpu_memory_utilization)]
     argv, env = vllm_command(args, python, gpu)
     if "--enforce-eager" not in argv:  # a weight reload allocates new tensors, unseen by captured CUDA graphs
         argv.append("--enforce-eager")
