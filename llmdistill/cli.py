@@ -124,26 +124,59 @@ def cmd_serve_teacher(args) -> None:
 
     cfg = _load(args)
     argv, extra_env = serve_command(cfg, sys.executable, torch.cuda.is_available(), args.host)
-    port = argv[argv.index("--port") + 1]
+    _start_server("teacher", argv, extra_env, Path(args.dir) if args.dir else cfg.run.dir, args)
+
+
+def cmd_serve_student(args) -> None:
+    """Start the vLLM server holding a copy of the config's student for on-policy rollouts
+    (teacher.on_policy.generator=vllm_server), on the port of teacher.on_policy.server.urls[0]; as
+    serve-teacher, with <dir>/student_server.{pid,url,log}. It starts from the student's config and tokenizer
+    (<dir>/student_server_model) with dummy weights: the trainer pushes its own before the first rollout."""
+    import torch
+
+    from llmdistill.session import preflight
+    from llmdistill.teachers.vllm_rollout_server import student_serve_command
+
+    cfg = _load(args)
+    if cfg.teacher.source != "on_policy" or cfg.teacher.on_policy.generator != "vllm_server":
+        raise LLMDistillError(
+            "serve-student serves the rollouts of teacher.source=on_policy with teacher.on_policy.generator="
+            f"vllm_server; this config has teacher.source={cfg.teacher.source}, generator="
+            f"{cfg.teacher.on_policy.generator}"
+        )
     run_dir = Path(args.dir) if args.dir else cfg.run.dir
+    plan = preflight(cfg)
+    model_dir = (run_dir / "student_server_model").resolve()
+    plan.student_config.save_pretrained(model_dir)
+    plan.student_tok.save_pretrained(model_dir)
+    argv, extra_env = student_serve_command(
+        cfg, model_dir, sys.executable, torch.cuda.is_available(), args.host
+    )
+    _start_server("student", argv, extra_env, run_dir, args)
+
+
+def _start_server(role: str, argv: list[str], extra_env: dict, run_dir: Path, args) -> None:
+    """Start a vLLM server in the background and wait until /health answers; its pid, url and log go to
+    <run_dir>/<role>_server.{pid,url,log}."""
+    port = argv[argv.index("--port") + 1]
     run_dir.mkdir(parents=True, exist_ok=True)
-    log, url = run_dir / "teacher_server.log", f"http://{args.host}:{port}"
+    log, url = run_dir / f"{role}_server.log", f"http://{args.host}:{port}"
     # A private compile cache: vLLM's default one is shared and may hold another version's artefacts.
     env = {"VLLM_CACHE_ROOT": offline_env()["VLLM_CACHE_ROOT"], **os.environ, **extra_env}
     with log.open("w") as out:
         server = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    (run_dir / "teacher_server.pid").write_text(f"{server.pid}\n")
+    (run_dir / f"{role}_server.pid").write_text(f"{server.pid}\n")
     deadline = time.monotonic() + args.timeout
     while not _healthy(url):
         if server.poll() is not None:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-            raise LLMDistillError(f"teacher server exited before it was healthy; end of {log}:\n{tail}")
+            raise LLMDistillError(f"{role} server exited before it was healthy; end of {log}:\n{tail}")
         if time.monotonic() > deadline:
             server.terminate()
-            raise LLMDistillError(f"teacher server not healthy after {args.timeout} s, stopped (log: {log})")
+            raise LLMDistillError(f"{role} server not healthy after {args.timeout} s, stopped (log: {log})")
         time.sleep(1)
-    (run_dir / "teacher_server.url").write_text(url + "\n")
-    print(f"teacher server healthy at {url} (pid {server.pid}, log {log}); stop it with: kill {server.pid}")
+    (run_dir / f"{role}_server.url").write_text(url + "\n")
+    print(f"{role} server healthy at {url} (pid {server.pid}, log {log}); stop it with: kill {server.pid}")
     print(url)
 
 
@@ -315,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="where teacher_server.{url,pid,log} go (default: the run directory)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for /health")
     p.set_defaults(fn=cmd_serve_teacher)
+    p = sub.add_parser(
+        "serve-student", help="start the vLLM server holding the student for on-policy rollouts (vllm_server)"
+    )
+    _config_args(p, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dir", help="where student_server.{url,pid,log} go (default: the run directory)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for /health")
+    p.set_defaults(fn=cmd_serve_student)
     p = sub.add_parser("demo", help="the main job on the embedded default: derive, distil on 2 ranks, report")
     _config_args(p)  # default: configs/tiny/distill.yaml, or chat_distill.yaml with --chat
     p.add_argument(

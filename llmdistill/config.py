@@ -46,6 +46,17 @@ class RunConfig(Section):
         return Path(self.output_dir) / self.name
 
 
+class RolloutServerConfig(Section):
+    """teacher.on_policy.server: the vLLM servers holding a copy of the student (generator vllm_server),
+    started by `llmdistill serve-student` (launch/serve_student.sh) on the port of the first url."""
+
+    urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8001"], min_length=1)
+    timeout: float = Field(300.0, gt=0)  # seconds per request (one rollout, or one weight load)
+    # Attempts after the first failure, over all urls, waiting backoff * 2^i seconds (capped at 30 s) between.
+    retries: int = Field(4, ge=0)
+    backoff: float = Field(1.0, ge=0)
+
+
 class OnPolicyConfig(Section):
     """GKD / DistillSpec: a fraction of the batches are the student's own continuations, scored by the
     teacher."""
@@ -63,18 +74,20 @@ class OnPolicyConfig(Section):
     max_new_tokens: int | None = Field(None, gt=0)
     # Who writes the samples: `hf`, HF `generate` on the training student (ZeRO 0-2); `vllm`, a vLLM engine
     # in each trainer process holding a copy of the student (any ZeRO stage, LoRA merged), its weights pushed
-    # every `sync_every` optimizer steps.
-    generator: Literal["hf", "vllm"] = "hf"
+    # every `sync_every` optimizer steps; `vllm_server`, the same from separate vLLM servers (`server`), the
+    # weights written under the run directory for them to load (the servers must be able to read it).
+    generator: Literal["hf", "vllm", "vllm_server"] = "hf"
     sync_every: int = Field(1, gt=0)
     # The samples for step k come from the weights of step k - lag (rounded down to a sync): 1 lets the vLLM
     # engine write step k + 1's samples while step k trains.
     lag: int = Field(0, ge=0, le=1)
-    # Fraction of the GPU's memory the vLLM engine may take (weights + KV cache); on the CPU its KV cache is
-    # VLLM_CPU_KVCACHE_SPACE GiB (1 unless set).
+    # Fraction of the GPU's memory the vLLM engine (or the vllm_server's) may take (weights + KV cache); on
+    # the CPU its KV cache is VLLM_CPU_KVCACHE_SPACE GiB (1 unless set).
     gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
     # Who scores the samples (and the dataset's batches): the vLLM teacher servers (teacher.server) or the
     # teacher in-process (teacher.path, full logits).
     scorer: Literal["vllm_server", "hf"] = "vllm_server"
+    server: RolloutServerConfig = RolloutServerConfig()
 
 
 class ServerConfig(Section):

@@ -359,7 +359,7 @@ class Trainer:
                 reason = signal or "the teacher failed on another rank"
                 raise TeacherUnavailable(
                     f"{reason}; checkpoint saved at step {self.step}, "
-                    "resume with the same command once the teacher is back"
+                    "resume with the same command once the server is back"
                 )
             batch["step"], batch["batch_index"] = self.step, self.consumed
             loss, extra, problem = self._forward(batch, signal)

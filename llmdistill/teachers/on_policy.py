@@ -27,6 +27,11 @@ Who writes (teacher.on_policy.generator):
   samples of step k + 1 are written in a thread while step k trains. The lag of each micro-batch (k - v(k)) is
   logged in on_policy_rank<r>.jsonl. After a resume the first weights are the checkpoint's: a resumed run
   reproduces the uninterrupted one when it resumes at a multiple of sync_every with lag 0.
+- `vllm_server`: the same, from separate vLLM servers holding a copy of the student
+  (teachers/vllm_rollout_server.py; start one with `llmdistill serve-student`, teacher.on_policy.server):
+  rank 0 writes the weights under the run directory and the servers load them; same versions and lag. A
+  server that stops answering stops the run after a checkpoint of the last whole step, as a teacher server
+  does, and the same command resumes once it is back.
 """
 
 from __future__ import annotations
@@ -42,7 +47,13 @@ from llmdistill import models
 from llmdistill.config import Config, LLMDistillError
 from llmdistill.data import to_device
 from llmdistill.signal import IGNORE_INDEX, TeacherSignal
-from llmdistill.teachers.base import Capabilities, TeacherSource, process_rank, register_source
+from llmdistill.teachers.base import (
+    Capabilities,
+    TeacherSource,
+    TeacherUnavailable,
+    process_rank,
+    register_source,
+)
 from llmdistill.teachers.hf import HFTeacher
 from llmdistill.teachers.vllm_server import VLLMServerTeacher
 
@@ -195,6 +206,10 @@ class OnPolicyTeacher(TeacherSource):
     def check_ready(cls, cfg) -> None:
         if cfg.teacher.on_policy.scorer == "vllm_server":
             VLLMServerTeacher.check_ready(cfg)
+        if cfg.teacher.on_policy.generator == "vllm_server":
+            from llmdistill.teachers.vllm_rollout_server import check_servers
+
+            check_servers(cfg)
 
     def __init__(
         self,
@@ -229,11 +244,18 @@ class OnPolicyTeacher(TeacherSource):
         self.position = self.opened_at = self.version = 0
         self.failed = self.closed = False
         self.turn = threading.Condition()
-        if p.generator == "vllm":
-            from llmdistill.teachers.vllm_generator import VLLMGenerator  # lazy: vllm is slow to import
-
+        self.push_failure: TeacherUnavailable | None = None
+        if p.generator in ("vllm", "vllm_server"):
             config = student.get_base_model().config if hasattr(student, "get_base_model") else student.config
-            self.engine = VLLMGenerator(cfg, config, self.eos_id)
+            if p.generator == "vllm":
+                from llmdistill.teachers.vllm_generator import VLLMGenerator  # lazy: vllm is slow to import
+
+                self.engine = VLLMGenerator(cfg, config, self.eos_id)
+            else:
+                from llmdistill.teachers.vllm_rollout_server import RolloutServer
+
+                weights_dir = Path(run_dir or cfg.run.dir) / "rollout_weights"
+                self.engine = RolloutServer(cfg, config, self.eos_id, rank, weights_dir)
             # With lag 1, one step's micro-batches are written (and scored) ahead, in a thread.
             self.prefetch = self.grad_accum if p.lag else 0
 
@@ -245,14 +267,19 @@ class OnPolicyTeacher(TeacherSource):
 
     @property
     def can_fail(self) -> bool:
-        return self.settings.scorer == "vllm_server"
+        return self.settings.scorer == "vllm_server" or self.settings.generator == "vllm_server"
 
     # ------------------------------------------------------------------------------------------ weights
 
     def push_weights(self, step: int) -> None:
         from llmdistill.teachers.vllm_generator import student_weights  # lazy: see __init__
 
-        self.engine.load(student_weights(self.student))
+        try:
+            self.engine.load(student_weights(self.student))
+        except TeacherUnavailable as err:
+            # A rollout server failed (on every rank alike): the next micro-batch raises it, so that the
+            # trainer keeps this whole step and stops.
+            self.push_failure = err
         self.version = step
 
     def stream(self, batches, device: str, start: int = 0):
@@ -289,6 +316,8 @@ class OnPolicyTeacher(TeacherSource):
             raise
 
     def _transform(self, batch: dict) -> dict:
+        if self.push_failure is not None:
+            raise self.push_failure
         draw, seed = batch_draw(batch["input_ids"], self.cfg.run.seed)
         on_policy = draw < self.settings.fraction
         step = self.position // self.grad_accum

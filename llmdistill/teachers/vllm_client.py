@@ -56,14 +56,23 @@ class ServerClient:
     """Requests to one or more vLLM servers, round-robin, with timeouts and retries with exponential backoff.
 
     Connection failures, timeouts and 5xx are retried (on the next url); a 4xx is the user's mistake and is
-    raised at once with what to change."""
+    raised at once with what to change. `role` names the server in messages (the teacher's, or the student's
+    rollout server)."""
 
     def __init__(
-        self, urls: list[str], model: str, timeout: float, retries: int, backoff: float, first: int = 0
+        self,
+        urls: list[str],
+        model: str,
+        timeout: float,
+        retries: int,
+        backoff: float,
+        first: int = 0,
+        role: str = "teacher",
     ):
         self.urls = [u.rstrip("/") for u in urls]
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.next = first % len(self.urls)
+        self.role = role
 
     def _once(self, url: str, path: str, payload: dict | None) -> dict:
         data = None if payload is None else json.dumps(payload).encode()
@@ -97,13 +106,13 @@ class ServerClient:
             if attempt < self.retries:
                 wait = min(self.backoff * 2**attempt, 30.0)
                 log.warning(
-                    f"teacher request failed ({failures[-1]}); "
+                    f"{self.role} request failed ({failures[-1]}); "
                     f"retry {attempt + 1}/{self.retries} in {wait:.1f} s"
                 )
                 time.sleep(wait)
         message = (
-            f"teacher server did not answer after {self.retries + 1} attempts in {time.time() - t0:.0f} s "
-            f"(last: {failures[-1]})"
+            f"{self.role} server did not answer after {self.retries + 1} attempts in "
+            f"{time.time() - t0:.0f} s (last: {failures[-1]})"
         )
         # Logged here too: when another rank stops first, the trainer only says "another rank" failed.
         log.error(message)
@@ -169,4 +178,4 @@ def explain_http_error(url: str, code: int, message: str, client: ServerClient) 
         hint = " (a prompt is above the server's --max-model-len: raise teacher.serve.max_model_len)"
     elif code == 404 and "does not exist" in message:
         hint = f" (teacher.server.served_model_name={client.model!r} is not what the server serves)"
-    return f"teacher server {url} refused the request (HTTP {code}): {message}{hint}"
+    return f"{client.role} server {url} refused the request (HTTP {code}): {message}{hint}"

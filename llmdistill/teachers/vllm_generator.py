@@ -11,6 +11,9 @@ The engine starts from the student's config with dummy weights (no files are wri
 the trainer pushes the real weights before the first rollout and every `sync_every` optimizer steps:
 `student_weights` yields them one parameter at a time, gathered under ZeRO-3 (every rank takes part) and with
 LoRA adapters merged, straight into vLLM's in-place reload (the worker's `reload_weights`).
+
+The same weights and sampling settings feed the separate rollout server (generator=vllm_server,
+teachers/vllm_rollout_server.py).
 """
 
 from __future__ import annotations
@@ -77,6 +80,33 @@ def _reprocess_tied_layers(model) -> None:
                 module.quant_method.process_weights_after_loading(module)
 
 
+def sampling_settings(settings, new_tokens: int, eos_id: int | None, seed: int) -> dict:
+    """vLLM's sampling parameters for one rollout (SamplingParams keywords, and the same names in a
+    /v1/completions request): teacher.on_policy's temperature (0: greedy), top-p and top-k, up to
+    `new_tokens`, stopping at EOS, seeded unless greedy."""
+    greedy = settings.temperature == 0
+    return {
+        "n": 1,
+        "temperature": settings.temperature,
+        "top_p": 1.0 if greedy else settings.top_p,
+        "top_k": 0 if greedy else settings.top_k,
+        "max_tokens": new_tokens,
+        "stop_token_ids": [eos_id] if eos_id is not None else None,
+        "seed": None if greedy else seed % 2**63,
+    }
+
+
+def rollout_rows(prompts: torch.Tensor, written: list[list[int]], new_tokens: int, pad_id: int | None):
+    """prompts [B, P] followed by each row's written tokens (at most `new_tokens`), padded to
+    P + new_tokens."""
+    out = torch.full((prompts.shape[0], prompts.shape[1] + new_tokens), pad_id or 0, dtype=torch.long)
+    out[:, : prompts.shape[1]] = prompts
+    for row, tokens in enumerate(written):
+        tokens = tokens[:new_tokens]
+        out[row, prompts.shape[1] : prompts.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return out
+
+
 class VLLMGenerator:
     """An offline vLLM engine holding a copy of the student; `load` pushes weights, `generate` samples."""
 
@@ -121,29 +151,17 @@ class VLLMGenerator:
         batch's seed and the weights."""
         from vllm import SamplingParams  # lazy: vllm is optional and slow to import
 
-        greedy = settings.temperature == 0
         params = [
             SamplingParams(
-                n=1,
-                temperature=settings.temperature,
-                top_p=1.0 if greedy else settings.top_p,
-                top_k=0 if greedy else settings.top_k,
-                max_tokens=new_tokens,
-                stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
-                seed=None if greedy else (seed + row) % 2**63,
-                detokenize=False,
+                **sampling_settings(settings, new_tokens, self.eos_id, seed + row), detokenize=False
             )
             for row in range(prompts.shape[0])
         ]
         outputs = self.llm.generate(
             [{"prompt_token_ids": row.tolist()} for row in prompts], params, use_tqdm=False
         )
-        out = torch.full((prompts.shape[0], prompts.shape[1] + new_tokens), pad_id or 0, dtype=torch.long)
-        out[:, : prompts.shape[1]] = prompts
-        for row, result in enumerate(outputs):
-            written = list(result.outputs[0].token_ids)[:new_tokens]
-            out[row, prompts.shape[1] : prompts.shape[1] + len(written)] = torch.tensor(written)
-        return out
+        written = [list(result.outputs[0].token_ids) for result in outputs]
+        return rollout_rows(prompts, written, new_tokens, pad_id)
 
     def close(self) -> None:
         self.llm = None

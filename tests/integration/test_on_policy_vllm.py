@@ -2,9 +2,9 @@
 rollouts after a weight push are what the trained student itself writes (greedy), under ZeRO-2 and ZeRO-3,
 and a run killed after a checkpoint and resumed reproduces the uninterrupted one.
 
-Run as a script (`python test_on_policy_vllm.py OUT ZERO_STAGE` under a 2-rank launcher) it is the driver
-the 2-rank tests start: it trains two steps with a `Trainer` and checks the engine against the gathered
-student."""
+Run as a script (`python test_on_policy_vllm.py OUT ZERO_STAGE [CONFIG OVERRIDE...]` under a 2-rank
+launcher) it is the driver the 2-rank tests start (here and in test_on_policy_vllm_server.py): it trains two
+steps with a `Trainer` and checks the generator against the gathered student."""
 
 import json
 import os
@@ -30,7 +30,7 @@ ON_POLICY = [
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def drive(out: Path, zero_stage: int) -> None:
+def drive(out: Path, zero_stage: int, config: str, extra: list[str]) -> None:
     """Every rank: push the initial weights and roll out greedily, train two steps (temperature 0 rollouts),
     roll out again; gather the trained student and write what HF `generate` makes of the same prompts."""
     import torch
@@ -43,7 +43,7 @@ def drive(out: Path, zero_stage: int) -> None:
     from llmdistill.train import Trainer
 
     cfg = load_config(
-        str(Path(__file__).resolve().parents[2] / "configs/tiny/on_policy_vllm.yaml"),
+        str(Path(__file__).resolve().parents[2] / config),
         [
             *quick,
             *ON_POLICY,
@@ -52,6 +52,7 @@ def drive(out: Path, zero_stage: int) -> None:
             "train.lr=1e-2",
             f"run.output_dir={out}",
             "run.name=drive",
+            *extra,
         ],
     )
     trainer = Trainer(cfg)
@@ -90,7 +91,7 @@ def drive(out: Path, zero_stage: int) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's helpers
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-    drive(Path(args[0]), int(args[1]))
+    drive(Path(args[0]), int(args[1]), args[2], args[3:])
     sys.exit(0)
 
 
@@ -100,14 +101,15 @@ def _strip(row: list[int], prompt: int, eos: int) -> list[int]:
     return written[: written.index(eos) + 1] if eos in written else written
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def driven(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"drive{request.param}")
-    script = Path(__file__).resolve()
+def run_drive(
+    out: Path, zero_stage: int, config: str = "configs/tiny/on_policy_vllm.yaml", *overrides: str
+) -> list[dict]:
+    """`drive` on 2 ranks (deepspeed launcher); what each rank wrote."""
     import subprocess
 
+    script = Path(__file__).resolve()
     result = subprocess.run(
-        [*deepspeed_launcher(2), str(script), str(out), str(request.param)],
+        [*deepspeed_launcher(2), str(script), str(out), str(zero_stage), config, *overrides],
         cwd=REPO,
         env=dict(os.environ, **ENV, PYTHONPATH=str(REPO)),
         capture_output=True,
@@ -115,13 +117,20 @@ def driven(request, tmp_path_factory):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((out / f"drive_rank{r}.json").read_text()) for r in (0, 1)]
-    return request.param, ranks
+    return [json.loads((out / f"drive_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def driven(request, tmp_path_factory):
+    return request.param, run_drive(tmp_path_factory.mktemp(f"drive{request.param}"), request.param)
 
 
 def test_rollouts_after_a_weight_push_are_what_the_trained_student_writes(driven, embedded_tokenizer):
-    zero_stage, ranks = driven
-    eos = embedded_tokenizer.eos_token_id
+    check_rollouts_follow_the_student(*driven, embedded_tokenizer.eos_token_id)
+
+
+def check_rollouts_follow_the_student(zero_stage: int, ranks: list[dict], eos: int) -> None:
+    """Every rank's rollouts after two steps are what the trained student writes greedily, and moved."""
     hf = [_strip(row, 16, eos) for row in ranks[0]["hf"]]
     for rank in ranks:
         assert rank["version"] == 2  # pushed after each of the two optimizer steps

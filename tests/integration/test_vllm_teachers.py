@@ -12,54 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, deepspeed_launcher, free_port, read_log, run_cli
+from conftest import QUICK, REPO, deepspeed_launcher, read_log, run_cli
+
+from .vllm_servers import ENV, Server
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
 X = -100
-ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-class Server:
-    """A vLLM server started by launch/serve_teacher.sh; stop() signals its PID and waits until it is gone."""
-
-    def __init__(self, tmp: Path):
-        self.tmp, self.port, self.pid = tmp, free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def overrides(self) -> list[str]:
-        return [
-            f"teacher.serve.port={self.port}",
-            f"teacher.server.urls=[{self.url}]",
-            "teacher.server.top_k=20",
-        ]
-
-    def start(self) -> None:
-        env = dict(os.environ, **ENV, SERVE_DIR=str(self.tmp), PYTHON=sys.executable)
-        cmd = ["bash", str(REPO / "launch/serve_teacher.sh"), "configs/tiny/vllm_server.yaml", *QUICK]
-        try:
-            out = subprocess.run(
-                [*cmd, *self.overrides()], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-            )
-        finally:
-            pid_file = self.tmp / "teacher_server.pid"
-            self.pid = int(pid_file.read_text()) if pid_file.exists() else None
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert out.stdout.strip().splitlines()[-1] == self.url
-
-    def stop(self) -> None:
-        if self.pid is None:
-            return
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-            for _ in range(150):
-                time.sleep(0.2)
-                os.kill(self.pid, 0)
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.pid = None
 
 
 @pytest.fixture(scope="module")

