@@ -25,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from the checkout: its llmdistill, not an installed one
 
-from llmdistill.checkpoint import SHAPE_KEYS as CHECKPOINT_SHAPE_KEYS  # noqa: E402
+from llmdistill.models import SHAPE_KEYS as CHECKPOINT_SHAPE_KEYS  # noqa: E402
 from llmdistill.report import Curves, fmt, learning_curves, markdown, plot_curves, tokens_per_step  # noqa: E402
 
 TEACHER_DIR = REPO / "llmdistill" / "embedded" / "teacher"

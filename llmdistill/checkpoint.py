@@ -35,18 +35,6 @@ log = logging.getLogger("llmdistill.checkpoint")
 
 COMPLETE = "COMPLETE"
 _EDGE = 1 << 20  # bytes fingerprinted at each end of a file
-# The fields of a model config that fix its parameters' shapes: a checkpoint of another shape cannot load.
-SHAPE_KEYS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "tie_word_embeddings",
-)
 
 
 def failpoint(name: str, step: int) -> None:
@@ -69,11 +57,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
         return []
     done = [p for p in root.glob("step_*") if is_complete(p)]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
-def model_shape(config) -> dict:
-    raw = config.to_dict()
-    return {k: raw[k] for k in SHAPE_KEYS if k in raw}
 
 
 def fingerprint(path: Path) -> list:

@@ -18,6 +18,26 @@ from llmdistill.embedded import EMBEDDED_TEACHER as EMBEDDED_TEACHER  # importer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The fields of a model config that fix its parameters' shapes: a checkpoint, or a served copy of the student,
+# of another shape cannot take these weights.
+SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
+
+
+def model_shape(config) -> dict:
+    raw = config.to_dict()
+    return {k: raw[k] for k in SHAPE_KEYS if k in raw}
+
+
 def resolve_model_path(path: str, what: str, tokenizer_only: bool = False) -> str:
     """A local dir, a hub name, "embedded" or "embedded:chat"; a missing local path is an error naming `what`
     (the field)."""

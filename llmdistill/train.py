@@ -31,7 +31,6 @@ from llmdistill.checkpoint import (
     find_resume_point,
     is_complete,
     load_checkpoint,
-    model_shape,
     read_marker,
     save_checkpoint,
     write_config,
@@ -183,7 +182,8 @@ class Trainer:
         self.run_dir = cfg.run.dir
         self.ckpt_root = self.run_dir / "checkpoints"
         check_run_config(cfg, self.run_dir)
-        self.resume_point = find_resume_point(cfg, self.ckpt_root, model_shape(self.plan.student_config))
+        shape = models.model_shape(self.plan.student_config)
+        self.resume_point = find_resume_point(cfg, self.ckpt_root, shape)
         self.rank, self.world, self.device = init_distributed(cfg.train.device)
         self.mark("process_group")
         random.seed(cfg.run.seed)
@@ -454,7 +454,7 @@ class Trainer:
         meta = {
             "train_seconds": self.train_seconds,
             "tokens": self.tokens_trained,
-            "model_shape": model_shape(self.plan.student_config),
+            "model_shape": models.model_shape(self.plan.student_config),
         }
         return save_checkpoint(
             self.engine, self.ckpt_root, self.step, consumed, self.rank, self.cfg.train.keep_checkpoints, meta

@@ -66,7 +66,7 @@ def student_weights(student) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{name}.{pname}" if name else pname, param.detach()
 
 
-def _reprocess_tied_layers(model) -> None:
+def reprocess_tied_layers(model) -> None:
     """vLLM's layerwise reload re-processes a tied weight (embedding = head) only through its first owner; on
     the CPU the head keeps a packed copy of the old weight unless its own post-load step runs again."""
     owners: dict[int, list] = {}
@@ -142,7 +142,7 @@ class VLLMGenerator:
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
         )
-        self.llm.apply_model(_reprocess_tied_layers)
+        self.llm.apply_model(reprocess_tied_layers)
 
     def generate(self, prompts: torch.Tensor, new_tokens: int, settings, seed: int, pad_id: int | None):
         """prompts [B, P] continued by up to `new_tokens` (stopping at EOS), padded to P + new_tokens.

@@ -33,31 +33,16 @@ import torch
 
 from llmdistill.config import Config, LLMDistillError
 from llmdistill.distributed import all_reduce_sum, barrier
+from llmdistill.models import model_shape
 from llmdistill.teachers.base import TeacherUnavailable
 from llmdistill.teachers.vllm_client import ServerClient
-from llmdistill.teachers.vllm_generator import _reprocess_tied_layers, rollout_rows, sampling_settings
+from llmdistill.teachers.vllm_generator import reprocess_tied_layers, rollout_rows, sampling_settings
 
 SERVED_NAME = "student"
 EXTENSION = f"{__name__}.StudentWeightsFromDisk"
 # Rank 0 holds at most one shard of the student's weights in memory while writing them.
 SHARD_BYTES = 2**30
-# The config fields that must agree between the served model and the run's student for its weights to fit.
-ARCHITECTURE = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "tie_word_embeddings",
-)
 SERVE = "`llmdistill serve-student --config <this config>` (launch/serve_student.sh)"
-
-
-def architecture(config) -> dict:
-    values = config.to_dict()
-    return {key: values.get(key) for key in ARCHITECTURE}
 
 
 class StudentWeightsFromDisk:
@@ -70,12 +55,12 @@ class StudentWeightsFromDisk:
 
         self.reload_weights(weights_iterator=read_weights(Path(directory)), is_checkpoint_format=True)
         with set_current_vllm_config(self.vllm_config):
-            _reprocess_tied_layers(self.model_runner.get_model())
+            reprocess_tied_layers(self.model_runner.get_model())
 
     def llmdistill_student_architecture(self) -> dict:
         """The served model's shape (the trainer checks it is its student's; answering at all proves the
         server can take the trainer's weights)."""
-        return architecture(self.vllm_config.model_config.hf_config)
+        return model_shape(self.vllm_config.model_config.hf_config)
 
 
 def write_weights(weights: Iterator[tuple[str, torch.Tensor]], directory: Path) -> None:
@@ -191,7 +176,7 @@ class RolloutServer:
         self.client = ServerClient(
             s.urls, SERVED_NAME, s.timeout, s.retries, s.backoff, first=rank, role="student"
         )
-        ours = architecture(student_config)
+        ours = model_shape(student_config)
         for url in self.client.urls:
             body = {"method": "llmdistill_student_architecture"}
             served = self.client.call("/collective_rpc", body, url=url)["results"][0]
