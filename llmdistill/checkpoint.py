@@ -23,6 +23,7 @@ import random
 import shutil
 import signal as signals
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -128,20 +129,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, root: Path, step: int, consumed: int, rank: int, keep: int, meta: dict) -> Path:
+def save_checkpoint(
+    engine,
+    root: Path,
+    step: int,
+    consumed: int,
+    rank: int,
+    keep: int,
+    meta: dict,
+    save_state: Callable[[Path], dict | None] | None = None,
+) -> Path:
     """Every rank writes its part; rank 0 marks the checkpoint complete (with `meta` and every file's
-    fingerprint), then keeps only the newest `keep`."""
+    fingerprint), then keeps only the newest `keep`. `save_state(path)`, on every rank, writes more files
+    (the teacher source's) into the checkpoint; what it returns on rank 0 goes into the marker as
+    "teacher_source"."""
     path = checkpoint_dir(root, step)
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a half-written leftover of a crashed run at this step
     barrier()
     engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    extra = save_state(path) if save_state is not None else None
     barrier()
     failpoint("checkpoint_before_complete", step)
     if rank == 0:
         marker = path / (COMPLETE + ".tmp")
         record = {"step": step, "consumed_micro_batches": consumed, "time": time.time(), **meta}
+        if extra is not None:
+            record["teacher_source"] = extra
         marker.write_text(json.dumps(record | {"files": _files_of(path)}))
         marker.replace(path / COMPLETE)  # atomic: a checkpoint is complete or it is not
         for old in complete_checkpoints(root)[:-keep]:

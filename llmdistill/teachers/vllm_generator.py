@@ -114,13 +114,24 @@ class VLLMGenerator:
         )
         self.llm.apply_model(_reprocess_tied_layers)
 
-    def generate(self, prompts: torch.Tensor, new_tokens: int, settings, seed: int, pad_id: int | None):
-        """prompts [B, P] continued by up to `new_tokens` (stopping at EOS), padded to P + new_tokens.
+    def generate(
+        self,
+        prompts: torch.Tensor | list[torch.Tensor],
+        new_tokens: int | list[int],
+        settings,
+        seed: int,
+        pad_id: int | None,
+    ):
+        """prompts [B, P] continued by up to `new_tokens` (stopping at EOS), padded to P + new_tokens; or a
+        list of 1-D prompts of any lengths (chat), each with its own `new_tokens` when that is a list, giving
+        one 1-D row per prompt (prompt + its new tokens, padded). All rows go to vLLM in one call.
 
         Row i is sampled with seed + i (vLLM seeds each request), so a batch's samples are a function of the
-        batch's seed and the weights."""
+        batch's seed and the weights, and a row's are the same in a batch as alone."""
         from vllm import SamplingParams  # lazy: vllm is optional and slow to import
 
+        rows = list(prompts)
+        budgets = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(rows)
         greedy = settings.temperature == 0
         params = [
             SamplingParams(
@@ -128,22 +139,23 @@ class VLLMGenerator:
                 temperature=settings.temperature,
                 top_p=1.0 if greedy else settings.top_p,
                 top_k=0 if greedy else settings.top_k,
-                max_tokens=new_tokens,
+                max_tokens=budget,
                 stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
                 seed=None if greedy else (seed + row) % 2**63,
                 detokenize=False,
             )
-            for row in range(prompts.shape[0])
+            for row, budget in enumerate(budgets)
         ]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": row.tolist()} for row in prompts], params, use_tqdm=False
-        )
-        out = torch.full((prompts.shape[0], prompts.shape[1] + new_tokens), pad_id or 0, dtype=torch.long)
-        out[:, : prompts.shape[1]] = prompts
-        for row, result in enumerate(outputs):
-            written = list(result.outputs[0].token_ids)[:new_tokens]
-            out[row, prompts.shape[1] : prompts.shape[1] + len(written)] = torch.tensor(written)
-        return out
+        requests = [{"prompt_token_ids": row.tolist()} for row in rows]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        out = []
+        for prompt, budget, result in zip(rows, budgets, outputs, strict=True):
+            written = torch.tensor(list(result.outputs[0].token_ids)[:budget], dtype=torch.long)
+            row = torch.full((len(prompt) + budget,), pad_id or 0, dtype=torch.long)
+            row[: len(prompt)] = prompt
+            row[len(prompt) : len(prompt) + len(written)] = written
+            out.append(row)
+        return torch.stack(out) if isinstance(prompts, torch.Tensor) else out
 
     def close(self) -> None:
         self.llm = None
