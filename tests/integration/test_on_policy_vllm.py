@@ -148,7 +148,8 @@ RESUMABLE = [
 def _run(tmp_path, name, extra):
     args = ["--config", "configs/tiny/on_policy_vllm.yaml", *QUICK, *ON_POLICY, *RESUMABLE, *extra]
     args += [f"run.output_dir={tmp_path}", f"run.name={name}"]
-    result = run_cli(args, env=ENV, timeout=900, launcher=deepspeed_launcher(2))
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = run_cli(args, env=offline, timeout=900, launcher=deepspeed_launcher(2))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
