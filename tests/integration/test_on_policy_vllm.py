@@ -32,8 +32,10 @@ ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"
 
 
 def drive(out: Path, zero_stage: int) -> None:
-    """Every rank: push the initial weights and roll out greedily, train two steps (temperature 0 rollouts),
-    roll out again; gather the trained student and write what HF `generate` makes of the same prompts."""
+    """Every rank: push the initial weights and roll out greedily, train two steps (temperature 0 rollouts,
+    a push every 2 steps), roll out again; save the pushed weights as a checkpoint of step 3 would (each
+    rank's slice); gather the trained student and write what HF `generate` makes of the same prompts, and
+    whether the saved slices read back to the gathered weights."""
     import torch
     from conftest import QUICK as quick
 
@@ -41,6 +43,7 @@ def drive(out: Path, zero_stage: int) -> None:
     from llmdistill.data import collate
     from llmdistill.export import gather_state_dict
     from llmdistill.models import state_to_model
+    from llmdistill.teachers.on_policy import ROLLOUT_WEIGHTS, read_slices
     from llmdistill.train import Trainer
 
     cfg = load_config(
@@ -49,6 +52,7 @@ def drive(out: Path, zero_stage: int) -> None:
             *quick,
             *ON_POLICY,
             "teacher.on_policy.temperature=0",
+            "teacher.on_policy.sync_every=2",
             f"deepspeed.zero_stage={zero_stage}",
             "train.lr=1e-2",
             f"run.output_dir={out}",
@@ -64,9 +68,13 @@ def drive(out: Path, zero_stage: int) -> None:
     before = source.engine.generate(prompts, 24, settings, 0, source.pad_id)
     records = [trainer.train_step() for _ in range(2)]
     after = source.engine.generate(prompts, 24, settings, 0, source.pad_id)
+    # Step 3's samples come from step 2's push: a checkpoint of step 3 saves it beside itself.
+    saved = source.save_state(out, 3)
+    torch.distributed.barrier()
     state = gather_state_dict(trainer.student, trainer.rank)  # every rank: a collective under ZeRO-3
     result = {
         "rank": trainer.rank,
+        "saved": saved,
         "zero3_local_fraction": trainer.summary.get("zero3_local_fraction"),
         "version": source.version,
         "losses": [r["loss"] for r in records],
@@ -84,6 +92,9 @@ def drive(out: Path, zero_stage: int) -> None:
                 pad_token_id=source.pad_id,
             )
         result["hf"] = hf.tolist()
+        back = dict(read_slices([out / ROLLOUT_WEIGHTS.format(rank=r) for r in (0, 1)]))
+        result["rollout_weights"] = {name: torch.equal(weight, state[name]) for name, weight in back.items()}
+        result["parameters"] = sorted(state)
     trainer.close()
     (out / f"drive_rank{trainer.rank}.json").write_text(json.dumps(result))
 
@@ -125,11 +136,20 @@ def test_rollouts_after_a_weight_push_are_what_the_trained_student_writes(driven
     eos = embedded_tokenizer.eos_token_id
     hf = [_strip(row, 16, eos) for row in ranks[0]["hf"]]
     for rank in ranks:
-        assert rank["version"] == 2  # pushed after each of the two optimizer steps
+        assert rank["version"] == 2  # pushed after the second optimizer step (every 2 steps)
         after = [_strip(row, 16, eos) for row in rank["after"]]
         before = [_strip(row, 16, eos) for row in rank["before"]]
         assert after == hf, rank["rank"]  # the engine holds the trained weights...
         assert after != before  # ...and they moved
+        assert rank["saved"] == {
+            "step": 3,
+            "opened_at": 0,
+            "rollout_weights_step": 2,
+            "rollout_weights_files": 2,
+        }
+    # The two ranks' slices of step 2's push read back to the trained student's (gathered) weights.
+    saved = ranks[0]["rollout_weights"]
+    assert sorted(saved) == ranks[0]["parameters"] and all(saved.values()), saved
     if zero_stage == 3:
         assert ranks[0]["zero3_local_fraction"] < 0.75  # the student really was partitioned
 
@@ -172,7 +192,8 @@ def stopped_and_resumed(request, tmp_path_factory):
     """An uninterrupted 4-step run, and one stopped at a step that is not a push step of its samples'
     weights (lag 0: step 3, whose samples come from step 2's weights; lag 1: step 2, a push step whose own
     samples still come from step 0's weights, the push of step 2 owed until they are written), then resumed.
-    {lag, stop, the stopped checkpoint's marker, the two run directories}."""
+    ZeRO-2 (the slices under ZeRO-3: the driven tests). {lag, stop, the stopped checkpoint's marker, the two
+    run directories}."""
     lag, stop = request.param
     root = tmp_path_factory.mktemp(f"lag{lag}")
     lagged = [f"teacher.on_policy.lag={lag}"]
