@@ -22,10 +22,11 @@ Who writes (teacher.on_policy.generator):
   would be a collective: refused.
 - `vllm`: a vLLM engine in each trainer process holding a copy of the student (teachers/vllm_generator.py),
   its weights pushed every `sync_every` optimizer steps (gathered under ZeRO-3, LoRA merged). The samples for
-  step k come from the weights of step v(k) = max(first step of this stream, ((k - lag) // sync_every) *
+  step k come from the weights of step v(k) = max(the step sampling started at, ((k - lag) // sync_every) *
   sync_every), and each request is seeded, so they are a function of the batch and the step. With lag 1 the
   samples of step k + 1 are written in a thread while step k trains. The lag of each micro-batch (k - v(k)) is
-  logged in on_policy_rank<r>.jsonl.
+  logged in on_policy_rank<r>.jsonl. On chat data all rows of a micro-batch go to vLLM in one call (prompts
+  of different lengths, row i seeded seed + i as alone); HF generate writes them one row at a time.
 
 Exact resume with the vllm generator: a checkpoint of step s records v(s), the weights its next samples
 come from. When v(s) is not s (s is not a push step; or, with lag 1, s's samples came from the push before),
