@@ -1,12 +1,14 @@
 """Crash-safe training checkpoints: a checkpoint counts only once its COMPLETE marker exists, and is trusted
 only while its files match what the marker recorded.
 
-Layout: checkpoints/step_XXXXXXXX/ holds DeepSpeed's files, one `rng_rank<r>.pt` per rank and, written
-last and atomically by rank 0, `COMPLETE` (JSON: step, consumed micro-batches, time, the run's training
-seconds and tokens so far, the student's shape, and every file's size and fingerprint). A directory without
-the marker is a half-written leftover of a crash: it is never resumed from and is replaced when that step is
-saved again. A checkpoint whose files no longer match (deleted, truncated, rewritten) is damaged: `resume:
-auto` falls back to the newest older one that is intact, an explicit `train.resume` fails naming the file.
+Layout: checkpoints/step_XXXXXXXX/ holds DeepSpeed's files, one `rng_rank<r>.pt` per rank, the teacher
+source's files if it has state (TeacherSource.save_state: the on-policy vLLM generator's rollout weights)
+and, written last and atomically by rank 0, `COMPLETE` (JSON: step, consumed micro-batches, time, the run's
+training seconds and tokens so far, the student's shape, the teacher source's state, and every file's size
+and fingerprint). A directory without the marker is a half-written leftover of a crash: it is never resumed
+from and is replaced when that step is saved again. A checkpoint whose files no longer match (deleted,
+truncated, rewritten) is damaged: `resume: auto` falls back to the newest older one that is intact, an
+explicit `train.resume` fails naming the file.
 
 The fingerprint is the size plus a SHA-256 of the first and last MiB, not of the whole file: a full hash
 runs at ~0.5 GB/s here, minutes per save and per resume for a multi-billion-parameter run's optimizer state,
