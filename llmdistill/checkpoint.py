@@ -1,12 +1,14 @@
 """Crash-safe training checkpoints: a checkpoint counts only once its COMPLETE marker exists, and is trusted
 only while its files match what the marker recorded.
 
-Layout: checkpoints/step_XXXXXXXX/ holds DeepSpeed's files, one `rng_rank<r>.pt` per rank and, written
-last and atomically by rank 0, `COMPLETE` (JSON: step, consumed micro-batches, time, the run's training
-seconds and tokens so far, the student's shape, and every file's size and fingerprint). A directory without
-the marker is a half-written leftover of a crash: it is never resumed from and is replaced when that step is
-saved again. A checkpoint whose files no longer match (deleted, truncated, rewritten) is damaged: `resume:
-auto` falls back to the newest older one that is intact, an explicit `train.resume` fails naming the file.
+Layout: checkpoints/step_XXXXXXXX/ holds DeepSpeed's files, one `rng_rank<r>.pt` per rank, the teacher
+source's files if it has state (TeacherSource.save_state: the on-policy vLLM generator's rollout weights)
+and, written last and atomically by rank 0, `COMPLETE` (JSON: step, consumed micro-batches, time, the run's
+training seconds and tokens so far, the student's shape, the teacher source's state, and every file's size
+and fingerprint). A directory without the marker is a half-written leftover of a crash: it is never resumed
+from and is replaced when that step is saved again. A checkpoint whose files no longer match (deleted,
+truncated, rewritten) is damaged: `resume: auto` falls back to the newest older one that is intact, an
+explicit `train.resume` fails naming the file.
 
 The fingerprint is the size plus a SHA-256 of the first and last MiB, not of the whole file: a full hash
 runs at ~0.5 GB/s here, minutes per save and per resume for a multi-billion-parameter run's optimizer state,
@@ -23,6 +25,7 @@ import random
 import shutil
 import signal as signals
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,20 +114,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, root: Path, step: int, consumed: int, rank: int, keep: int, meta: dict) -> Path:
+def save_checkpoint(
+    engine,
+    root: Path,
+    step: int,
+    consumed: int,
+    rank: int,
+    keep: int,
+    meta: dict,
+    save_state: Callable[[Path], dict | None] | None = None,
+) -> Path:
     """Every rank writes its part; rank 0 marks the checkpoint complete (with `meta` and every file's
-    fingerprint), then keeps only the newest `keep`."""
+    fingerprint), then keeps only the newest `keep`. `save_state(path)`, on every rank, writes more files
+    (the teacher source's) into the checkpoint; what it returns on rank 0 goes into the marker as
+    "teacher_source"."""
     path = checkpoint_dir(root, step)
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a half-written leftover of a crashed run at this step
     barrier()
     engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    extra = save_state(path) if save_state is not None else None
     barrier()
     failpoint("checkpoint_before_complete", step)
     if rank == 0:
         marker = path / (COMPLETE + ".tmp")
         record = {"step": step, "consumed_micro_batches": consumed, "time": time.time(), **meta}
+        if extra is not None:
+            record["teacher_source"] = extra
         marker.write_text(json.dumps(record | {"files": _files_of(path)}))
         marker.replace(path / COMPLETE)  # atomic: a checkpoint is complete or it is not
         prune_checkpoints(root, keep)

@@ -305,6 +305,7 @@ class Trainer:
         if path is not None:
             meta = load_checkpoint(self.engine, path, self.rank)
             self.step, self.consumed = meta["step"], meta["consumed_micro_batches"]
+            self.teacher_source.load_state(path, meta.get("teacher_source"))
             self.train_seconds, self.tokens_trained = meta.get("train_seconds", 0.0), meta.get("tokens", 0)
             self._pairs = None
             log.info(f"resumed from {path} (step {self.step})")
@@ -457,7 +458,14 @@ class Trainer:
             "model_shape": models.model_shape(self.plan.student_config),
         }
         return save_checkpoint(
-            self.engine, self.ckpt_root, self.step, consumed, self.rank, self.cfg.train.keep_checkpoints, meta
+            self.engine,
+            self.ckpt_root,
+            self.step,
+            consumed,
+            self.rank,
+            self.cfg.train.keep_checkpoints,
+            meta,
+            save_state=lambda path: self.teacher_source.save_state(path, self.step),
         )
 
     def _tick(self) -> None:

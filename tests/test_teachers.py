@@ -502,6 +502,31 @@ def test_lora_student_weights_are_the_merged_weights_under_hf_names(tiny_llama):
     assert moved and all("proj" in n for n in moved)  # the adapted projections, merged
 
 
+def test_rollout_weight_slices_of_every_rank_give_back_the_whole_weights(tiny_llama, tmp_path):
+    """Each rank keeps and writes 1/world of every pushed weight; reading all ranks' files back gives the
+    weights exactly, and a resume under another world size re-slices them."""
+    from llmdistill.teachers.on_policy import kept_slices, read_slices, write_slices
+
+    weights = {name: p.detach() for name, p in tiny_llama.named_parameters()}
+    world = 3
+    paths = []
+    for rank in range(world):
+        slices = {}
+        passed = dict(kept_slices(iter(weights.items()), rank, world, slices))
+        assert all(passed[n] is weights[n] for n in weights)  # the engine still gets every full weight
+        assert sum(t.numel() for t, _ in slices.values()) <= sum(w.numel() for w in weights.values()) // 2
+        paths.append(tmp_path / f"rank{rank}.safetensors")
+        write_slices(slices, paths[-1])
+    again = {}
+    back = dict(kept_slices(read_slices(paths), 1, 2, again))
+    assert set(back) == set(weights)
+    for name, weight in weights.items():
+        assert torch.equal(back[name], weight), name
+        assert torch.equal(again[name][0], weight.reshape(-1).tensor_split(2)[1]), name
+    with pytest.raises(LLMDistillError, match="rollout weights .*rank3.safetensors are missing"):
+        next(read_slices([*paths, tmp_path / "rank3.safetensors"]))
+
+
 def test_on_policy_choice_is_a_function_of_the_batch():
     ids = torch.arange(64).reshape(4, 16)
     assert batch_draw(ids, 0) == batch_draw(ids.clone(), 0)

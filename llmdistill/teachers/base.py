@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -80,6 +81,16 @@ class TeacherSource:
     def after_optimizer_step(self, step: int) -> None:
         """Called by the trainer on every rank after optimizer step `step` (a source that samples from the
         student pushes its weights here)."""
+
+    def save_state(self, path: Path, step: int) -> dict | None:
+        """Called on every rank while the checkpoint of step `step` is written into `path`: write this rank's
+        files there (the checkpoint's completeness marker fingerprints them with the others) and return what
+        the marker records for `load_state` (rank 0's), or None when the source has no state."""
+        return None
+
+    def load_state(self, path: Path, state: dict | None) -> None:
+        """Called on every rank once the checkpoint `path` is loaded, with what `save_state` returned for it
+        (None for a checkpoint without)."""
 
     def stream(self, batches: Iterator[dict], device: str, start: int = 0):
         """(batch, signal) pairs on `device`; `start`: micro-batches this rank consumed before `batches`."""

@@ -22,16 +22,27 @@ Who writes (teacher.on_policy.generator):
   would be a collective: refused.
 - `vllm`: a vLLM engine in each trainer process holding a copy of the student (teachers/vllm_generator.py),
   its weights pushed every `sync_every` optimizer steps (gathered under ZeRO-3, LoRA merged). The samples for
-  step k come from the weights of step v(k) = max(first step of this stream, ((k - lag) // sync_every) *
+  step k come from the weights of step v(k) = max(the step sampling started at, ((k - lag) // sync_every) *
   sync_every), and each request is seeded, so they are a function of the batch and the step. With lag 1 the
   samples of step k + 1 are written in a thread while step k trains. The lag of each micro-batch (k - v(k)) is
-  logged in on_policy_rank<r>.jsonl. After a resume the first weights are the checkpoint's: a resumed run
-  reproduces the uninterrupted one when it resumes at a multiple of sync_every with lag 0.
+  logged in on_policy_rank<r>.jsonl. On chat data all rows of a micro-batch go to vLLM in one call (prompts
+  of different lengths, row i seeded seed + i as alone); HF generate writes them one row at a time.
 - `vllm_server`: the same, from separate vLLM servers holding a copy of the student
   (teachers/vllm_rollout_server.py; start one with `llmdistill serve-student`, teacher.on_policy.server):
   rank 0 writes the weights under the run directory and the servers load them; same versions and lag. A
   server that stops answering stops the run after a checkpoint of the last whole step, as a teacher server
   does, and the same command resumes once it is back.
+
+Exact resume with the vllm and vllm_server generators: a checkpoint of step s records v(s), the weights its
+next samples come from. When v(s) is not s (s is not a push step; or, with lag 1, s's samples came from the push before),
+those weights are saved beside the checkpoint (rollout_weights_rank<r>.safetensors, fingerprinted by its
+COMPLETE marker, recorded in it) and the resumed engine starts from them; with lag 1 at a push step the
+checkpoint's own weights are pushed once step s's samples are written, where the uninterrupted run pushed
+them. They come from a copy kept at each push, not from the engine (on the CPU vLLM repacks its linear weights
+and drops the originals): every rank keeps only its 1/world slice of each flattened weight, and writes that
+slice; a resume reads them all back one weight at a time. With lag 1 the previous push's slices are kept too,
+for one step; with sync_every 1 and lag 0 nothing is kept (a checkpoint's own weights are the next ones). So
+a resumed run reproduces the uninterrupted one at any step, for lag 0 and 1.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -120,6 +132,36 @@ def weights_step(step: int, opened_at: int, lag: int, sync_every: int) -> int:
     """The optimizer step whose weights write the samples of step `step`: `lag` steps back, rounded down to a
     push (every `sync_every` steps), and never before the stream opened (the weights it started from)."""
     return max(opened_at, max(step - lag, 0) // sync_every * sync_every)
+
+
+ROLLOUT_WEIGHTS = "rollout_weights_rank{rank}.safetensors"
+
+
+def kept_slices(weights, rank: int, world: int, into: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass (name, weight) pairs through, keeping this rank's 1/world of each flattened weight in `into`
+    ({name: (slice, shape)}): together the ranks hold one copy, and none holds the whole model twice."""
+    for name, weight in weights:
+        into[name] = (weight.reshape(-1).tensor_split(world)[rank].clone(), list(weight.shape))
+        yield name, weight
+
+
+def write_slices(slices: dict, path: Path) -> None:
+    from safetensors.torch import save_file  # lazy: only a checkpoint of an on-policy vLLM run writes them
+
+    shapes = {name: shape for name, (_, shape) in slices.items()}
+    save_file({name: t for name, (t, _) in slices.items()}, path, metadata={"shapes": json.dumps(shapes)})
+
+
+def read_slices(paths: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full weight) from every rank's slice file (in rank order), one weight at a time."""
+    from safetensors import safe_open  # lazy: see write_slices
+
+    for path in paths:
+        if not path.is_file():
+            raise LLMDistillError(f"checkpoint: the rollout weights {path} are missing")
+    files = [safe_open(str(path), framework="pt") for path in paths]
+    for name, shape in json.loads(files[0].metadata()["shapes"]).items():
+        yield name, torch.cat([f.get_tensor(name) for f in files]).view(shape)
 
 
 def check_on_policy(cfg: Config) -> None:
@@ -236,13 +278,18 @@ class OnPolicyTeacher(TeacherSource):
         else:
             self.scorer = VLLMServerTeacher(cfg, tokenizer, rank, check=check)
         self.samples_log = (run_dir / f"on_policy_rank{rank}.jsonl") if run_dir is not None else None
-        self.seen = 0
         self.engine = None
         # Version bookkeeping of the vLLM engine's weights (see the module docstring); `position` is the
         # index of the next micro-batch to transform, `version` the step whose weights the engine holds.
         self.grad_accum = cfg.train.grad_accum
         self.position = self.opened_at = self.version = 0
         self.failed = self.closed = False
+        # Exact resume (module docstring): this rank's slices of the pushed weights a checkpoint may need,
+        # {step: slices}; the state of the checkpoint resumed from (load_state); a push still owed.
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.kept: dict[int, dict] = {}
+        self.resumed: dict | None = None
+        self.owed_push: int | None = None
         self.turn = threading.Condition()
         self.push_failure: TeacherUnavailable | None = None
         if p.generator in ("vllm", "vllm_server"):
@@ -274,8 +321,13 @@ class OnPolicyTeacher(TeacherSource):
     def push_weights(self, step: int) -> None:
         from llmdistill.teachers.vllm_generator import student_weights  # lazy: see __init__
 
+        weights = student_weights(self.student)
+        # With a push every step and lag 0 a checkpoint's own weights are always the next samples' weights.
+        if self.settings.sync_every > 1 or self.settings.lag:
+            self.kept[step] = {}
+            weights = kept_slices(weights, self.rank, self.world, self.kept[step])
         try:
-            self.engine.load(student_weights(self.student))
+            self.engine.load(weights)
         except TeacherUnavailable as err:
             # A rollout server failed (on every rank alike): the next micro-batch raises it, so that the
             # trainer keeps this whole step and stops.
@@ -284,22 +336,67 @@ class OnPolicyTeacher(TeacherSource):
 
     def stream(self, batches, device: str, start: int = 0):
         if self.engine is not None:
-            # Every rank opens the stream at its first step (a collective under ZeRO-3): the engine gets the
-            # weights the trainer starts from.
-            self.position, self.opened_at, self.failed = start, start // self.grad_accum, False
-            self.push_weights(self.opened_at)
-        yield from super().stream(batches, device, start)
+            self.position, self.failed = start, False
+            resumed, self.resumed = self.resumed, None
+            self.opened_at = resumed["opened_at"] if resumed else start // self.grad_accum
+            if not resumed or "rollout_weights_files" not in resumed:
+                # Every rank opens the stream at its first step (a collective under ZeRO-3): the engine gets
+                # the weights the trainer starts from. (Otherwise load_state gave it the checkpoint's
+                # rollout weights.)
+                self.push_weights(start // self.grad_accum)
+        for index, pair in enumerate(super().stream(batches, device, start), start):
+            if self.owed_push is not None and index + 1 == (self.owed_push + 1) * self.grad_accum:
+                # Resumed with lag 1 at a push step: the uninterrupted run pushed the trainer's weights once
+                # this step's samples were written; they are, up to its last micro-batch.
+                with self.turn:
+                    self.push_weights(self.owed_push)
+                    self.owed_push = None
+                    self.turn.notify_all()
+            yield pair
 
     def after_optimizer_step(self, step: int) -> None:
-        if self.engine is None or step % self.settings.sync_every:
+        if self.engine is None:
             return
-        with self.turn:
-            # Every sample that needs older weights is written first (with lag 1, the thread is finishing step
-            # `step`'s samples); a failed thread writes nothing more, and the trainer stops at its next batch.
-            written = (step + self.settings.lag) * self.grad_accum
-            self.turn.wait_for(lambda: self.failed or self.position >= written)
-            self.push_weights(step)  # every rank, in step: a collective under ZeRO-3
-            self.turn.notify_all()
+        if step % self.settings.sync_every == 0:
+            with self.turn:
+                # Every sample that needs older weights is written first (with lag 1, the thread is finishing
+                # step `step`'s samples); a failed thread writes nothing more, and the trainer stops at its
+                # next batch.
+                written = (step + self.settings.lag) * self.grad_accum
+                self.turn.wait_for(lambda: self.failed or self.position >= written)
+                self.push_weights(step)  # every rank, in step: a collective under ZeRO-3
+                self.turn.notify_all()
+        needed = weights_step(step, self.opened_at, self.settings.lag, self.settings.sync_every)
+        for version in [v for v in self.kept if v < needed]:
+            del self.kept[version]
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def save_state(self, path: Path, step: int) -> dict | None:
+        """The weights step `step`'s samples come from, written beside its checkpoint unless they are its
+        own."""
+        if self.engine is None:
+            return None
+        needed = weights_step(step, self.opened_at, self.settings.lag, self.settings.sync_every)
+        state = {"step": step, "opened_at": self.opened_at, "rollout_weights_step": needed}
+        if needed != step:
+            write_slices(self.kept[needed], path / ROLLOUT_WEIGHTS.format(rank=self.rank))
+            state["rollout_weights_files"] = self.world
+        return state
+
+    def load_state(self, path: Path, state: dict | None) -> None:
+        if self.engine is None or not state:
+            return  # an older checkpoint: the engine starts from its weights (at the stream's opening)
+        self.resumed = state
+        if "rollout_weights_files" not in state:
+            return  # the checkpoint's own weights, pushed at the stream's opening
+        paths = [path / ROLLOUT_WEIGHTS.format(rank=r) for r in range(state["rollout_weights_files"])]
+        version = state["rollout_weights_step"]
+        self.kept = {version: {}}
+        self.engine.load(kept_slices(read_slices(paths), self.rank, self.world, self.kept[version]))
+        self.version = version
+        if state["step"] % self.settings.sync_every == 0:  # lag 1: see stream
+            self.owed_push = state["step"]
 
     # ------------------------------------------------------------------------------------------ batches
 
@@ -320,7 +417,8 @@ class OnPolicyTeacher(TeacherSource):
             raise self.push_failure
         draw, seed = batch_draw(batch["input_ids"], self.cfg.run.seed)
         on_policy = draw < self.settings.fraction
-        step = self.position // self.grad_accum
+        index = self.position
+        step = index // self.grad_accum
         p = self.settings
         prompts = batch["input_ids"][:, : p.prompt_tokens]
         if on_policy and self.chat:
@@ -335,9 +433,10 @@ class OnPolicyTeacher(TeacherSource):
                         raise RuntimeError("on-policy source closed while waiting for weights")
                 elif self.version != weights:
                     raise RuntimeError(f"on-policy engine holds step {self.version}'s weights, not {weights}")
-                if self.chat:
+                if self.chat:  # every row in one call, each with its own prompt length
                     ids = batch["input_ids"].cpu()
-                    sampled = self._chat_rollouts(self.engine.generate, ids, lengths, seed)
+                    rows = [ids[row, :prompt] for row, prompt in enumerate(lengths)]
+                    sampled = self.engine.generate(rows, self._chat_budgets(lengths), p, seed, self.pad_id)
                 else:
                     sampled = self.engine.generate(prompts.cpu(), self.new_tokens, p, seed, self.pad_id)
         elif on_policy and self.chat:
@@ -355,16 +454,19 @@ class OnPolicyTeacher(TeacherSource):
         with self.turn:
             self.position += 1
             self.turn.notify_all()
-        self._log(batch, on_policy, step, weights)
+        self._log(batch, on_policy, index, step, weights)
         return batch
 
-    def _chat_rollouts(self, write, input_ids: torch.Tensor, lengths: list[int], seed: int) -> list:
-        """One rollout per row from its own chat prompt (prompts differ in length), row i seeded seed + i as
-        in a batched call; each writes up to the rest of the window (or max_new_tokens)."""
+    def _chat_budgets(self, lengths: list[int]) -> list[int]:
+        """New tokens per chat row: up to the rest of the window (or max_new_tokens)."""
         seq_len, limit = self.cfg.data.seq_len, self.settings.max_new_tokens
+        return [min(limit or seq_len, seq_len - prompt + 1) for prompt in lengths]
+
+    def _chat_rollouts(self, write, input_ids: torch.Tensor, lengths: list[int], seed: int) -> list:
+        """One rollout per row from its own chat prompt (HF generate pads prompts of different lengths), row i
+        seeded seed + i as in a batched call."""
         rows = []
-        for row, prompt in enumerate(lengths):
-            new_tokens = min(limit or seq_len, seq_len - prompt + 1)
+        for row, (prompt, new_tokens) in enumerate(zip(lengths, self._chat_budgets(lengths), strict=True)):
             out = write(input_ids[row : row + 1, :prompt], new_tokens, self.settings, seed + row, self.pad_id)
             rows.append(out[0].cpu())
         return rows
@@ -380,14 +482,14 @@ class OnPolicyTeacher(TeacherSource):
                 self.turn.notify_all()
             raise
 
-    def _log(self, batch: dict, on_policy: bool, step: int, weights: int) -> None:
-        # One line per micro-batch: lets a user (and the tests) see what the student wrote and was scored on,
-        # and from which weights.
-        self.seen += 1
+    def _log(self, batch: dict, on_policy: bool, index: int, step: int, weights: int) -> None:
+        # One line per micro-batch (`index`: this rank's micro-batches before it in the run, so a resumed
+        # run's lines line up with the uninterrupted run's): lets a user (and the tests) see what the student
+        # wrote and was scored on, and from which weights.
         if self.samples_log is None:
             return
         record = {
-            "micro_batch": self.seen,
+            "micro_batch": index,
             "step": step,
             "on_policy": on_policy,
             "prompt_tokens": chat_prompt_lengths(batch["targets"][:1])[0] if on_policy else 0,

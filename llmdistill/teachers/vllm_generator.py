@@ -96,15 +96,22 @@ def sampling_settings(settings, new_tokens: int, eos_id: int | None, seed: int) 
     }
 
 
-def rollout_rows(prompts: torch.Tensor, written: list[list[int]], new_tokens: int, pad_id: int | None):
-    """prompts [B, P] followed by each row's written tokens (at most `new_tokens`), padded to
-    P + new_tokens."""
-    out = torch.full((prompts.shape[0], prompts.shape[1] + new_tokens), pad_id or 0, dtype=torch.long)
-    out[:, : prompts.shape[1]] = prompts
-    for row, tokens in enumerate(written):
-        tokens = tokens[:new_tokens]
-        out[row, prompts.shape[1] : prompts.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return out
+def row_budgets(prompts, new_tokens: int | list[int]) -> list[int]:
+    """New tokens per row: one budget for all rows, or each row's own (chat prompts)."""
+    return new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
+
+
+def rollout_rows(prompts, written: list[list[int]], new_tokens: int | list[int], pad_id: int | None):
+    """Each prompt followed by its written tokens (at most its budget), padded to prompt + budget: [B, P + n]
+    for prompts [B, P], one 1-D row per prompt for a list of 1-D prompts (chat: lengths and budgets per row)."""
+    out = []
+    for prompt, budget, tokens in zip(prompts, row_budgets(prompts, new_tokens), written, strict=True):
+        row = torch.full((len(prompt) + budget,), pad_id or 0, dtype=torch.long)
+        row[: len(prompt)] = prompt
+        tokens = tokens[:budget]
+        row[len(prompt) : len(prompt) + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        out.append(row)
+    return torch.stack(out) if isinstance(prompts, torch.Tensor) else out
 
 
 class VLLMGenerator:
@@ -144,18 +151,26 @@ class VLLMGenerator:
         )
         self.llm.apply_model(reprocess_tied_layers)
 
-    def generate(self, prompts: torch.Tensor, new_tokens: int, settings, seed: int, pad_id: int | None):
-        """prompts [B, P] continued by up to `new_tokens` (stopping at EOS), padded to P + new_tokens.
+    def generate(
+        self,
+        prompts: torch.Tensor | list[torch.Tensor],
+        new_tokens: int | list[int],
+        settings,
+        seed: int,
+        pad_id: int | None,
+    ):
+        """prompts [B, P] continued by up to `new_tokens` (stopping at EOS), padded to P + new_tokens; or a
+        list of 1-D prompts of any lengths (chat), each with its own `new_tokens` when that is a list, giving
+        one 1-D row per prompt (prompt + its new tokens, padded). All rows go to vLLM in one call.
 
         Row i is sampled with seed + i (vLLM seeds each request), so a batch's samples are a function of the
-        batch's seed and the weights."""
+        batch's seed and the weights, and a row's are the same in a batch as alone."""
         from vllm import SamplingParams  # lazy: vllm is optional and slow to import
 
         params = [
-            SamplingParams(
-                **sampling_settings(settings, new_tokens, self.eos_id, seed + row), detokenize=False
+            SamplingParams(**sampling_settings(settings, budget, self.eos_id, seed + row), detokenize=False
             )
-            for row in range(prompts.shape[0])
+            for row, budget in enumerate(row_budgets(prompts, new_tokens))
         ]
         outputs = self.llm.generate(
             [{"prompt_token_ids": row.tolist()} for row in prompts], params, use_tqdm=False

