@@ -34,15 +34,15 @@ Who writes (teacher.on_policy.generator):
   does, and the same command resumes once it is back.
 
 Exact resume with the vllm and vllm_server generators: a checkpoint of step s records v(s), the weights its
-next samples come from. When v(s) is not s (s is not a push step; or, with lag 1, s's samples came from the push before),
-those weights are saved beside the checkpoint (rollout_weights_rank<r>.safetensors, fingerprinted by its
-COMPLETE marker, recorded in it) and the resumed engine starts from them; with lag 1 at a push step the
-checkpoint's own weights are pushed once step s's samples are written, where the uninterrupted run pushed
-them. They come from a copy kept at each push, not from the engine (on the CPU vLLM repacks its linear weights
-and drops the originals): every rank keeps only its 1/world slice of each flattened weight, and writes that
-slice; a resume reads them all back one weight at a time. With lag 1 the previous push's slices are kept too,
-for one step; with sync_every 1 and lag 0 nothing is kept (a checkpoint's own weights are the next ones). So
-a resumed run reproduces the uninterrupted one at any step, for lag 0 and 1.
+next samples come from. When v(s) is not s (s is not a push step; or, with lag 1, s's samples came from the
+push before), those weights are saved beside the checkpoint (rollout_weights_rank<r>.safetensors,
+fingerprinted by its COMPLETE marker, recorded in it) and the resumed engine starts from them; with lag 1 at a
+push step the checkpoint's own weights are pushed once step s's samples are written, where the uninterrupted
+run pushed them. They come from a copy kept at each push, not from the engine (on the CPU vLLM repacks its
+linear weights and drops the originals): every rank keeps only its 1/world slice of each flattened weight, and
+writes that slice; a resume reads them all back one weight at a time. With lag 1 the previous push's slices
+are kept too, for one step; with sync_every 1 and lag 0 nothing is kept (a checkpoint's own weights are the
+next ones). So a resumed run reproduces the uninterrupted one at any step, for lag 0 and 1.
 """
 
 from __future__ import annotations

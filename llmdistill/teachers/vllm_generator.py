@@ -103,7 +103,7 @@ def row_budgets(prompts, new_tokens: int | list[int]) -> list[int]:
 
 def rollout_rows(prompts, written: list[list[int]], new_tokens: int | list[int], pad_id: int | None):
     """Each prompt followed by its written tokens (at most its budget), padded to prompt + budget: [B, P + n]
-    for prompts [B, P], one 1-D row per prompt for a list of 1-D prompts (chat: lengths and budgets per row)."""
+    for prompts [B, P], one 1-D row per prompt for a list of 1-D prompts (chat: lengths, budgets per row)."""
     out = []
     for prompt, budget, tokens in zip(prompts, row_budgets(prompts, new_tokens), written, strict=True):
         row = torch.full((len(prompt) + budget,), pad_id or 0, dtype=torch.long)
@@ -168,8 +168,7 @@ class VLLMGenerator:
         from vllm import SamplingParams  # lazy: vllm is optional and slow to import
 
         params = [
-            SamplingParams(**sampling_settings(settings, budget, self.eos_id, seed + row), detokenize=False
-            )
+            SamplingParams(**sampling_settings(settings, budget, self.eos_id, seed + row), detokenize=False)
             for row, budget in enumerate(row_budgets(prompts, new_tokens))
         ]
         outputs = self.llm.generate(
