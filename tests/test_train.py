@@ -204,13 +204,11 @@ def test_save_then_a_new_trainer_resumes_to_the_same_next_step(tmp_path, one_ran
     assert got["consumed_micro_batches"] == expected["consumed_micro_batches"] == 3
 
 
-def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
-    """A teacher with NaN weights makes every loss NaN: each micro-batch is dropped before its backward, and
-    after train.max_skipped_steps of them the run stops, having applied nothing."""
+def _nan_teacher(tmp_path):
+    """The embedded teacher with every weight NaN."""
     from safetensors.torch import load_file, save_file
 
     from llmdistill.models import EMBEDDED_TEACHER
-    from llmdistill.train import TrainingStopped
 
     teacher = tmp_path / "nan-teacher"
     shutil.copytree(EMBEDDED_TEACHER, teacher)
@@ -218,6 +216,15 @@ def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
     save_file(
         {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, teacher / "model.safetensors"
     )
+    return teacher
+
+
+def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
+    """A teacher with NaN weights makes every loss NaN: each micro-batch is dropped before its backward, and
+    after train.max_skipped_steps of them the run stops, having applied nothing."""
+    from llmdistill.train import TrainingStopped
+
+    teacher = _nan_teacher(tmp_path)
     cfg = load_config(
         None,
         [
@@ -309,3 +316,33 @@ def test_a_step_reads_the_device_once_per_micro_batch_and_once_for_its_metrics(t
         ("train_step", "all_reduce_sum", "tolist"): 1,
     }
     assert record["loss"] == pytest.approx(record["loss/fkl"] + 0.1 * record["loss/ce"], rel=1e-6)
+
+
+def test_a_dropped_micro_batch_is_explained_by_term_and_input(tmp_path, one_rank):
+    """The trainer reads only a flag per micro-batch; once it is set, the objective names the term, the step,
+    the micro-batch and the broken input."""
+    from llmdistill.train import TrainingStopped
+
+    cfg = load_config(
+        None,
+        [
+            *QUICK,
+            *STEPS,
+            f"teacher.path={_nan_teacher(tmp_path)}",
+            "loss=[{name: ce}, {name: fkl, weight: 0.5}]",
+            "train.max_skipped_steps=1",
+            f"run.output_dir={tmp_path}",
+            "run.name=explained",
+        ],
+    )
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(
+            TrainingStopped,
+            match=r"micro-batch 0 dropped: loss fkl is nan at step 0, batch 0 \(input_ids \(4, 64\)\): "
+            # every value of the teacher's [4, 64, 128] final hidden state
+            f"teacher final hidden state has {4 * 64 * 128} NaN/inf values",
+        ):
+            trainer.train_step()
+    finally:
+        trainer.close()
