@@ -399,8 +399,9 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         # The trainer sizes its thread pool from OMP_NUM_THREADS when it is set; the reference shares it.
         env["OMP_NUM_THREADS"] = str(args.threads)
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--modes")]
-    passthrough += [f"--device={args.device}", f"--dtype={args.dtype}"]
+    # A child runs the mode its --one names (its --modes, passed through like the rest, is not read).
+    passthrough = argv if argv is not None else sys.argv[1:]
+    passthrough = [*passthrough, f"--device={args.device}", f"--dtype={args.dtype}"]
     rows = []
     for mode in args.modes.split(","):
         done = subprocess.run(
