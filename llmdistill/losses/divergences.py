@@ -180,11 +180,13 @@ def _chunk_terms(terms: list[HeadTerm], grad_scales: list[float]):
         del logits
         values, grad = [], None
         for i, term in enumerate(terms):
-            # The last term gets the only reference to the logits, so it frees them before its own buffers
-            # (the convention above); the earlier ones only read them.
-            chunk_logits = held.pop() if i == len(terms) - 1 else held[0]
-            value, g = term.value_and_grad(chunk_logits, rows, grad_scales[i] if want_grad else None)
-            del chunk_logits
+            scale = grad_scales[i] if want_grad else None
+            if i < len(terms) - 1:
+                value, g = term.value_and_grad(held[0], rows, scale)
+            else:
+                # The last term gets the only reference to the logits (no name here keeps one), so it frees
+                # them before its own buffers (the convention above); the earlier ones only read them.
+                value, g = term.value_and_grad(held.pop(), rows, scale)
             values.append(value)
             if g is not None:
                 grad = g if grad is None else grad.add_(g)
