@@ -5,7 +5,7 @@ exist for `chunk_size` valid positions at a time, and so do the teacher's when t
 hidden states and LM head (TeacherSignal.final_hidden / head_weight) instead of [B, T, V] logits. Every
 divergence here has its gradient w.r.t. the student's logits in closed form, so a chunk's value and gradient
 come out of one pass over a few [chunk, V] fp32 buffers, with no autograd graph over them. Two paths
-(fused_head_loss):
+(fused_head_terms):
 - eager, when the head is a plain nn.Linear with a full weight (no ZeRO, ZeRO-1/2): the gradients w.r.t. the
   hidden states and the head weight are computed inside the forward's chunk loop (2 matmuls per chunk, in the
   weight's dtype), the backward only hands them over: 3 head matmuls in all, nothing recomputed.
@@ -17,6 +17,9 @@ come out of one pass over a few [chunk, V] fp32 buffers, with no autograd graph 
   fire once). Cost: one extra [chunk, H] x [H, V] matmul per chunk (4 head matmuls instead of 3).
 Peak extra memory is therefore a few [chunk, V] fp32 buffers plus the head weight's gradient, never
 [B*T, V]; the chunk size comes from a memory budget (CHUNK_BYTES) unless a loss's `chunk_size` sets it.
+Several terms of an objective (`fkl` + `ce`, say) share one such pass (fused_head_terms): a chunk's gradient
+w.r.t. the logits is linear in the terms, so each chunk's logits are computed once and the terms' weighted
+gradients summed before the head matmuls, at the cost of one more [chunk, V] buffer (the sum) at the peak.
 
 Conventions (same for every divergence here):
 - p is the teacher, q the student, both at temperature T: softmax(logits / T). Values are averaged over the
