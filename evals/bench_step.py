@@ -3,15 +3,17 @@
     python evals/bench_step.py            # CPU default: embedded teacher, 3-layer student, 4 x 256
     python evals/bench_step.py --shape llama-1b --device cuda --dtype bfloat16 --batch 8 --seq-len 2048
     python evals/bench_step.py --modes kd --rounds 8 --zero-stage 2
+    python evals/bench_step.py --modes ce,kd,kd+ce   # kd+ce: fkl + 0.1 ce, the two terms in one head pass
 
 "ours" is `Trainer(cfg).train_step()`: the code path of `llmdistill train` / `launch/train.py` (preflight, the
 DeepSpeed engine, the teacher source, the objective, the data loader), in one process (a world of one).
 "reference" is what a plain loop does on the same student and teacher: HF forward of the student (and of the
 teacher under no_grad for KD), the loss written plainly (CE: `F.cross_entropy` on the logits; KD: forward KL
-on full fp32 logits) or liger-kernel's fused linear CE / JSD(beta=0) on hidden states where it imports on
-CUDA, gradient clipping at train.grad_clip, `torch.optim.AdamW` (fused on CUDA, foreach on CPU) and the LR
-schedule, one `.item()` per step, on one batch already on the device. Both use the same dtype (the trainer's
-bf16 keeps fp32 master weights in DeepSpeed; the reference keeps plain bf16 weights, as a plain loop does).
+on full fp32 logits; KD+CE: both on the same logits) or liger-kernel's fused linear CE / JSD(beta=0) on
+hidden states (for KD+CE both, each its own pass) where it imports on CUDA, gradient clipping at
+train.grad_clip, `torch.optim.AdamW` (fused on CUDA, foreach on CPU) and the LR schedule, one `.item()` per
+step, on one batch already on the device. Both use the same dtype (the trainer's bf16 keeps fp32 master
+weights in DeepSpeed; the reference keeps plain bf16 weights, as a plain loop does).
 
 Timing: after `--warmup` steps of each, `--rounds` rounds alternate the two (the order flips every round) with
 `--steps` steps each, so a load spike on a shared machine hits both alike. Reported: median and min step time,
@@ -44,7 +46,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ("ce", "kd")
+MODES = ("ce", "kd", "kd+ce")
+DEFAULT_MODES = ("ce", "kd")
+# The objective of each mode; kd+ce is the common recipe whose two terms share one pass of the LM head.
+CE_WEIGHT = 0.1
+OBJECTIVES = {
+    "ce": "[{name: ce}]",
+    "kd": "[{name: fkl}]",
+    "kd+ce": f"[{{name: fkl}}, {{name: ce, weight: {CE_WEIGHT}}}]",
+}
 SHAPES = {
     # The embedded teacher (6 layers, hidden 128, vocab 2048); the student keeps half its layers.
     "tiny": None,
@@ -137,13 +147,12 @@ def teacher_dir(shape: str, dtype: str) -> str:
 def trainer_config(args, mode: str, run_dir: str):
     from llmdistill.config import load_config
 
-    loss = "[{name: ce}]" if mode == "ce" else "[{name: fkl}]"
     layers = STUDENT_LAYERS[args.shape]
     return load_config(
         None,
         [
             f"run.output_dir={run_dir}",
-            f"run.name=bench-{mode}",
+            f"run.name=bench-{mode.replace('+', '-')}",
             f"teacher.path={teacher_dir(args.shape, args.dtype)}",
             f"teacher.dtype={args.dtype}",
             f"student.from_teacher={{num_hidden_layers: {layers}}}",
@@ -153,7 +162,7 @@ def trainer_config(args, mode: str, run_dir: str):
             f"data.train.path={args.data}",
             "data.validation=null",
             f"data.seq_len={args.seq_len}",
-            f"loss={loss}",
+            f"loss={OBJECTIVES[mode]}",
             f"train.micro_batch_size={args.batch}",
             f"train.dtype={args.dtype}",
             f"train.device={args.device}",
@@ -198,9 +207,8 @@ class Reference:
             try:
                 from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
 
-                self.liger = (
-                    LigerFusedLinearCrossEntropyLoss() if mode == "ce" else LigerFusedLinearJSD(jsd_beta=0.0)
-                )
+                self.liger_ce = LigerFusedLinearCrossEntropyLoss()
+                self.liger_kd = LigerFusedLinearJSD(jsd_beta=0.0)
                 self.loss_impl = "liger-kernel"
             except (ImportError, AssertionError):  # not installed, or an old version without beta=0
                 pass
@@ -221,24 +229,28 @@ class Reference:
         if self.loss_impl == "liger-kernel":
             hidden = self.model.model(**inputs).last_hidden_state.flatten(0, 1)
             weight = self.model.get_output_embeddings().weight
-            if self.mode == "ce":
-                loss = self.liger(weight, hidden, targets.flatten())
-            else:
+            loss = 0.0
+            if self.mode != "kd":
+                ce = self.liger_ce(weight, hidden, targets.flatten())
+                loss = ce if self.mode == "ce" else CE_WEIGHT * ce
+            if self.mode != "ce":
                 with torch.no_grad():
                     teacher_hidden = self.teacher.model(**inputs).last_hidden_state.flatten(0, 1)
                 teacher_weight = self.teacher.get_output_embeddings().weight
-                loss = self.liger(hidden, weight, teacher_hidden, teacher_weight, targets.flatten())
+                loss = loss + self.liger_kd(hidden, weight, teacher_hidden, teacher_weight, targets.flatten())
         else:
             logits = self.model(**inputs).logits
-            if self.mode == "ce":
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-            else:
+            loss = 0.0
+            if self.mode != "kd":
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+                loss = ce if self.mode == "ce" else CE_WEIGHT * ce
+            if self.mode != "ce":
                 with torch.no_grad():
                     teacher_logits = self.teacher(**inputs).logits
                 valid = targets != -100
                 log_q = F.log_softmax(logits[valid].float(), dim=-1)
                 log_p = F.log_softmax(teacher_logits[valid].float(), dim=-1)
-                loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+                loss = loss + (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -356,7 +368,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"some of {', '.join(MODES)}")
     parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     parser.add_argument("--attn", default="sdpa", help="attn_implementation of student and teacher")
     parser.add_argument("--data", default="embedded:validation", help="data.train.path")
@@ -387,8 +399,9 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         # The trainer sizes its thread pool from OMP_NUM_THREADS when it is set; the reference shares it.
         env["OMP_NUM_THREADS"] = str(args.threads)
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--modes")]
-    passthrough += [f"--device={args.device}", f"--dtype={args.dtype}"]
+    # A child runs the mode its --one names (its --modes, passed through like the rest, is not read).
+    passthrough = argv if argv is not None else sys.argv[1:]
+    passthrough = [*passthrough, f"--device={args.device}", f"--dtype={args.dtype}"]
     rows = []
     for mode in args.modes.split(","):
         done = subprocess.run(
@@ -404,7 +417,7 @@ def main(argv=None) -> None:
     )
     print(f"device: {_device_name(rows[0]['device'], args.threads)}")
     header = (
-        f"{'mode':<5}{'variant':<11}{'loss':<14}{'median s':>10}{'min s':>9}{'tokens/s':>10}"
+        f"{'mode':<7}{'variant':<11}{'loss':<14}{'median s':>10}{'min s':>9}{'tokens/s':>10}"
         f"{'held MiB':>10}{'step MiB':>10}{'peak MiB':>10}"
     )
     print(header)
@@ -413,7 +426,7 @@ def main(argv=None) -> None:
             v = row[name]
             loss = "objective" if name == "ours" else row["reference_loss"]
             print(
-                f"{row['mode']:<5}{name:<11}{loss:<14}{v['median_s']:>10.4f}{v['min_s']:>9.4f}"
+                f"{row['mode']:<7}{name:<11}{loss:<14}{v['median_s']:>10.4f}{v['min_s']:>9.4f}"
                 f"{v['tokens_per_s']:>10.0f}{v['held_bytes'] / mib:>10.1f}{v['step_bytes'] / mib:>10.1f}"
                 f"{v['peak_bytes'] / mib:>10.1f}"
             )

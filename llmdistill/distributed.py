@@ -70,11 +70,13 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def all_reduce_sum(values: list[float] | torch.Tensor) -> list[float]:
+    """`values` summed over the ranks, as Python floats: Python numbers, or a 1-d tensor left on its device
+    until here, so that one all_reduce and one read (`.tolist()`, the only wait for the device) serve them
+    all."""
+    t = values.double() if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        # gloo reduces CPU tensors; nccl would need them on the GPU
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
+        # nccl reduces GPU tensors (the current device, which init_distributed set), gloo CPU ones
+        t = t.cuda() if torch.distributed.get_backend() == "nccl" else t.cpu()
         torch.distributed.all_reduce(t)
-    return t.cpu().tolist()
+    return t.tolist()

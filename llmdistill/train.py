@@ -60,7 +60,7 @@ class DistillationModule(torch.nn.Module):
     """The student and the objective's learnable state, as one module for the DeepSpeed engine.
 
     The whole loss runs inside the engine's forward, so ZeRO-3 gathers the head's weight whenever a loss
-    calls it.
+    calls it. Training returns (loss, metrics as device tensors, explain: why the loss is not finite).
     """
 
     def __init__(self, student, objective: Objective):
@@ -73,13 +73,33 @@ class DistillationModule(torch.nn.Module):
         student = forward_to_head(self.student, batch, hidden_states)
         if evaluate:
             return _nll_and_count(student, batch)
-        return self.objective(student, signal, batch)
+        total, metrics = self.objective(student, signal, batch, check=False)
+
+        def explain() -> str:
+            # Called only for a micro-batch found non-finite; a plain function, which ZeRO-3's hooks on the
+            # module's outputs pass over.
+            return self.objective.explain(total, metrics, student, signal, batch)
+
+        return total, metrics, explain
 
 
 def _nll_and_count(output: StudentOutput, batch: dict) -> torch.Tensor:
     """[summed NLL, target tokens] in float64, for loss / perplexity / bits-per-byte."""
     nll, count = summed_nll(output, batch)
     return torch.stack([nll.double(), torch.tensor(float(count), dtype=torch.float64, device=nll.device)])
+
+
+def _stacked(values: list, device: str) -> torch.Tensor:
+    """Float64 [len(values)] on `device` from tensors and Python numbers, without a wait for the device
+    (torch.full passes a number as a kernel argument, where torch.tensor would copy it)."""
+    return torch.stack(
+        [
+            v.to(device=device, dtype=torch.float64)
+            if isinstance(v, torch.Tensor)
+            else torch.full((), float(v), dtype=torch.float64, device=device)
+            for v in values
+        ]
+    )
 
 
 def held_out_metrics(model_fn, batches, tokenizer, device: str) -> dict:
@@ -349,7 +369,8 @@ class Trainer:
         if self._pairs is None:
             self._pairs = self._open_stream()
         t0 = time.time()
-        metrics: dict[str, float] = {}
+        # Device tensors (and the floats some terms report) until the step's one reduction.
+        metrics: dict[str, torch.Tensor | float] = {}
         consumed_at_step = self.consumed
         used = dropped = 0
         while used < cfg.train.grad_accum:
@@ -372,7 +393,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             used += 1
-            for k, v in {"loss": loss.item(), **extra}.items():
+            for k, v in {"loss": loss.detach(), **extra}.items():
+                v = v.detach().double() if isinstance(v, torch.Tensor) else v
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.train.grad_accum
         if self.engine.was_step_applied():
             self.skipped_in_a_row = 0
@@ -383,7 +405,7 @@ class Trainer:
         self.tokens_trained += self.tokens_per_step
         self.mark("first_step")
         keys = sorted(metrics)
-        reduced = all_reduce_sum([metrics[k] for k in keys])
+        reduced = all_reduce_sum(_stacked([metrics[k] for k in keys], self.device)) if keys else []
         record = {k: v / self.world for k, v in zip(keys, reduced, strict=True)}
         if dropped:
             record["dropped_micro_batches"] = dropped
@@ -396,16 +418,15 @@ class Trainer:
 
     def _forward(self, batch, signal):
         """(loss, metrics, None), or (None, None, why) when the loss is not finite here or on another rank:
-        every rank must agree before the backward, whose collectives all of them enter."""
-        loss = extra = problem = None
-        try:
-            loss, extra = self.engine(batch, signal)
-            if not bool(torch.isfinite(loss)):
-                problem = f"the loss is {loss.item()}"
-        except FloatingPointError as err:  # the objective names the term and the bad input
-            problem = str(err)
-        if all_reduce_sum([1.0 if problem else 0.0])[0] > 0:
-            return None, None, problem or "a non-finite loss on another rank"
+        every rank must agree before the backward, whose collectives all of them enter. That agreement (one
+        flag summed over the ranks) is the micro-batch's one wait for the device; the objective explains the
+        problem (which term, which input) only once the flag is set."""
+        loss, extra, explain = self.engine(batch, signal)
+        # The objective's total is non-finite whenever one of its terms is.
+        not_finite = (~torch.isfinite(loss.detach())).reshape(1)
+        if all_reduce_sum(not_finite)[0] > 0:
+            problem = explain() if bool(not_finite) else "a non-finite loss on another rank"
+            return None, None, problem
         return loss, extra, None
 
     def _skipped(self, why: str) -> None:

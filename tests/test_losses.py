@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -687,3 +688,79 @@ def test_head_signal_refuses_a_model_whose_logits_are_not_its_head():
     input_ids = torch.randint(0, 256, (1, 6))
     with pytest.raises(ConfigError, match="soft-capping"):
         head_signal(model, input_ids, torch.arange(6)[None])
+
+
+# --- several head terms in one pass of the head ---
+
+SHARED = {
+    "fkl+ce": [LossTerm(name="fkl"), LossTerm(name="ce", weight=0.1)],
+    "jsd+ce": [
+        LossTerm(name="jsd", beta=0.3, temperature=2.0, weight=0.5),
+        LossTerm(name="ce", weight=0.2, label_smoothing=0.1),
+    ],
+    "fkl+rkl+ce": [
+        LossTerm(name="fkl", temperature=2.0, chunk_size=3),
+        LossTerm(name="rkl", chunk_size=3),
+        LossTerm(name="ce", weight=0.3, chunk_size=3),
+    ],
+}
+
+
+def float64_teacher(form, seed):
+    head_form, logits_form = teacher_head_case(seed)
+    if form == "head":
+        return TeacherSignal(
+            final_hidden=head_form.final_hidden.double(),
+            head_weight=head_form.head_weight.double(),
+            head_bias=head_form.head_bias.double(),
+        )
+    logits = logits_form.logits.double()
+    return TeacherSignal(logits=logits) if form == "logits" else sparse_of(logits)
+
+
+@pytest.mark.parametrize("terms", sorted(SHARED))
+@pytest.mark.parametrize("form", ["logits", "head", "topk"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["eager", "recompute"])
+def test_one_head_pass_for_several_terms_equals_the_terms_one_by_one(terms, form, recompute):
+    """Student and teacher in float64: the objective's shared pass gives the weighted sum of its terms run
+    one by one: the value, each term's metric, the gradients w.r.t. the hidden states and the head weight.
+    The head runs once per chunk instead of once per chunk and term."""
+    terms = SHARED[terms]
+    hidden, weight, _, batch = make_case(seed=30)
+    signal = float64_teacher(form, seed=31)
+    results, calls = [], []
+    for shared in (True, False):
+        student, h, head = student_of(hidden.double(), weight.double(), recompute)
+        head.double()
+        count = []
+        head.register_forward_hook(lambda *_, count=count: count.append(1))
+        if shared:
+            total, metrics = Objective(terms)(student, signal, batch)
+            values = [metrics[f"loss/{term.name}"] for term in terms]
+        else:
+            values = [get_loss(term.name)(student, signal, batch, **term.params)[0] for term in terms]
+            total = sum(term.weight * value for term, value in zip(terms, values, strict=True))
+        grads = torch.autograd.grad(total, [h, head.weight])
+        results.append((total, torch.stack([v.detach().float() for v in values]), *grads))
+        calls.append(len(count))
+    # The divergences compute in fp32 whatever their input's dtype; the shared pass scales a term's gradient
+    # by its weight inside that computation, where a term on its own is scaled after it: fp32 rounding apart.
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    if recompute:  # the eager path calls no module: its head matmuls are F.linear on the weight
+        assert calls[0] > 0 and calls[1] == len(terms) * calls[0]
+
+
+def test_unchecked_objective_leaves_the_explanation_to_its_caller():
+    """check=False: nothing raised, the total is not finite, and `explain` names the term and the input."""
+    hidden, weight, teacher, batch = make_case(seed=32)
+    teacher[0, 1, 3] = float("inf")
+    objective = Objective([LossTerm(name="ce"), LossTerm(name="rkl", weight=0.5)])
+    student = student_of(hidden, weight)[0]
+    signal = TeacherSignal(logits=teacher)
+    batch = {**batch, "batch_index": 4}
+    total, metrics = objective(student, signal, batch, check=False)
+    assert not torch.isfinite(total) and torch.isfinite(metrics["loss/ce"])
+    message = objective.explain(total, metrics, student, signal, batch)
+    expected = r"loss rkl is (nan|inf) at step 3, batch 4 .*: teacher logits has 1 NaN/inf values$"
+    assert re.match(expected, message), message

@@ -1,7 +1,11 @@
 """The trainer as one plain process: exact resume, crash safety, and one-line errors for bad input."""
 
+import collections
+import contextlib
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,13 +204,11 @@ def test_save_then_a_new_trainer_resumes_to_the_same_next_step(tmp_path, one_ran
     assert got["consumed_micro_batches"] == expected["consumed_micro_batches"] == 3
 
 
-def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
-    """A teacher with NaN weights makes every loss NaN: each micro-batch is dropped before its backward, and
-    after train.max_skipped_steps of them the run stops, having applied nothing."""
+def _nan_teacher(tmp_path):
+    """The embedded teacher with every weight NaN."""
     from safetensors.torch import load_file, save_file
 
     from llmdistill.models import EMBEDDED_TEACHER
-    from llmdistill.train import TrainingStopped
 
     teacher = tmp_path / "nan-teacher"
     shutil.copytree(EMBEDDED_TEACHER, teacher)
@@ -214,6 +216,15 @@ def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
     save_file(
         {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, teacher / "model.safetensors"
     )
+    return teacher
+
+
+def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
+    """A teacher with NaN weights makes every loss NaN: each micro-batch is dropped before its backward, and
+    after train.max_skipped_steps of them the run stops, having applied nothing."""
+    from llmdistill.train import TrainingStopped
+
+    teacher = _nan_teacher(tmp_path)
     cfg = load_config(
         None,
         [
@@ -237,3 +248,101 @@ def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
     finally:
         trainer.close()
     assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+# Reads that make the host wait for the device on a GPU: a tensor's value (item, tolist, bool/int/float),
+# nonzero (its result's size depends on the values), a copy to the CPU, torch.equal.
+HOST_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "cpu")
+
+
+@contextlib.contextmanager
+def host_reads(files):
+    """Count the host reads made directly by code in `files` (under llmdistill/), keyed by (caller of the
+    reading function, reading function, read)."""
+    import llmdistill
+
+    roots = tuple(str(Path(llmdistill.__file__).parent / f) for f in files)
+    counts = collections.Counter()
+
+    def counting(name, original):
+        def read(*args, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(roots):
+                counts[(frame.f_back.f_code.co_name, frame.f_code.co_name, name)] += 1
+            return original(*args, **kwargs)
+
+        return read
+
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    equal = torch.equal
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    torch.equal = counting("equal", equal)
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.equal = equal
+
+
+def test_a_step_reads_the_device_once_per_micro_batch_and_once_for_its_metrics(tmp_path, one_rank):
+    """The step, the objective and the losses (train.py, distributed.py, losses/) wait for the device once
+    per micro-batch: the flag "finite on every rank", summed over the ranks, before the backward. Besides it,
+    the shared head pass of fkl + ce looks up the valid positions once (nonzero). The metrics (both terms'
+    values, the loss) are read once per optimizer step. Nothing explains a finite micro-batch."""
+    cfg = load_config(
+        None,
+        [
+            *QUICK,
+            *STEPS,
+            "train.grad_accum=3",
+            "loss=[{name: fkl}, {name: ce, weight: 0.1}]",
+            "train.export=false",
+            f"run.output_dir={tmp_path}",
+            "run.name=reads",
+        ],
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.train_step()  # opens the data stream
+        with host_reads(["train.py", "distributed.py", "losses/"]) as counts:
+            record = trainer.train_step()
+    finally:
+        trainer.close()
+    assert counts == {
+        ("_forward", "all_reduce_sum", "tolist"): 3,
+        ("fused_head_terms", "valid_positions", "nonzero"): 3,
+        ("train_step", "all_reduce_sum", "tolist"): 1,
+    }
+    assert record["loss"] == pytest.approx(record["loss/fkl"] + 0.1 * record["loss/ce"], rel=1e-6)
+
+
+def test_a_dropped_micro_batch_is_explained_by_term_and_input(tmp_path, one_rank):
+    """The trainer reads only a flag per micro-batch; once it is set, the objective names the term, the step,
+    the micro-batch and the broken input."""
+    from llmdistill.train import TrainingStopped
+
+    cfg = load_config(
+        None,
+        [
+            *QUICK,
+            *STEPS,
+            f"teacher.path={_nan_teacher(tmp_path)}",
+            "loss=[{name: ce}, {name: fkl, weight: 0.5}]",
+            "train.max_skipped_steps=1",
+            f"run.output_dir={tmp_path}",
+            "run.name=explained",
+        ],
+    )
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(
+            TrainingStopped,
+            match=r"micro-batch 0 dropped: loss fkl is nan at step 0, batch 0 \(input_ids \(4, 64\)\): "
+            # every value of the teacher's [4, 64, 128] final hidden state
+            f"teacher final hidden state has {4 * 64 * 128} NaN/inf values",
+        ):
+            trainer.train_step()
+    finally:
+        trainer.close()

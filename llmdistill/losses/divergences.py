@@ -5,7 +5,7 @@ exist for `chunk_size` valid positions at a time, and so do the teacher's when t
 hidden states and LM head (TeacherSignal.final_hidden / head_weight) instead of [B, T, V] logits. Every
 divergence here has its gradient w.r.t. the student's logits in closed form, so a chunk's value and gradient
 come out of one pass over a few [chunk, V] fp32 buffers, with no autograd graph over them. Two paths
-(fused_head_loss):
+(fused_head_terms):
 - eager, when the head is a plain nn.Linear with a full weight (no ZeRO, ZeRO-1/2): the gradients w.r.t. the
   hidden states and the head weight are computed inside the forward's chunk loop (2 matmuls per chunk, in the
   weight's dtype), the backward only hands them over: 3 head matmuls in all, nothing recomputed.
@@ -17,6 +17,9 @@ come out of one pass over a few [chunk, V] fp32 buffers, with no autograd graph 
   fire once). Cost: one extra [chunk, H] x [H, V] matmul per chunk (4 head matmuls instead of 3).
 Peak extra memory is therefore a few [chunk, V] fp32 buffers plus the head weight's gradient, never
 [B*T, V]; the chunk size comes from a memory budget (CHUNK_BYTES) unless a loss's `chunk_size` sets it.
+Several terms of an objective (`fkl` + `ce`, say) share one such pass (fused_head_terms): a chunk's gradient
+w.r.t. the logits is linear in the terms, so each chunk's logits are computed once and the terms' weighted
+gradients summed before the head matmuls, at the cost of one more [chunk, V] buffer (the sum) at the peak.
 
 Conventions (same for every divergence here):
 - p is the teacher, q the student, both at temperature T: softmax(logits / T). Values are averaged over the
@@ -36,8 +39,12 @@ Conventions (same for every divergence here):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,18 +118,20 @@ def _head_width(student: StudentOutput) -> int | None:
     return width
 
 
-def auto_chunk_size(
-    student: StudentOutput, signal: TeacherSignal | None, chunk_size: int | None, batch: dict
-) -> int:
-    """chunk_size, or: the rows whose [rows, V] fp32 logits take CHUNK_BYTES, at most 1/8 of the valid
-    positions (so the chunked peak stays well under the full [N, V]), never under 16 rows."""
-    if chunk_size is not None:
-        if chunk_size <= 0:
-            raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
-        return chunk_size
-    vocab = (teacher_vocab(signal) if signal is not None else None) or _head_width(student) or 32768
-    positions = int((batch["targets"] != IGNORE_INDEX).sum())
-    return max(16, min(CHUNK_BYTES // (4 * vocab), -(-positions // 8)))
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size <= 0:
+        raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
+
+
+def auto_chunk_size(vocab: int | None, positions: int) -> int:
+    """The rows whose [rows, V] fp32 logits take CHUNK_BYTES, at most 1/8 of the `positions` (so the chunked
+    peak stays well under the full [N, V]), never under 16 rows."""
+    return max(16, min(CHUNK_BYTES // (4 * (vocab or 32768)), -(-positions // 8)))
+
+
+def head_vocab(student: StudentOutput, signal: TeacherSignal | None) -> int | None:
+    """The vocabulary width the auto chunk size is computed for: the teacher's, else the student head's."""
+    return (teacher_vocab(signal) if signal is not None else None) or _head_width(student)
 
 
 def _plain_linear_weight(head) -> bool:
@@ -139,28 +148,106 @@ def _plain_linear_weight(head) -> bool:
 # over its only reference) the chunk's logits are freed before the divergence's buffers are allocated.
 
 
-class _FusedLinearLoss(torch.autograd.Function):
-    """scale * sum_c value(h_c W^T + b), with the gradients computed during the forward, chunk by chunk.
+class HeadTerm(NamedTuple):
+    """A loss in the fused head form: factor * (sum over chunks of value_and_grad's values) / (valid
+    positions). `chunk_size` bounds a chunk's rows (None: automatic, from the memory budget for `vocab`)."""
 
-    Forward, per chunk: logits (1 matmul), the value and its gradient w.r.t. the logits in closed form, then
-    grad_h_c = g W and grad_W += g^T h_c (2 matmuls, in the weight's dtype: bf16 tensor cores on a GPU, no
-    fp32 copy of W or of grad_W). Backward only hands over the stored [N, H] and [V, H] gradients (scaled
-    when the upstream gradient is not 1): 3 head matmuls in all, nothing recomputed, no autograd graph over
-    [chunk, V]. In bf16, grad_W is rounded to bf16 once per chunk (as in liger-kernel): larger chunks, fewer
-    roundings.
+    value_and_grad: Callable
+    factor: float = 1.0
+    chunk_size: int | None = None
+    vocab: int | None = None
+
+
+def head_loss(head_term):
+    """A registrable loss from `head_term(student, signal, batch, **params) -> HeadTerm`: called as a loss it
+    runs its own pass of the head; the objective reads `loss.head_term` to run several such terms in one pass
+    (fused_head_terms)."""
+
+    @functools.wraps(head_term)
+    def loss(student, signal, batch, *args, **params):
+        term = head_term(student, signal, batch, *args, **params)
+        return fused_head_terms(student, batch, [term], [1.0])[0], {}
+
+    loss.head_term = head_term
+    return loss
+
+
+def _chunk_terms(terms: list[HeadTerm], grad_scales: list[float]):
+    """One chunk function for the terms that share a head pass: `chunk(logits, rows, want_grad)` returns
+    (their chunk values as a [k] vector, the sum of their gradients w.r.t. the logits with term i's scaled by
+    grad_scales[i], or None). A term's gradient w.r.t. the logits is linear in its scale, so this sum is the
+    gradient of the weighted total, and the two backward matmuls run once for all the terms."""
+
+    def chunk(logits, rows, want_grad):
+        held = [logits]
+        del logits
+        values, grad = [], None
+        for i, term in enumerate(terms):
+            scale = grad_scales[i] if want_grad else None
+            if i < len(terms) - 1:
+                value, g = term.value_and_grad(held[0], rows, scale)
+            else:
+                # The last term gets the only reference to the logits (no name here keeps one), so it frees
+                # them before its own buffers (the convention above); the earlier ones only read them.
+                value, g = term.value_and_grad(held.pop(), rows, scale)
+            values.append(value)
+            if g is not None:
+                grad = g if grad is None else grad.add_(g)
+            del g
+        return torch.stack(values), grad
+
+    return chunk
+
+
+def _weighted(sums: torch.Tensor, scales: list[float], weights: list[float]):
+    """(sum_i weights_i * values_i, values) with values_i = sums_i * scales_i; Python numbers stay on the host
+    (a tensor built from them would be a copy to the device)."""
+    values = [sums[i] * scale for i, scale in enumerate(scales)]
+    total = values[0] * weights[0]
+    for value, weight in zip(values[1:], weights[1:], strict=True):
+        total = total + value * weight
+    return total, torch.stack(values)
+
+
+_backward_twice = False
+
+
+@contextlib.contextmanager
+def backpropagated_twice():
+    """The fused losses built inside may be backpropagated more than once (retain_graph=True, e.g. a term's
+    own gradient before the total's): their backward scales copies of the stored gradients, not the stored
+    buffers themselves."""
+    global _backward_twice
+    previous, _backward_twice = _backward_twice, True
+    try:
+        yield
+    finally:
+        _backward_twice = previous
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """(sum_i weight_i * loss_i, [loss_i]), loss_i = scale_i * sum_c value_i(h_c W^T + b), with the gradients
+    computed during the forward, chunk by chunk; the second output (the terms' values) has no gradient.
+
+    Forward, per chunk: logits (1 matmul), each term's value and gradient w.r.t. the logits in closed form
+    (summed over the terms), then grad_h_c = g W and grad_W += g^T h_c (2 matmuls, in the weight's dtype:
+    bf16 tensor cores on a GPU, no fp32 copy of W or of grad_W). Backward only hands over the stored [N, H]
+    and [V, H] gradients, scaled in place by the upstream gradient: 3 head matmuls in all whatever the
+    number of terms, nothing recomputed, no autograd graph over [chunk, V]. In bf16, grad_W is rounded to
+    bf16 once per chunk (as in liger-kernel): larger chunks, fewer roundings.
     """
 
     @staticmethod
-    def forward(ctx, hidden_rows, weight, bias, value_and_grad, chunk_size, index, scale):
+    def forward(ctx, hidden_rows, weight, bias, chunk, chunk_size, index, scales, weights):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden_rows) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
         grad_b = torch.zeros_like(bias) if want_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden_rows.device)
+        sums = torch.zeros(len(scales), dtype=torch.float32, device=hidden_rows.device)
         for start in range(0, hidden_rows.shape[0], chunk_size):
             h = hidden_rows[start : start + chunk_size]
-            value, grad = value_and_grad(F.linear(h, weight, bias), index[start : start + chunk_size], scale)
-            total += value
+            value, grad = chunk(F.linear(h, weight, bias), index[start : start + chunk_size], True)
+            sums += value
             grad = grad.to(weight.dtype)
             if want_h:
                 torch.mm(grad, weight, out=grad_h[start : start + chunk_size])
@@ -170,41 +257,54 @@ class _FusedLinearLoss(torch.autograd.Function):
                 grad_b += grad.sum(0)
             del grad
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return total * scale
+        ctx.scale_in_place = not _backward_twice
+        total, values = _weighted(sums, scales, weights)
+        ctx.mark_non_differentiable(values)
+        return total, values
 
     @staticmethod
-    def backward(ctx, grad_out):
-        grads = ctx.saved_tensors
-        if not torch.equal(grad_out, torch.ones_like(grad_out)):
-            grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
-        # The stored tensors are handed over as they are when the upstream gradient is 1: autograd has
-        # released them from ctx by then, so the weight's .grad takes this buffer without another copy.
-        return *grads, None, None, None, None
+    def backward(ctx, grad_out, _):
+        # Scaled whatever the upstream gradient: testing it for 1 would make the host wait for the device.
+        # In place when this is the only backward through the loss (the buffers are its own, and autograd has
+        # released them from ctx by now, so the weight's .grad takes this buffer without another copy); a
+        # second backward through the same graph then fails autograd's version check instead of reading
+        # scaled buffers, unless the loss was built under backpropagated_twice().
+        if ctx.scale_in_place:
+            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors]
+        else:
+            grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+        return *grads, None, None, None, None, None
 
 
 class _LogitsLoss(torch.autograd.Function):
-    """scale * value(logits) for the recompute path: the forward computes only the value; the backward the
-    closed-form gradient from the saved logits (which the surrounding checkpoint recomputes)."""
+    """(weighted total, values) of one chunk's logits for the recompute path: the forward computes only the
+    values; the backward the closed-form gradient from the saved logits (which the surrounding checkpoint
+    recomputes)."""
 
     @staticmethod
-    def forward(ctx, logits, rows, value_and_grad, scale):
+    def forward(ctx, logits, rows, chunk, scales, weights):
         ctx.save_for_backward(logits, rows)
-        ctx.value_and_grad, ctx.scale = value_and_grad, scale
-        value, _ = value_and_grad(logits, rows, None)
-        return value * scale
+        ctx.chunk = chunk
+        sums, _ = chunk(logits, rows, False)
+        total, values = _weighted(sums, scales, weights)
+        ctx.mark_non_differentiable(values)
+        return total, values
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         logits, rows = ctx.saved_tensors
-        _, grad = ctx.value_and_grad(logits, rows, ctx.scale)
-        return grad.mul_(grad_out).to(logits.dtype), None, None, None
+        _, grad = ctx.chunk(logits, rows, True)
+        return grad.mul_(grad_out).to(logits.dtype), None, None, None, None
 
 
-def fused_head_loss(
-    student: StudentOutput, batch: dict, chunk_size: int, value_and_grad, factor: float = 1.0
-) -> torch.Tensor:
-    """factor * (sum of value_and_grad's chunk values) / (number of valid positions), with the student's head
-    applied chunk by chunk over the valid positions, so only [chunk, V] logits ever exist.
+def fused_head_terms(
+    student: StudentOutput, batch: dict, terms: list[HeadTerm], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i weights_i * loss_i, [loss_i] without gradient) for HeadTerms, loss_i = factor_i * (sum of term
+    i's chunk values) / (number of valid positions), with the student's head applied chunk by chunk over the
+    valid positions, so only [chunk, V] logits ever exist. All the terms share one pass: per chunk one logits
+    matmul, and the sum of their gradients w.r.t. the logits through one pair of backward matmuls. The chunk
+    size is the smallest the terms ask for.
 
     Two paths:
     - eager (head is a plain nn.Linear with a full weight: no ZeRO or ZeRO-1/2): _FusedLinearLoss, gradients
@@ -218,34 +318,46 @@ def fused_head_loss(
     """
     index = valid_positions(batch)
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
-    if index.numel() == 0:
+    count = index.numel()
+    if count == 0:
         # Keep the graph connected so every rank's backward touches the same parameters.
-        return student.hidden.sum() * 0.0
-    scale = factor / index.numel()
+        return student.hidden.sum() * 0.0, torch.zeros(len(terms), device=hidden.device)
+    chunk_size = min(t.chunk_size or auto_chunk_size(t.vocab, count) for t in terms)
+    scales = [t.factor / count for t in terms]
+    chunk = _chunk_terms(terms, [scale * weight for scale, weight in zip(scales, weights, strict=True)])
     head = student.head
     if not torch.is_grad_enabled():
-        total = 0.0
-        for start in range(0, index.numel(), chunk_size):
+        sums = 0.0
+        for start in range(0, count, chunk_size):
             rows = index[start : start + chunk_size]
-            total = total + value_and_grad(head(hidden.index_select(0, rows)), rows, None)[0]
-        return total * scale
+            sums = sums + chunk(head(hidden.index_select(0, rows)), rows, False)[0]
+        return _weighted(sums, scales, weights)
     if _plain_linear_weight(head):
         # All positions valid (packed data): the hidden states themselves, no gathered copy.
-        rows_h = hidden if index.numel() == hidden.shape[0] else hidden.index_select(0, index)
+        rows_h = hidden if count == hidden.shape[0] else hidden.index_select(0, index)
         return _FusedLinearLoss.apply(
-            rows_h, head.weight, head.bias, value_and_grad, chunk_size, index, scale
+            rows_h, head.weight, head.bias, chunk, chunk_size, index, scales, weights
         )
 
     def run(h, rows):
-        return _LogitsLoss.apply(head(h), rows, value_and_grad, scale)
+        return _LogitsLoss.apply(head(h), rows, chunk, scales, weights)
 
-    total = None
-    for start in range(0, index.numel(), chunk_size):
+    total = values = None
+    for start in range(0, count, chunk_size):
         rows = index[start : start + chunk_size]
         h = hidden.index_select(0, rows)
-        value = checkpoint(run, h, rows, use_reentrant=False, preserve_rng_state=False)
-        total = value if total is None else total + value
-    return total
+        chunk_total, chunk_values = checkpoint(run, h, rows, use_reentrant=False, preserve_rng_state=False)
+        total = chunk_total if total is None else total + chunk_total
+        values = chunk_values if values is None else values + chunk_values
+    return total, values
+
+
+def fused_head_loss(
+    student: StudentOutput, batch: dict, chunk_size: int | None, value_and_grad, factor: float = 1.0
+) -> torch.Tensor:
+    """factor * (sum of value_and_grad's chunk values) / (number of valid positions): fused_head_terms for one
+    term."""
+    return fused_head_terms(student, batch, [HeadTerm(value_and_grad, factor, chunk_size)], [1.0])[0]
 
 
 def autograd_value_and_grad(chunk_fn):
@@ -500,12 +612,13 @@ def sparse_divergence(signal: TeacherSignal, temperature: float, tail: str, dive
     return value_and_grad
 
 
-def _divergence_loss(student, signal, batch, temperature, tail, chunk_size, divergence, name):
+def _divergence_term(student, signal, temperature, tail, chunk_size, divergence, name) -> HeadTerm:
     if signal is None:
         raise ConfigError(f"loss {name} needs a teacher signal")
     if temperature <= 0:
         raise ConfigError(f"{name}: temperature must be > 0, got {temperature}")
     check_tail(tail)
+    check_chunk_size(chunk_size)
     if signal.is_sparse:
         width = _head_width(student)
         if width is not None:
@@ -513,27 +626,29 @@ def _divergence_loss(student, signal, batch, temperature, tail, chunk_size, dive
         value_and_grad = sparse_divergence(signal, temperature, tail, divergence)
     else:
         value_and_grad = dense_divergence(signal, temperature, divergence)
-    size = auto_chunk_size(student, signal, chunk_size, batch)
-    return fused_head_loss(student, batch, size, value_and_grad, factor=temperature**2), {}
+    return HeadTerm(value_and_grad, temperature**2, chunk_size, head_vocab(student, signal))
 
 
 @register("fkl", needs={"teacher"})
+@head_loss
 def forward_kl(
     student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
 ):
     """Forward KL(teacher || student): mode-covering; the classic distillation loss."""
-    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, fkl_grad, "fkl")
+    return _divergence_term(student, signal, temperature, tail, chunk_size, fkl_grad, "fkl")
 
 
 @register("rkl", needs={"teacher"})
+@head_loss
 def reverse_kl(
     student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
 ):
     """Reverse KL(student || teacher): mode-seeking (MiniLLM)."""
-    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, rkl_grad, "rkl")
+    return _divergence_term(student, signal, temperature, tail, chunk_size, rkl_grad, "rkl")
 
 
 @register("jsd", needs={"teacher"})
+@head_loss
 def generalized_jsd(
     student,
     signal,
@@ -546,10 +661,11 @@ def generalized_jsd(
     """Generalized JSD(beta) in the TRL/GKD convention: beta=0 -> forward KL, beta=1 -> reverse KL."""
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"jsd: beta must be in [0, 1], got {beta}")
-    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, jsd_grad(beta), "jsd")
+    return _divergence_term(student, signal, temperature, tail, chunk_size, jsd_grad(beta), "jsd")
 
 
 @register("skew_fkl", needs={"teacher"})
+@head_loss
 def skew_forward_kl(
     student,
     signal,
@@ -562,10 +678,9 @@ def skew_forward_kl(
     """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q)."""
     if not 0.0 <= alpha < 1.0:
         raise ConfigError(f"skew_fkl: alpha must be in [0, 1), got {alpha}")
-    return _divergence_loss(
+    return _divergence_term(
         student,
         signal,
-        batch,
         temperature,
         tail,
         chunk_size,
@@ -575,6 +690,7 @@ def skew_forward_kl(
 
 
 @register("skew_rkl", needs={"teacher"})
+@head_loss
 def skew_reverse_kl(
     student,
     signal,
@@ -587,10 +703,9 @@ def skew_reverse_kl(
     """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p)."""
     if not 0.0 <= alpha < 1.0:
         raise ConfigError(f"skew_rkl: alpha must be in [0, 1), got {alpha}")
-    return _divergence_loss(
+    return _divergence_term(
         student,
         signal,
-        batch,
         temperature,
         tail,
         chunk_size,
@@ -600,14 +715,16 @@ def skew_reverse_kl(
 
 
 @register("tvd", needs={"teacher"})
+@head_loss
 def total_variation(
     student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
 ):
     """Total variation distance 0.5 * sum |p - q|, in [0, 1] (times T^2)."""
-    return _divergence_loss(student, signal, batch, temperature, tail, chunk_size, tvd_grad, "tvd")
+    return _divergence_term(student, signal, temperature, tail, chunk_size, tvd_grad, "tvd")
 
 
 @register("ce")
+@head_loss
 def cross_entropy(
     student: StudentOutput,
     signal: TeacherSignal | None,
@@ -618,9 +735,9 @@ def cross_entropy(
     """Next-token cross-entropy on the data's targets (already shifted; -100 positions are skipped)."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError(f"ce: label_smoothing must be in [0, 1), got {label_smoothing}")
-    size = auto_chunk_size(student, None, chunk_size, batch)
+    check_chunk_size(chunk_size)
     # The mean over targets is folded into the gradients in the forward (factor 1): no rescaling after.
-    return fused_head_loss(student, batch, size, _nll_value_and_grad(batch, label_smoothing)), {}
+    return HeadTerm(_nll_value_and_grad(batch, label_smoothing), 1.0, chunk_size, _head_width(student))
 
 
 def summed_nll(
@@ -631,10 +748,11 @@ def summed_nll(
     The one held-out NLL: the `ce` loss's value, the trainer's held-out evaluation (student and teacher) and
     derivation's calibration and candidate losses; the head runs chunk by chunk (fused_head_loss).
     """
-    size = auto_chunk_size(student, None, chunk_size, batch)
+    check_chunk_size(chunk_size)
     count = valid_positions(batch).numel()
     value_and_grad = _nll_value_and_grad(batch, label_smoothing)
-    return fused_head_loss(student, batch, size, value_and_grad, factor=float(count)), count
+    term = HeadTerm(value_and_grad, float(count), chunk_size, _head_width(student))
+    return fused_head_terms(student, batch, [term], [1.0])[0], count
 
 
 def _nll_value_and_grad(batch: dict, label_smoothing: float):
