@@ -764,3 +764,41 @@ def test_unchecked_objective_leaves_the_explanation_to_its_caller():
     message = objective.explain(total, metrics, student, signal, batch)
     expected = r"loss rkl is (nan|inf) at step 3, batch 4 .*: teacher logits has 1 NaN/inf values$"
     assert re.match(expected, message), message
+
+
+@pytest.mark.parametrize("valid", [0, 2, 7, B * T], ids=lambda v: f"first{v}")
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "eval"])
+def test_a_module_head_is_called_as_often_whatever_the_valid_positions(valid, grad):
+    """Under ZeRO-3 every call of the head gathers its weight (a collective): ranks whose batches have
+    different numbers of trained positions (on-policy samples, chat answers) must still call it equally often,
+    in the forward and in the backward's recomputation. The values equal the eager path's."""
+    hidden, weight, teacher, batch = make_case(seed=33)
+    targets = batch["targets"].reshape(-1).clone()
+    targets[valid:] = -100  # (make_case masks position 0 too)
+    batch = {**batch, "targets": targets.reshape(B, T)}
+    signal = TeacherSignal(logits=teacher)
+    terms = [LossTerm(name="fkl", chunk_size=3), LossTerm(name="ce", weight=0.5, chunk_size=3)]
+    calls = []
+    results = []
+    for recompute in (True, False):
+        student, h, head = student_of(hidden, weight, recompute)
+        count = []
+        head.register_forward_hook(lambda *_, count=count: count.append(1))
+        with torch.set_grad_enabled(grad):
+            total, _ = Objective(terms)(student, signal, batch)
+            grads = []
+            if grad:
+                grads = torch.autograd.grad(total, [h, head.weight], allow_unused=True)
+                # With nothing to train the eager path returns a zero that does not touch the head.
+                grads = [
+                    torch.zeros_like(x) if g is None else g
+                    for g, x in zip(grads, [h, head.weight], strict=True)
+                ]
+        results.append((total.detach(), *grads))
+        calls.append(len(count))
+    chunks = -(-B * T // 3)
+    assert calls[0] == chunks * (2 if grad else 1)  # forward, and again in the backward's recomputation
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+    if valid == 0:
+        assert float(results[0][0]) == 0.0

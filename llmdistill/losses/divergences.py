@@ -179,6 +179,9 @@ def _chunk_terms(terms: list[HeadTerm], grad_scales: list[float]):
     gradient of the weighted total, and the two backward matmuls run once for all the terms."""
 
     def chunk(logits, rows, want_grad):
+        if rows.numel() == 0:  # a trailing chunk of a module head (fused_head_terms): nothing to score
+            values = torch.zeros(len(terms), dtype=torch.float32, device=logits.device)
+            return values, (torch.zeros_like(logits) if want_grad else None)
         held = [logits]
         del logits
         values, grad = [], None
@@ -318,21 +321,26 @@ def fused_head_terms(
     """
     index = valid_positions(batch)
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
-    count = index.numel()
-    if count == 0:
+    count, positions = index.numel(), hidden.shape[0]
+    head = student.head
+    eager = torch.is_grad_enabled() and _plain_linear_weight(head)
+    if count == 0 and eager:
         # Keep the graph connected so every rank's backward touches the same parameters.
         return student.hidden.sum() * 0.0, torch.zeros(len(terms), device=hidden.device)
-    chunk_size = min(t.chunk_size or auto_chunk_size(t.vocab, count) for t in terms)
-    scales = [t.factor / count for t in terms]
+    # A head called as a module may be ZeRO-3-partitioned: each call gathers its weight, a collective, so
+    # every rank must call it as often. The chunks are therefore laid out over the batch's positions (the
+    # same on every rank), not over this rank's valid ones (on-policy samples and chat answers differ in
+    # number per rank): the last chunks may hold fewer rows or none.
+    chunk_size = min(t.chunk_size or auto_chunk_size(t.vocab, positions) for t in terms)
+    scales = [t.factor / max(count, 1) for t in terms]
     chunk = _chunk_terms(terms, [scale * weight for scale, weight in zip(scales, weights, strict=True)])
-    head = student.head
     if not torch.is_grad_enabled():
         sums = 0.0
-        for start in range(0, count, chunk_size):
+        for start in range(0, positions, chunk_size):
             rows = index[start : start + chunk_size]
             sums = sums + chunk(head(hidden.index_select(0, rows)), rows, False)[0]
         return _weighted(sums, scales, weights)
-    if _plain_linear_weight(head):
+    if eager:
         # All positions valid (packed data): the hidden states themselves, no gathered copy.
         rows_h = hidden if count == hidden.shape[0] else hidden.index_select(0, index)
         return _FusedLinearLoss.apply(
@@ -343,7 +351,7 @@ def fused_head_terms(
         return _LogitsLoss.apply(head(h), rows, chunk, scales, weights)
 
     total = values = None
-    for start in range(0, count, chunk_size):
+    for start in range(0, positions, chunk_size):
         rows = index[start : start + chunk_size]
         h = hidden.index_select(0, rows)
         chunk_total, chunk_values = checkpoint(run, h, rows, use_reentrant=False, preserve_rng_state=False)

@@ -4,7 +4,7 @@ held-out loss improves on its own starting value."""
 import json
 
 import pytest
-from conftest import QUICK, deepspeed_launcher, read_log, run_cli
+from conftest import QUICK, REPO, deepspeed_launcher, read_log, run_cli
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -55,3 +55,33 @@ def test_gradient_balancing_trains_under_zero3(tmp_path):
     )
     assert summary["student_eval"]["loss"] < summary["student_eval_start"]["loss"]
     assert log[STEPS]["loss"] < log[1]["loss"]
+
+
+def test_chat_data_trains_under_zero3(tmp_path):
+    """Answer-only targets give each rank its own number of trained positions; the partitioned head is still
+    gathered as often on every rank (before, the ranks' chunk counts differed and the run hung)."""
+    args = [
+        "--config",
+        str(REPO / "configs" / "tiny" / "chat_distill.yaml"),
+        "student.path=embedded",
+        "student.tokenizer=embedded:chat",
+        "train.max_steps=4",
+        # One conversation per micro-batch: fewer than 128 answer tokens, so each rank's chunk count would
+        # follow its own answer's length.
+        "train.micro_batch_size=1",
+        "train.eval_batches=4",
+        "train.warmup_steps=1",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.export=false",
+        "train.progress=false",
+        "deepspeed.zero_stage=3",
+        "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+        f"run.output_dir={tmp_path}",
+        "run.name=chat",
+    ]
+    result = run_cli(args, timeout=420, launcher=deepspeed_launcher(2))
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "chat" / "summary.json").read_text())
+    assert summary["zero3_local_fraction"] < 0.6
+    assert summary["student_eval"]["loss"] < summary["student_eval_start"]["loss"]
