@@ -104,15 +104,18 @@ def packed_attention_kwargs(model, position_ids: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def head_signal(model, input_ids, position_ids, output_hidden_states: bool = False) -> TeacherSignal:
+def head_signal(
+    model, input_ids, position_ids, output_hidden_states: bool = False, check: bool = True
+) -> TeacherSignal:
     """The teacher signal of an HF causal LM (or of a DeepSpeed engine wrapping one) in the fused form: its
     final hidden states and LM head, so [B, T, V] logits never exist.
 
     The model's own forward runs, so ZeRO-3's hooks gather and release parameters as usual, with
     `logits_to_keep=1`; a forward hook on `get_decoder()` takes its `last_hidden_state` (after the final
-    norm). The one position of logits the forward still computes checks that the model's logits are its head
-    applied to those states (no soft-capping or scaling after the head). A ZeRO-3-partitioned head is gathered
-    and copied once per call.
+    norm). With `check`, the one position of logits the forward still computes checks that the model's logits
+    are its head applied to those states (no soft-capping or scaling after the head): a property of the model,
+    so a caller checks its first batch only (the check waits for the device twice). A ZeRO-3-partitioned head
+    is gathered and copied once per call.
     """
     import inspect
 
@@ -145,15 +148,15 @@ def head_signal(model, input_ids, position_ids, output_hidden_states: bool = Fal
     hidden = captured[-1]
     expected = out.logits[:, -1].float()
     tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
-    scale = float(expected.abs().max())
     # Non-finite logits say nothing about the head; the objective's finite check names the broken input.
-    if math.isfinite(scale) and not torch.allclose(
-        F.linear(hidden[:, -1], weight, bias).float(), expected, rtol=tolerance, atol=tolerance * scale
-    ):
-        raise ConfigError(
-            f"teacher {type(inner).__name__}: its logits are not its LM head applied to its last hidden "
-            "state (soft-capping or scaling after the head?), so the fused teacher form does not apply"
-        )
+    if check and math.isfinite(scale := float(expected.abs().max())):
+        if not torch.allclose(
+            F.linear(hidden[:, -1], weight, bias).float(), expected, rtol=tolerance, atol=tolerance * scale
+        ):
+            raise ConfigError(
+                f"teacher {type(inner).__name__}: its logits are not its LM head applied to its last hidden "
+                "state (soft-capping or scaling after the head?), so the fused teacher form does not apply"
+            )
     return TeacherSignal(
         final_hidden=hidden,
         head_weight=weight.detach(),

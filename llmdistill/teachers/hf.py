@@ -25,6 +25,7 @@ class HFTeacher(TeacherSource):
         self.model = model  # an HF model, or a DeepSpeed engine wrapping one
         self.hidden_states = hidden_states
         self.fused = True  # until the model shows its logits are not its head's output
+        self.head_checked = False  # the fused form's check, on the first batch only
 
     @classmethod
     def build(cls, cfg, model, needs, student):
@@ -40,7 +41,11 @@ class HFTeacher(TeacherSource):
             # The fused form: final hidden states and the LM head, so [B, T, V] teacher logits never exist;
             # the losses apply the head chunk by chunk beside the student's.
             try:
-                return head_signal(self.model, input_ids, position_ids, self.hidden_states)
+                signal = head_signal(
+                    self.model, input_ids, position_ids, self.hidden_states, check=not self.head_checked
+                )
+                self.head_checked = True
+                return signal
             except ConfigError as err:  # logits that are not the head's output (soft-capping): full logits
                 log.warning(f"{err}; using full teacher logits")
                 self.fused = False
