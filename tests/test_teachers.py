@@ -794,3 +794,19 @@ def test_the_in_process_teacher_checks_its_fused_form_on_the_first_batch_only(ti
     teacher = HFTeacher(capped)
     signals = [teacher.signal(batch) for _ in range(2)]
     assert not teacher.fused and all(s.logits is not None and s.final_hidden is None for s in signals)
+
+
+def test_only_the_expected_reload_warnings_are_dropped():
+    import logging
+
+    from llmdistill.teachers.vllm_generator import ExpectedReloadWarnings
+
+    def passes(layer, tied):
+        record = logging.LogRecord(
+            "vllm", logging.WARNING, "layerwise.py", 1, "%s: Failed to load weights", (layer,), None
+        )
+        return ExpectedReloadWarnings(tied).filter(record)
+
+    assert not passes("RotaryEmbedding", tied=False) and not passes("Llama3RotaryEmbedding", tied=False)
+    assert not passes("ParallelLMHead", tied=True) and passes("ParallelLMHead", tied=False)
+    assert passes("QKVParallelLinear", tied=True)

@@ -18,6 +18,7 @@ teachers/vllm_rollout_server.py).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 
@@ -114,6 +115,27 @@ def rollout_rows(prompts, written: list[list[int]], new_tokens: int | list[int],
     return torch.stack(out) if isinstance(prompts, torch.Tensor) else out
 
 
+class ExpectedReloadWarnings(logging.Filter):
+    """Drops the two warnings vLLM's in-place reload logs at every push that say nothing is wrong: a rotary
+    embedding has no weights to load (its tables are computed), and a tied LM head is the embedding, loaded
+    under the embedding's name (reprocess_tied_layers then refreshes it). Other layers still warn."""
+
+    def __init__(self, tied_head: bool):
+        super().__init__()
+        self.expected = ("RotaryEmbedding", "ParallelLMHead") if tied_head else ("RotaryEmbedding",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "%s: Failed to load weights" or not record.args:
+            return True
+        return not str(record.args[0]).endswith(self.expected)
+
+
+def quiet_expected_reload_warnings(tied_head: bool) -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, ExpectedReloadWarnings) for f in logger.filters):
+        logger.addFilter(ExpectedReloadWarnings(tied_head))
+
+
 class VLLMGenerator:
     """An offline vLLM engine holding a copy of the student; `load` pushes weights, `generate` samples."""
 
@@ -132,6 +154,7 @@ class VLLMGenerator:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = p.gpu_memory_utilization
+        quiet_expected_reload_warnings(bool(getattr(student_config, "tie_word_embeddings", False)))
         self.llm = LLM(
             model=self.config_dir.name,
             load_format="dummy",  # the trainer's weights are pushed before the first rollout

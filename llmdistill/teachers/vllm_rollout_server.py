@@ -37,6 +37,7 @@ from llmdistill.models import model_shape
 from llmdistill.teachers.base import TeacherUnavailable
 from llmdistill.teachers.vllm_client import ServerClient
 from llmdistill.teachers.vllm_generator import (
+    quiet_expected_reload_warnings,
     reprocess_tied_layers,
     rollout_rows,
     row_budgets,
@@ -58,6 +59,8 @@ class StudentWeightsFromDisk:
         """Replace the model's weights, in place, by the safetensors files in `directory`."""
         from vllm.config import set_current_vllm_config
 
+        tied = getattr(self.vllm_config.model_config.hf_config, "tie_word_embeddings", False)
+        quiet_expected_reload_warnings(bool(tied))
         self.reload_weights(weights_iterator=read_weights(Path(directory)), is_checkpoint_format=True)
         with set_current_vllm_config(self.vllm_config):
             reprocess_tied_layers(self.model_runner.get_model())
