@@ -88,6 +88,26 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="session")
+def softcapped_gemma2():
+    """A tiny Gemma-2 whose logits are soft-capped after its head, so not its head applied to its states."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=2048,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=32,
+        final_logit_softcapping=0.5,
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
 def markdown_tables(text: str) -> dict[str, dict[str, list[str]]]:
     """Every markdown table of `text`: {first header cell: {first cell of a row: the row's other cells}}."""
     tables, current = {}, None

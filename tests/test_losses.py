@@ -668,26 +668,12 @@ def test_head_signal_from_an_hf_model(tiny_llama):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_head_signal_refuses_a_model_whose_logits_are_not_its_head():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
+def test_head_signal_refuses_a_model_whose_logits_are_not_its_head(softcapped_gemma2):
     from llmdistill.signal import head_signal
 
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=32,
-        final_logit_softcapping=0.5,
-    )
-    model = Gemma2ForCausalLM(config).eval()
-    input_ids = torch.randint(0, 256, (1, 6))
+    input_ids = torch.randint(0, 2048, (1, 6))
     with pytest.raises(ConfigError, match="soft-capping"):
-        head_signal(model, input_ids, torch.arange(6)[None])
+        head_signal(softcapped_gemma2, input_ids, torch.arange(6)[None])
 
 
 # --- several head terms in one pass of the head ---

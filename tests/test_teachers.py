@@ -757,11 +757,11 @@ def test_cross_tokenizer_cache_holds_teacher_positions_and_actual_token_logprobs
         reader.signal(plain)
 
 
-def test_the_in_process_teacher_checks_its_fused_form_on_the_first_batch_only(tiny_llama, monkeypatch):
+def test_the_in_process_teacher_checks_its_fused_form_on_the_first_batch_only(
+    tiny_llama, softcapped_gemma2, monkeypatch
+):
     """The check that logits are the head's output waits for the device: it runs once per teacher, and a
     teacher that fails it (Gemma-2's soft-capping) gives full logits from then on."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     from llmdistill import signal as signal_module
     from llmdistill.teachers.hf import HFTeacher
 
@@ -778,20 +778,7 @@ def test_the_in_process_teacher_checks_its_fused_form_on_the_first_batch_only(ti
     signals = [teacher.signal(batch) for _ in range(3)]
     assert len(checks) == 1 and all(s.final_hidden is not None and s.logits is None for s in signals)
 
-    torch.manual_seed(0)
-    capped = Gemma2ForCausalLM(
-        Gemma2Config(
-            vocab_size=2048,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=32,
-            final_logit_softcapping=0.5,
-        )
-    ).eval()
-    teacher = HFTeacher(capped)
+    teacher = HFTeacher(softcapped_gemma2)
     signals = [teacher.signal(batch) for _ in range(2)]
     assert not teacher.fused and all(s.logits is not None and s.final_hidden is None for s in signals)
 
