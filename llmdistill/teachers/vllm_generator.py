@@ -19,6 +19,7 @@ teachers/vllm_rollout_server.py).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 
@@ -152,6 +153,10 @@ class VLLMGenerator:
         kwargs = {}
         if torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
+            # vLLM reads the rank from a launcher's variables; a group made in-process (a notebook, a test)
+            # may have none.
+            os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+            os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = p.gpu_memory_utilization
         quiet_expected_reload_warnings(bool(getattr(student_config, "tie_word_embeddings", False)))

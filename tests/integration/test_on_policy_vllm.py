@@ -249,9 +249,10 @@ def test_a_run_resumed_between_weight_pushes_reproduces_the_uninterrupted_one(st
     assert all(s["lag"] == s["step"] - s["weights_step"] for s in straight.values() if s["on_policy"])
 
 
-def test_a_batched_chat_rollout_writes_each_row_as_alone(tiny_llama):
+def test_a_batched_chat_rollout_writes_each_row_as_alone(tiny_llama, one_rank):
     """Chat prompts of different lengths in one vLLM call, each with its own budget, give the rows that one
-    call per row gives (row i seeded seed + i)."""
+    call per row gives (row i seeded seed + i). In this process, as a launcher would describe it (an earlier
+    test may have left a process group up, which the engine then joins)."""
     import torch
 
     from llmdistill.config import load_config
