@@ -139,9 +139,11 @@ ROLLOUT_WEIGHTS = "rollout_weights_rank{rank}.safetensors"
 
 def kept_slices(weights, rank: int, world: int, into: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass (name, weight) pairs through, keeping this rank's 1/world of each flattened weight in `into`
-    ({name: (slice, shape)}): together the ranks hold one copy, and none holds the whole model twice."""
+    ({name: (slice, shape)}), in host memory (a GPU's is the training's): together the ranks hold one copy,
+    and none holds the whole model twice."""
     for name, weight in weights:
-        into[name] = (weight.reshape(-1).tensor_split(world)[rank].clone(), list(weight.shape))
+        part = weight.reshape(-1).tensor_split(world)[rank]
+        into[name] = (part.to("cpu", copy=True), list(weight.shape))
         yield name, weight
 
 
