@@ -80,3 +80,13 @@ def all_reduce_sum(values: list[float] | torch.Tensor) -> list[float]:
         t = t.cuda() if torch.distributed.get_backend() == "nccl" else t.cpu()
         torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def first_reason(reason: str) -> str:
+    """This rank's `reason` if it has one, else the first other rank's (every rank must call it: a collective
+    of Python objects, for the rare path where ranks agreed that something failed)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return reason
+    reasons: list[str] = [""] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reasons, reason)
+    return reason or next((r for r in reasons if r), "")

@@ -37,7 +37,7 @@ from llmdistill.checkpoint import (
 )
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.derive.masks import MASK_FILE, mask_gradients
-from llmdistill.distributed import all_reduce_sum, barrier, init_distributed
+from llmdistill.distributed import all_reduce_sum, barrier, first_reason, init_distributed
 from llmdistill.evaluate import evaluate_models, run_eval, task_manager, tensorboard_scalars
 from llmdistill.export import export
 from llmdistill.hub import check_can_push, push_student
@@ -466,7 +466,8 @@ class Trainer:
             batch, signal, failure = None, None, str(err)
         # Ranks must agree before the forward, or one would wait in a collective the others never enter.
         if self.teacher_source.can_fail and all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
-            return None, failure
+            # Every rank's last line names what failed: the launcher may stop the rank that saw it first.
+            return None, first_reason(failure)
         return batch, signal
 
     def save(self, consumed: int | None = None) -> Path:
