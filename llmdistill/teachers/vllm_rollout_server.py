@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import torch
 
 from llmdistill.config import Config, LLMDistillError
-from llmdistill.distributed import all_reduce_sum, barrier
+from llmdistill.distributed import all_reduce_sum, barrier, first_reason
 from llmdistill.models import model_shape
 from llmdistill.teachers.base import TeacherUnavailable
 from llmdistill.teachers.vllm_client import ServerClient
@@ -223,7 +223,7 @@ class RolloutServer:
             for _ in weights:
                 pass
         if all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
-            raise TeacherUnavailable(failure or "the student server failed to load the weights (on rank 0)")
+            raise TeacherUnavailable(first_reason(failure))
 
     def generate(self, prompts, new_tokens, settings, seed: int, pad_id: int | None):
         """As VLLMGenerator.generate: prompts [B, P] or a list of 1-D prompts (with a budget each when
