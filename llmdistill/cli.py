@@ -397,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 2
+    if "torch" in sys.modules:  # commands that never import torch made no process group
+        from llmdistill.distributed import leave_process_group
+
+        leave_process_group()
     return 0
 
 

@@ -65,6 +65,18 @@ def _unlink_shm_workspace() -> None:
     path.unlink(missing_ok=True)  # absent on GPUs and across nodes: DeepSpeed made no segment
 
 
+def leave_process_group() -> None:
+    """Destroy the process group at the end of a command that succeeded.
+
+    Left to interpreter teardown, gloo's worker threads may still hold finished work whose tensors need the
+    interpreter: the process then aborts ("terminate called without an active exception") after a run that
+    finished, and the launcher fails the whole job. Not after a failure: another rank may still be inside a
+    collective there, and tearing the group down under it could hang.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

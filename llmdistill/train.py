@@ -425,8 +425,8 @@ class Trainer:
         # The objective's total is non-finite whenever one of its terms is.
         not_finite = (~torch.isfinite(loss.detach())).reshape(1)
         if all_reduce_sum(not_finite)[0] > 0:
-            problem = explain() if bool(not_finite) else "a non-finite loss on another rank"
-            return None, None, problem
+            # Every rank explains the drop by the term and input that caused it, wherever that was.
+            return None, None, first_reason(explain() if bool(not_finite) else "")
         return loss, extra, None
 
     def _skipped(self, why: str) -> None:

@@ -96,12 +96,12 @@ ROWS = [
             "teacher.server.urls=[http://127.0.0.1:9]",
             "teacher.server.retries=0",
         ],
-        "teacher.server.urls: no vLLM server answers at http://127.0.0.1:9",
+        "teacher.server.urls: no teacher server answers at http://127.0.0.1:9",
     ),
     (
         "dead_on_policy_scorer",
         ["teacher.source=on_policy", "teacher.server.urls=[http://127.0.0.1:9]", "teacher.server.retries=0"],
-        "teacher.server.urls: no vLLM server answers at http://127.0.0.1:9",
+        "teacher.server.urls: no teacher server answers at http://127.0.0.1:9",
     ),
     (
         "no_student_server",
@@ -110,8 +110,9 @@ ROWS = [
             "teacher.on_policy.scorer=hf",
             "teacher.on_policy.generator=vllm_server",
             "teacher.on_policy.server.urls=[http://127.0.0.1:9]",
+            "teacher.on_policy.server.retries=0",
         ],
-        "teacher.on_policy.server.urls: no student server at http://127.0.0.1:9",
+        "teacher.on_policy.server.urls: no student server answers at http://127.0.0.1:9",
     ),
     # DeepSpeed
     ("offload_param_stage1", ["deepspeed.offload_param=true"], "offload_param needs deepspeed.zero_stage=3"),

@@ -47,6 +47,22 @@ def test_launcher_rank_argument_is_ignored(tmp_path):
     assert (tmp_path / "code_bpb.jsonl").is_file()
 
 
+def test_a_command_that_succeeded_leaves_no_process_group(monkeypatch, capsys):
+    """Left to interpreter teardown, gloo's threads may abort a finished run ("terminate called without an
+    active exception", a failed job in CI); the group is destroyed on success, and a later command in the
+    same process makes a new one."""
+    import torch
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # init_distributed sets a world of one; put them back after
+    if torch.distributed.is_initialized():  # another in-process test left one up
+        torch.distributed.destroy_process_group()
+    for _ in range(2):
+        assert cli.main(["warm"]) == 0
+        assert "deepspeed ready" in capsys.readouterr().out
+        assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("command", ["serve-teacher", "cache-teacher"])
 def test_teacher_commands_fail_clearly_before_starting_vllm(command, tmp_path, capsys):
     config = "configs/tiny/vllm_server.yaml" if command == "serve-teacher" else "configs/tiny/vllm_cache.yaml"

@@ -194,17 +194,21 @@ def alm(
     n = s_ll.numel()
     if n == 0:
         zero = student.hidden.sum() * 0.0  # keeps every rank's backward in step under ZeRO
-        return zero, {"alm/chunks_per_seq": 0.0}
+        # The same names as below: the trainer sums each metric over the ranks in one collective.
+        return zero, metrics | dict.fromkeys(CHUNK_METRICS, 0.0)
     s_ll, t_ll = s_ll.clamp(max=0.0), t_ll.clamp(max=0.0)
     loss = binarised_divergence(t_ll.detach(), s_ll, temperature, divergence).mean()
-    metrics |= {
-        "alm/chunks_per_seq": n / n_seq,
-        "alm/student_chunk_nll": -s_ll.detach().mean().item(),
-        "alm/teacher_chunk_nll": -t_ll.mean().item(),
-        "alm/student_tokens_per_chunk": s_count.mean().item(),
-        "alm/teacher_tokens_per_chunk": t_count.mean().item(),
-    }
-    return loss, metrics
+    values = (n / n_seq, -s_ll.detach().mean(), -t_ll.mean(), s_count.mean(), t_count.mean())
+    return loss, metrics | dict(zip(CHUNK_METRICS, values, strict=True))  # tensors: read once per step
+
+
+CHUNK_METRICS = (
+    "alm/chunks_per_seq",
+    "alm/student_chunk_nll",
+    "alm/teacher_chunk_nll",
+    "alm/student_tokens_per_chunk",
+    "alm/teacher_tokens_per_chunk",
+)
 
 
 # ---------------------------------------------------------------------------------------------- debiasing
@@ -306,8 +310,9 @@ def _debiased(student, signal, usable, spans, lengths, width, masks, values, app
         t_add = torch.where(t_known, t_space, torch.zeros_like(t_space))[last]
         merged[1] = merged[1] + t_add.to(merged[1].device)
         keep = s_after_ok[last] & t_known[last]
-        if keep.any():
-            metrics["alm/teacher_space_prob"] = t_space[last][keep].exp().mean().item()
+        # Reported on every rank, kept chunks or not (the trainer sums each metric over the ranks).
+        kept_prob = torch.where(keep, t_space[last].exp(), 0.0).sum()
+        metrics["alm/teacher_space_prob"] = kept_prob / keep.sum().clamp(min=1)
     return (*(v[keep] for v in merged), metrics)
 
 

@@ -44,11 +44,12 @@ def parse_balance(balance) -> BalanceConfig | None:
 
 def combine_gradients(
     grads: list[torch.Tensor], weights: list[float], names: list[str], spec: BalanceConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """g* from per-term gradients (same shape), following steps 3-5 of the module docstring."""
     flat = [g.float().reshape(-1) for g in grads]
     norms = [f.norm() for f in flat]
-    metrics = {f"balance/norm_{n}": v.item() for n, v in zip(names, norms, strict=True)}
+    # Tensors, not numbers: the trainer reads every metric once per optimizer step.
+    metrics = {f"balance/norm_{n}": v.detach() for n, v in zip(names, norms, strict=True)}
     if spec.normalize != "none":
         if spec.normalize == "task":
             task = [v for n, v in zip(names, norms, strict=True) if n in spec.task_terms]
@@ -65,14 +66,15 @@ def combine_gradients(
             for j, fj in enumerate(flat):
                 if i == j:
                     continue
-                dot = torch.dot(out, fj)
-                if dot < 0:
-                    out = out - dot / fj.dot(fj).clamp(min=1e-24) * fj
+                # Only a conflicting (negative) component is removed; min(dot, 0) says so without a
+                # branch on a device value.
+                dot = torch.dot(out, fj).clamp(max=0.0)
+                out = out - dot / fj.dot(fj).clamp(min=1e-24) * fj
             projected.append(out)
         for i in range(len(flat)):
             for j in range(i + 1, len(flat)):
                 cos = torch.dot(flat[i], flat[j]) / (flat[i].norm() * flat[j].norm()).clamp(min=1e-12)
-                metrics[f"balance/cos_{names[i]}_{names[j]}"] = cos.item()
+                metrics[f"balance/cos_{names[i]}_{names[j]}"] = cos.detach()
         flat = projected
     combined = sum(w * f for w, f in zip(weights, flat, strict=True))
     return combined.view_as(grads[0]).to(grads[0].dtype), metrics

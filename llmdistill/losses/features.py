@@ -129,7 +129,7 @@ class _HiddenAlignment(torch.nn.Module):
             if len(self.proj):
                 hs = self.proj[n](hs.to(self.proj[n].weight.dtype)).float()
             value = feature_distance(hs, ht, self.kind, self.normalize)
-            metrics[f"hidden_{self.kind}/layer{s}"] = value.detach().item()
+            metrics[f"hidden_{self.kind}/layer{s}"] = value.detach()  # read once per step by the trainer
             total = total + value
         return total / len(self.pairs), metrics
 

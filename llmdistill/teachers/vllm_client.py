@@ -118,6 +118,18 @@ class ServerClient:
         log.error(message)
         raise TeacherUnavailable(message)
 
+    def wait_healthy(self, field: str, start: str) -> None:
+        """Every url answers /health, with the client's retries: a server still starting (one Slurm job with
+        the trainer) is waited for, one never started is named in one line (`field`: the config field of the
+        urls, `start`: the command that starts the server) before any weights load."""
+        for url in self.urls:
+            try:
+                self.call("/health", url=url)
+            except TeacherUnavailable as err:
+                raise LLMDistillError(
+                    f"{field}: no {self.role} server answers at {url} ({err}); start it with {start}"
+                ) from None
+
     def score(self, prompts: list[Prompt], k: int) -> list[list[dict[int, float] | None]]:
         if not prompts:
             return []

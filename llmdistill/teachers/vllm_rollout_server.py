@@ -22,7 +22,6 @@ whole step and stops; the same command resumes once the server is back (it gets 
 
 from __future__ import annotations
 
-import http.client
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -142,19 +141,14 @@ def student_serve_command(cfg: Config, model_dir: Path, python: str, gpu: bool, 
 
 
 def check_servers(cfg: Config) -> None:
-    """Before any weights load: every rollout server answers, serves the student at the run's length, and
-    was started by `llmdistill serve-student` (it can take the trainer's weights)."""
+    """Before any weights load: every rollout server answers (waited for with the run's retries), serves the
+    student at the run's length, and was started by `llmdistill serve-student` (it can take the trainer's
+    weights)."""
     s = cfg.teacher.on_policy.server
-    # One attempt each, without the client's retry logging: the error is the one line a user sees.
-    client = ServerClient(s.urls, SERVED_NAME, min(s.timeout, 30.0), 0, 0.0, role="student")
+    client = ServerClient(s.urls, SERVED_NAME, s.timeout, s.retries, s.backoff, role="student")
+    client.wait_healthy("teacher.on_policy.server.urls", SERVE)
     for url in client.urls:
-        try:
-            served = {m["id"]: m for m in client._once(url, "/v1/models", None).get("data", [])}
-        except (OSError, http.client.HTTPException, ValueError) as err:
-            reason = getattr(err, "reason", None) or err
-            raise LLMDistillError(
-                f"teacher.on_policy.server.urls: no student server at {url} ({reason}); start it with {SERVE}"
-            ) from None
+        served = {m["id"]: m for m in client.call("/v1/models", url=url).get("data", [])}
         max_len = served.get(SERVED_NAME, {}).get("max_model_len")
         if SERVED_NAME not in served:
             raise LLMDistillError(
@@ -167,8 +161,10 @@ def check_servers(cfg: Config) -> None:
                 f"{cfg.data.seq_len + 2}; restart it with {SERVE}"
             )
         try:
-            client._once(url, "/collective_rpc", {"method": "llmdistill_student_architecture"})
-        except (OSError, http.client.HTTPException, ValueError):
+            client.call("/collective_rpc", {"method": "llmdistill_student_architecture"}, url=url)
+        except TeacherUnavailable:
+            raise
+        except LLMDistillError:  # a 4xx: the route exists only in vLLM's dev mode
             raise LLMDistillError(
                 f"teacher.on_policy.server.urls: {url} cannot take the trainer's weights (not started in "
                 f"vLLM dev mode with --worker-extension-cls {EXTENSION}); restart it with {SERVE}"

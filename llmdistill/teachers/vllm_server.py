@@ -13,7 +13,6 @@ from llmdistill.signal import TeacherSignal
 from llmdistill.teachers.base import (
     Capabilities,
     TeacherSource,
-    TeacherUnavailable,
     process_rank,
     register_source,
 )
@@ -36,18 +35,10 @@ class VLLMServerTeacher(TeacherSource):
 
     @classmethod
     def check_ready(cls, cfg) -> None:
-        """Every server answers /health (with the run's retries): a server that never started is found in
-        seconds, before the models load, not after."""
+        """A server that never started is found in seconds, before the models load, not after."""
         s = cfg.teacher.server
         client = ServerClient(s.urls, s.served_model_name, s.timeout, s.retries, s.backoff)
-        for url in client.urls:
-            try:
-                client.call("/health", url=url)
-            except TeacherUnavailable as err:
-                raise LLMDistillError(
-                    f"teacher.server.urls: no vLLM server answers at {url} ({err}); start it first "
-                    "(llmdistill serve-teacher --config <this config>)"
-                ) from None
+        client.wait_healthy("teacher.server.urls", "llmdistill serve-teacher --config <this config>")
 
     @classmethod
     def build(cls, cfg, model, needs, student):

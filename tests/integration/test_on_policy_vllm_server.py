@@ -5,12 +5,15 @@ weights, the server loads them) its rollouts are what the trained student itself
 mid-run stops the run with one line after a checkpoint of its last whole step, and the same command resumes
 and finishes once the server is back."""
 
+import json
 import os
 import subprocess
 import time
 
 import pytest
-from conftest import QUICK, REPO, deepspeed_launcher, read_log
+from conftest import QUICK, REPO, deepspeed_launcher, read_log, run_cli
+
+from llmdistill.teachers.vllm_rollout_server import SERVE
 
 from .test_on_policy_vllm import ON_POLICY, check_rollouts_follow_the_student, run_drive
 from .vllm_servers import ENV, StudentServer
@@ -37,6 +40,36 @@ def test_rollouts_after_a_weight_push_are_what_the_trained_student_writes(
 ):
     ranks = run_drive(tmp_path, 3, CONFIG, *server.overrides())
     check_rollouts_follow_the_student(3, ranks, embedded_tokenizer.eos_token_id)
+
+
+def test_a_server_of_another_student_is_refused_before_training(server, tmp_path):
+    other = "student.from_teacher={num_hidden_layers: 1, intermediate_size: 128}"  # the server holds 2 layers
+    args = ["train", "--config", CONFIG, *QUICK, other, *server.overrides(), f"run.output_dir={tmp_path}"]
+    result = run_cli(args, env=ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: teacher.on_policy.server.urls: {server.url} serves another student: num_hidden_layers 2 "
+        f"(this run: 1); restart it with {SERVE}"
+    ), result.stderr[-2000:]
+    assert not list(tmp_path.rglob("step_*"))  # nothing trained
+
+
+def test_with_lag_one_each_step_samples_from_the_weights_pushed_before_it(server, tmp_path):
+    """lag 1: step k's rollouts come from the student of step k - 1, one optimizer step older than the one
+    they train (the server writes them while step k - 1 trains; sync_every 1), and the log says which."""
+    args = ["--config", CONFIG, *QUICK, *ON_POLICY, *server.overrides(), "teacher.on_policy.lag=1"]
+    args += ["train.max_steps=4", f"run.output_dir={tmp_path}", "run.name=lagged"]
+    result = run_cli(args, launcher=deepspeed_launcher(2), env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        lines = (tmp_path / "lagged" / f"on_policy_rank{rank}.jsonl").read_text().splitlines()
+        samples = [json.loads(line) for line in lines]
+        assert {(s["step"], s["weights_step"], s["lag"]) for s in samples} == {
+            (0, 0, 0),
+            (1, 0, 1),
+            (2, 1, 1),
+            (3, 2, 1),
+        }
 
 
 def test_server_stopped_mid_run_checkpoints_stops_and_the_run_resumes(server, tmp_path):
