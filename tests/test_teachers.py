@@ -165,6 +165,24 @@ def test_prefetch_keeps_order_and_raises_at_the_failing_batch():
         assert got == [(0, 0), (1, 10), (2, 20)], depth
 
 
+def test_closing_the_prefetch_waits_for_the_batch_being_scored():
+    """A thread left inside torch's kernels at interpreter exit aborts a finished run: closing the stream
+    (the trainer's close) returns only once the thread is done."""
+    busy = threading.Event()
+
+    def fetch(b):
+        if b == 1:
+            busy.set()
+            time.sleep(0.5)
+        return b, None
+
+    pairs = prefetched(iter(range(4)), fetch, 1, threading.Event())
+    assert next(pairs) == (0, None)
+    assert busy.wait(5)
+    pairs.close()
+    assert not [t for t in threading.enumerate() if t.name == "teacher-prefetch"]
+
+
 def test_serve_command_cpu_and_gpu():
     cfg = load_config(None, ["teacher.serve.port=9001", "teacher.server.top_k=32", "data.seq_len=128"])
     argv, env = serve_command(cfg, "/py", gpu=False)

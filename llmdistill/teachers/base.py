@@ -103,7 +103,7 @@ class TeacherSource:
             batch = self.transform(batch)
             return batch, self.signal(batch)
 
-        pairs = prefetched(batches, score, self.prefetch, self._stop)
+        pairs = self._pairs = prefetched(batches, score, self.prefetch, self._stop)
         while True:
             # The trainer asks for the next pair only after its step on the previous one: that one was used.
             self._consumed()
@@ -122,6 +122,7 @@ class TeacherSource:
     def close(self) -> None:
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
+            self._pairs.close()  # waits for a batch being scored ahead
         self._consumed()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -13,12 +14,22 @@ import torch
 
 from llmdistill.signal import TeacherSignal
 
+log = logging.getLogger(__name__)
+
 _END = object()
+
+
+# How long closing the stream waits for the thread to finish the item it is computing.
+JOIN_SECONDS = 300.0
 
 
 def prefetched(items: Iterator, fetch: Callable, depth: int, stop: threading.Event):
     """fetch(item) for each item, in order, with up to `depth` computed ahead in a thread; an error is raised
-    at the item it belongs to, so every result before it is still delivered."""
+    at the item it belongs to, so every result before it is still delivered.
+
+    Closing the generator stops the thread and waits for the item it is computing: a thread left inside
+    torch's kernels while the interpreter exits aborts the process ("terminate called without an active
+    exception") after a run that finished."""
     if depth == 0:
         for item in items:
             yield fetch(item)
@@ -56,6 +67,9 @@ def prefetched(items: Iterator, fetch: Callable, depth: int, stop: threading.Eve
             yield value
     finally:
         stop.set()
+        worker.join(JOIN_SECONDS)
+        if worker.is_alive():
+            log.warning(f"the teacher's prefetch thread is still busy after {JOIN_SECONDS:.0f} s; leaving it")
 
 
 def signal_to_device(signal: TeacherSignal | None, device: str) -> TeacherSignal | None:

@@ -45,7 +45,7 @@ def test_rollouts_after_a_weight_push_are_what_the_trained_student_writes(
 def test_a_server_of_another_student_is_refused_before_training(server, tmp_path):
     other = "student.from_teacher={num_hidden_layers: 1, intermediate_size: 128}"  # the server holds 2 layers
     args = ["train", "--config", CONFIG, *QUICK, other, *server.overrides(), f"run.output_dir={tmp_path}"]
-    result = run_cli(args, env=ENV)
+    result = run_cli(args)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: teacher.on_policy.server.urls: {server.url} serves another student: num_hidden_layers 2 "
@@ -59,17 +59,15 @@ def test_with_lag_one_each_step_samples_from_the_weights_pushed_before_it(server
     they train (the server writes them while step k - 1 trains; sync_every 1), and the log says which."""
     args = ["--config", CONFIG, *QUICK, *ON_POLICY, *server.overrides(), "teacher.on_policy.lag=1"]
     args += ["train.max_steps=4", f"run.output_dir={tmp_path}", "run.name=lagged"]
-    result = run_cli(args, launcher=deepspeed_launcher(2), env=ENV)
+    result = run_cli(args, launcher=deepspeed_launcher(2))
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         lines = (tmp_path / "lagged" / f"on_policy_rank{rank}.jsonl").read_text().splitlines()
         samples = [json.loads(line) for line in lines]
-        assert {(s["step"], s["weights_step"], s["lag"]) for s in samples} == {
-            (0, 0, 0),
-            (1, 0, 1),
-            (2, 1, 1),
-            (3, 2, 1),
-        }
+        # Lines of steps past the last one are samples the lag-1 thread wrote ahead, never trained on.
+        assert {s["step"] for s in samples} >= {0, 1, 2, 3}
+        assert {(s["weights_step"], s["lag"]) for s in samples if s["step"] == 0} == {(0, 0)}
+        assert all((s["weights_step"], s["lag"]) == (s["step"] - 1, 1) for s in samples if s["step"] > 0)
 
 
 def test_server_stopped_mid_run_checkpoints_stops_and_the_run_resumes(server, tmp_path):
