@@ -134,24 +134,12 @@ def cmd_serve_student(args) -> None:
     (<dir>/student_server_model) with dummy weights: the trainer pushes its own before the first rollout."""
     import torch
 
-    from llmdistill.session import preflight
-    from llmdistill.teachers.vllm_rollout_server import student_serve_command
+    from llmdistill.teachers.vllm_rollout_server import prepare_student_server
 
     cfg = _load(args)
-    if cfg.teacher.source != "on_policy" or cfg.teacher.on_policy.generator != "vllm_server":
-        raise LLMDistillError(
-            "serve-student serves the rollouts of teacher.source=on_policy with teacher.on_policy.generator="
-            f"vllm_server; this config has teacher.source={cfg.teacher.source}, generator="
-            f"{cfg.teacher.on_policy.generator}"
-        )
     run_dir = Path(args.dir) if args.dir else cfg.run.dir
-    plan = preflight(cfg)
-    model_dir = (run_dir / "student_server_model").resolve()
-    plan.student_config.save_pretrained(model_dir)
-    plan.student_tok.save_pretrained(model_dir)
-    argv, extra_env = student_serve_command(
-        cfg, model_dir, sys.executable, torch.cuda.is_available(), args.host
-    )
+    gpu = torch.cuda.is_available()
+    argv, extra_env = prepare_student_server(cfg, run_dir, sys.executable, gpu, args.host)
     _start_server("student", argv, extra_env, run_dir, args)
 
 

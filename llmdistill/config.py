@@ -107,7 +107,7 @@ class ServerConfig(Section):
 
 
 class ServeConfig(Section):
-    """teacher.serve: how launch/serve_teacher.sh and launch/slurm/teacher.sbatch start the server (its
+    """teacher.serve: how launch/serve_teacher.sh and launch/slurm/server.sbatch start the server (its
     --max-logprobs is teacher.server.top_k)."""
 
     port: int = Field(8000, gt=0, lt=65536)

@@ -6,19 +6,21 @@
 #
 # Environment (all optional):
 #   DERIVE_CONFIG  derivation config (default configs/tiny/derive.yaml; empty: no derive job)
-#   TRAIN_CONFIG   training config (default configs/tiny/distill.yaml); when its teacher.source is
-#                  vllm_server, a teacher.sbatch job serves the teacher and the trainer waits for its URL
+#   TRAIN_CONFIG   training config (default configs/tiny/distill.yaml); when it reads a vLLM teacher server
+#                  (teacher.server.urls) or a student rollout server (teacher.on_policy.server.urls), a
+#                  server.sbatch job serves each and the trainer waits for their URLs
 #   EVAL_CONFIG    evaluation config (default configs/tiny/eval.yaml; empty: no eval job)
 #   DERIVE_ARGS, EVAL_ARGS   key=value overrides for those two jobs (word-split)
 #   SBATCH_ARGS    extra sbatch options for every job (e.g. "--partition=gpu --account=me")
-#   DERIVE_SBATCH_ARGS, TEACHER_SBATCH_ARGS, TRAIN_SBATCH_ARGS, EVAL_SBATCH_ARGS   per job (word-split)
+#   DERIVE_SBATCH_ARGS, TEACHER_SBATCH_ARGS, STUDENT_SBATCH_ARGS, TRAIN_SBATCH_ARGS, EVAL_SBATCH_ARGS
+#                  per job (word-split; TEACHER_ and STUDENT_ for the server jobs)
 #   LLMDISTILL_PYTHON  interpreter for every job (default: .venv/bin/python if present, else python3)
 #   DRY_RUN=1      print the sbatch commands instead of submitting them
 #
 # Prints one line per job, "<stage> <job id>", and the job logs go to each run directory's slurm/ folder.
-# Every dependency is `afterok` (the trainer on the teacher: `after`, i.e. once the server job has started)
+# Every dependency is `afterok` (the trainer on a server: `after`, i.e. once the server job has started)
 # with --kill-on-invalid-dep, so a failed stage cancels the rest instead of leaving them pending forever.
-# Derive and eval are single-task jobs; train.sbatch and teacher.sbatch say how they use their allocation.
+# Derive and eval are single-task jobs; train.sbatch and server.sbatch say how they use their allocation.
 set -euo pipefail
 # Failures inside $(...) (a bad config, a rejected sbatch) must stop the submission, not yield an empty id.
 shopt -s inherit_errexit
@@ -52,7 +54,7 @@ submit() { # STAGE EXTRA_ARGS_STRING sbatch-arguments... -> prints the job id
   if [[ -n ${DRY_RUN:-} ]]; then
     echo "[$stage] $ ${cmd[*]}" >&2
     # A placeholder id per stage (this runs in a subshell: a counter would not survive).
-    case $stage in derive) echo 1001 ;; teacher) echo 1002 ;; train) echo 1003 ;; *) echo 1004 ;; esac
+    case $stage in derive) echo 1001 ;; teacher) echo 1002 ;; student) echo 1003 ;; train) echo 1004 ;; *) echo 1005 ;; esac
   else
     "${cmd[@]}" | cut -d';' -f1
   fi
@@ -63,7 +65,7 @@ derive_dir='' eval_dir=''
 if [[ -n $DERIVE_CONFIG ]]; then derive_dir=$(run_dir "$DERIVE_CONFIG" "${derive_args[@]}"); fi
 if [[ -n $EVAL_CONFIG ]]; then eval_dir=$(run_dir "$EVAL_CONFIG" "${eval_args[@]}"); fi
 info=$("$LLMDISTILL_PYTHON" launch/slurm/runinfo.py --config "$TRAIN_CONFIG" "$@")
-eval "$info"  # RUN_DIR, TEACHER_SOURCE of the training run
+eval "$info"  # RUN_DIR, TEACHER_SERVER, STUDENT_SERVER of the training run
 if [[ -z ${DRY_RUN:-} ]]; then
   mkdir -p "$RUN_DIR/slurm" ${derive_dir:+"$derive_dir/slurm"} ${eval_dir:+"$eval_dir/slurm"}
 fi
@@ -81,13 +83,21 @@ fi
 # Batch output next to the job's own log in the run directory, not in the submit directory.
 train_out=--output=$RUN_DIR/slurm/%x-%j.out
 train_deps=${after_derive[0]:-}
+servers=''
+for role in teacher student; do
+  wanted=TEACHER_SERVER sbatch_args=${TEACHER_SBATCH_ARGS:-}
+  if [[ $role == student ]]; then wanted=STUDENT_SERVER sbatch_args=${STUDENT_SBATCH_ARGS:-}; fi
+  if [[ ${!wanted} == 1 ]]; then
+    server=$(submit "$role" "$sbatch_args" "${after_derive[@]}" "$train_out" --job-name="llmdistill-$role" \
+      launch/slurm/server.sbatch "$role" --config "$TRAIN_CONFIG" "$@")
+    echo "$role $server"
+    servers+=${servers:+:}$server
+  fi
+done
 train_env=ALL
-if [[ $TEACHER_SOURCE == vllm_server ]]; then
-  teacher=$(submit teacher "${TEACHER_SBATCH_ARGS:-}" "${after_derive[@]}" "$train_out" \
-    launch/slurm/teacher.sbatch --config "$TRAIN_CONFIG" "$@")
-  echo "teacher $teacher"
-  if [[ -n $train_deps ]]; then train_deps+=",after:$teacher"; else train_deps=--dependency=after:$teacher; fi
-  train_env=ALL,LLMDISTILL_TEACHER_JOB=$teacher
+if [[ -n $servers ]]; then
+  if [[ -n $train_deps ]]; then train_deps+=",after:$servers"; else train_deps=--dependency=after:$servers; fi
+  train_env=ALL,LLMDISTILL_SERVER_JOBS=$servers
 fi
 train_args=(--export="$train_env" "$train_out")
 if [[ -n $train_deps ]]; then train_args+=("$train_deps"); fi

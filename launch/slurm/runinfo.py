@@ -4,9 +4,14 @@ ARGS are what the trainer gets (`--config X key=value ...`), so the job scripts 
 and teacher as the run itself, with one source of truth (llmdistill.config) and no YAML parsing in bash.
 By default only the config module is imported: this runs on the batch node before the heavy processes start.
 
-`--serve HOST PORT` (teacher.sbatch) also prints SERVE_ARGV and SERVE_ENV, bash arrays with the vLLM server
-command for the config's teacher (llmdistill.teachers.vllm_serve.serve_command: top_k, max length, dtype and
-teacher.serve.args all come from the config), listening on HOST:PORT.
+TEACHER_SERVER / STUDENT_SERVER (1 or 0): whether the run reads a vLLM teacher server (teacher.server.urls:
+teacher.source vllm_server, or on_policy scored by vllm_server) / a student rollout server
+(teacher.on_policy.server.urls: on_policy with generator vllm_server).
+
+`--serve ROLE HOST PORT` (server.sbatch) also prints SERVE_ARGV and SERVE_ENV, bash arrays with the vLLM
+server command for the config's teacher (ROLE teacher: llmdistill.teachers.vllm_serve.serve_command, top_k,
+max length, dtype and teacher.serve.args from the config) or student (ROLE student: prepare_student_server,
+which writes the student's config and tokenizer into the run directory), listening on HOST:PORT.
 """
 
 import shlex
@@ -28,30 +33,51 @@ def main(argv: list[str]) -> None:
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
         elif arg == "--serve":
-            serve = (next(args), next(args))
+            serve = (next(args), next(args), next(args))
         else:
             overrides.append(arg)
     try:
         cfg = load_config(config, overrides)
     except LLMDistillError as err:
         sys.exit(f"{config}: {err}")  # one line on stderr, exit status 1: the job scripts stop on it
+    source, on_policy = cfg.teacher.source, cfg.teacher.on_policy
     values = {
         "RUN_DIR": str(cfg.run.dir.resolve()),
         "RUN_NAME": cfg.run.name,
-        "TEACHER_SOURCE": cfg.teacher.source,
+        "TEACHER_SOURCE": source,
+        "TEACHER_SERVER": str(
+            int(source == "vllm_server" or (source == "on_policy" and on_policy.scorer == "vllm_server"))
+        ),
+        "STUDENT_SERVER": str(int(source == "on_policy" and on_policy.generator == "vllm_server")),
     }
     for key, value in values.items():
         print(f"{key}={shlex.quote(value)}")
     if serve is not None:
-        import torch
+        print(_serve(cfg, *serve))
 
-        from llmdistill.teachers.vllm_serve import serve_command
 
-        host, port = serve
-        cfg.teacher.serve.port = int(port)
-        command, env = serve_command(cfg, sys.executable, torch.cuda.is_available(), host)
-        print(_array("SERVE_ARGV", command))
-        print(_array("SERVE_ENV", [f"{k}={v}" for k, v in env.items()]))
+def _serve(cfg, role: str, host: str, port: str) -> str:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    try:
+        if role == "teacher":
+            from llmdistill.teachers.vllm_serve import serve_command
+
+            cfg.teacher.serve.port = int(port)
+            command, env = serve_command(cfg, sys.executable, gpu, host)
+        elif role == "student":
+            from llmdistill.teachers.vllm_rollout_server import prepare_student_server
+
+            cfg.teacher.on_policy.server.urls = [f"http://{host}:{port}"]
+            command, env = prepare_student_server(cfg, cfg.run.dir.resolve(), sys.executable, gpu, host)
+        else:
+            sys.exit(f"--serve: the role is teacher or student, not {role!r}")
+    except LLMDistillError as err:
+        sys.exit(f"{role} server: {err}")
+    return "\n".join(
+        [_array("SERVE_ARGV", command), _array("SERVE_ENV", [f"{k}={v}" for k, v in env.items()])]
+    )
 
 
 if __name__ == "__main__":

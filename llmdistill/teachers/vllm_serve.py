@@ -1,4 +1,4 @@
-"""The vLLM server command line a config asks for (launch/serve_teacher.sh, launch/slurm/teacher.sbatch
+"""The vLLM server command line a config asks for (launch/serve_teacher.sh, launch/slurm/server.sbatch
 through runinfo.py): `vllm serve` on a GPU, the module entry point on CPU. The student's rollout server
 (launch/serve_student.sh) is built on the same `vllm_command` (teachers/vllm_rollout_server.py)."""
 

@@ -26,7 +26,7 @@ from .slurm_cluster import Cluster, SlurmUnavailable, ensure_packages
 pytestmark = pytest.mark.slow
 
 TRAIN = str(REPO / "launch" / "slurm" / "train.sbatch")
-TEACHER = str(REPO / "launch" / "slurm" / "teacher.sbatch")
+SERVER = str(REPO / "launch" / "slurm" / "server.sbatch")
 PIPELINE = str(REPO / "launch" / "slurm" / "pipeline.sh")
 
 
@@ -44,7 +44,7 @@ def slurm(tmp_path_factory):
         # What every job needs: this venv's interpreter, one thread per rank, no hub, loopback only.
         cluster.env.update(
             LLMDISTILL_PYTHON=sys.executable,
-            LLMDISTILL_TEACHER_HOST="127.0.0.1",
+            LLMDISTILL_SERVER_HOST="127.0.0.1",
             OMP_NUM_THREADS="1",
             HF_HUB_OFFLINE="1",
             HF_DATASETS_OFFLINE="1",
@@ -162,22 +162,38 @@ def test_preempted_job_requeues_resumes_and_loses_no_step(slurm, tmp_path):
     assert all(r["consumed_micro_batches"] == r["step"] for r in records)
 
 
-def test_teacher_job_serves_vllm_and_trainer_job_uses_it(slurm, tmp_path):
+# Per server role: the training config, its overrides, where the resolved config holds the server's URL, and
+# what the server's log shows the trainer asked of it.
+SERVED = {
+    # Room for a prompt of seq_len tokens plus the appended final target and one generated token.
+    "teacher": ("vllm_server.yaml", ["teacher.serve.max_model_len=256"], ("server",), ["/v1/completions"]),
+    # The trainer pushes its weights (/collective_rpc) and asks for rollouts (/v1/completions).
+    "student": (
+        "on_policy_vllm_server.yaml",
+        [],
+        ("on_policy", "server"),
+        ["/collective_rpc", "/v1/completions"],
+    ),
+}
+
+
+@pytest.mark.parametrize("role", sorted(SERVED))
+def test_a_server_job_serves_vllm_and_the_trainer_job_uses_it(slurm, tmp_path, role):
     pytest.importorskip("vllm")
+    config, extra, where, requests = SERVED[role]
     run_dir = tmp_path / "pair"
     args = [
         "--config",
-        str(REPO / "configs" / "tiny" / "vllm_server.yaml"),
+        str(REPO / "configs" / "tiny" / config),
         *_train_args(tmp_path, "pair", "train.max_steps=6", "train.eval_every=0", "train.save_every=0"),
-        # Room for a prompt of seq_len tokens plus the appended final target and one generated token.
-        "teacher.serve.max_model_len=256",
+        *extra,
     ]
-    teacher = slurm.sbatch([f"--output={tmp_path}/%j.out", TEACHER, *args], cwd=REPO)
+    server = slurm.sbatch([f"--output={tmp_path}/%j.out", SERVER, role, *args], cwd=REPO)
     trainer = slurm.sbatch(
         [
             f"--output={tmp_path}/%j.out",
-            f"--dependency=after:{teacher}",
-            f"--export=ALL,LLMDISTILL_TEACHER_JOB={teacher}",
+            f"--dependency=after:{server}",
+            f"--export=ALL,LLMDISTILL_SERVER_JOBS={server}",
             TRAIN,
             *args,
         ],
@@ -186,30 +202,33 @@ def test_teacher_job_serves_vllm_and_trainer_job_uses_it(slurm, tmp_path):
     _finish(slurm, trainer, run_dir, timeout=420)
     _assert_finished(run_dir, 6)
 
-    teacher_log = (run_dir / "slurm" / f"teacher-{teacher}.log").read_text()
-    healthy = [line for line in teacher_log.splitlines() if "healthy at http://127.0.0.1:" in line]
-    assert len(healthy) == 1, teacher_log[-4000:]
+    server_log = (run_dir / "slurm" / f"{role}-{server}.log").read_text()
+    healthy = [line for line in server_log.splitlines() if "healthy at http://127.0.0.1:" in line]
+    assert len(healthy) == 1, server_log[-4000:]
     url = healthy[0].split("healthy at ")[1].split()[0]
     # The trainer started only after the server job had (dependency), waited until it was healthy, and ran
-    # with its URL: the resolved config it saved names it, and the server answered its scoring requests.
+    # with its URL: the resolved config it saved names it, and the server answered the trainer's requests.
     train_log = (run_dir / "slurm" / f"train-{trainer}.log").read_text()
-    assert slurm.job(trainer)["StartTime"] >= slurm.job(teacher)["StartTime"]
-    used = [line for line in train_log.splitlines() if f"teacher at {url} is healthy" in line]
+    assert slurm.job(trainer)["StartTime"] >= slurm.job(server)["StartTime"]
+    used = [line for line in train_log.splitlines() if f"{role} server at {url} is healthy" in line]
     assert len(used) == 1, train_log[-4000:]
     assert _stamp(used[0]) >= _stamp(healthy[0])
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["teacher"]
-    assert resolved["source"] == "vllm_server" and resolved["server"]["urls"] == [url]
-    assert 'POST /v1/completions HTTP/1.1" 200' in teacher_log
+    for key in where:
+        resolved = resolved[key]
+    assert resolved["urls"] == [url]
+    for request in requests:
+        assert f'POST {request} HTTP/1.1" 200' in server_log, request
     # Training over, the trainer job cancelled the server job, which stopped vLLM and withdrew its URL.
     info = _wait_until(
-        lambda: (i := slurm.job(teacher)).get("JobState") in ("CANCELLED", "COMPLETED") and i,
+        lambda: (i := slurm.job(server)).get("JobState") in ("CANCELLED", "COMPLETED") and i,
         60,
-        "the teacher job to end",
+        f"the {role} server job to end",
         slurm,
         run_dir,
     )
     assert info["JobState"] == "CANCELLED"
-    _wait_until(lambda: not (run_dir / "teacher_url").exists(), 30, "teacher_url removal", slurm, run_dir)
+    _wait_until(lambda: not (run_dir / f"{role}_url").exists(), 30, f"{role}_url removal", slurm, run_dir)
 
 
 def _pipeline(env: dict, *overrides: str) -> dict[str, int]:
@@ -251,22 +270,39 @@ def test_pipeline_derives_trains_and_evaluates(slurm, tmp_path):
         assert list((tmp_path / name / "slurm").glob("*.out")), name
 
 
-def test_pipeline_with_a_vllm_teacher_wires_the_dependencies(slurm, tmp_path):
-    """derive -> teacher -> train -> eval, submitted held (never released): the dependency wiring only."""
+@pytest.mark.parametrize(
+    "config, overrides, servers",
+    [
+        ("configs/tiny/vllm_server.yaml", [], ["teacher"]),
+        # On-policy, scored by a vLLM teacher server and sampled from a student server: one job each.
+        (
+            "configs/tiny/on_policy_vllm_server.yaml",
+            ["teacher.on_policy.scorer=vllm_server"],
+            ["teacher", "student"],
+        ),
+    ],
+    ids=["teacher", "teacher+student"],
+)
+def test_pipeline_with_vllm_servers_wires_the_dependencies(slurm, tmp_path, config, overrides, servers):
+    """derive -> servers -> train -> eval, submitted held (never released): the dependency wiring only."""
     env = dict(
         slurm.env,
-        TRAIN_CONFIG="configs/tiny/vllm_server.yaml",
+        TRAIN_CONFIG=config,
         SBATCH_ARGS="--hold",
         DERIVE_ARGS=f"run.output_dir={tmp_path}",
         EVAL_ARGS=f"run.output_dir={tmp_path}",
     )
-    jobs = _pipeline(env, f"run.output_dir={tmp_path}", "run.name=chain")
-    assert list(jobs) == ["derive", "teacher", "train", "eval"]
+    jobs = _pipeline(env, f"run.output_dir={tmp_path}", "run.name=chain", *overrides)
+    assert list(jobs) == ["derive", *servers, "train", "eval"]
     try:
         deps = {stage: slurm.job(job)["Dependency"] for stage, job in jobs.items()}
         assert deps["derive"] == "(null)"
-        assert deps["teacher"].startswith(f"afterok:{jobs['derive']}")
-        assert f"afterok:{jobs['derive']}" in deps["train"] and f"after:{jobs['teacher']}" in deps["train"]
+        assert f"afterok:{jobs['derive']}" in deps["train"]
+        for role in servers:
+            assert deps[role].startswith(f"afterok:{jobs['derive']}")
+            assert f"after:{jobs[role]}" in deps["train"] or f":{jobs[role]}" in deps["train"], deps["train"]
+            server = slurm.job(jobs[role])
+            assert server["JobName"] == f"llmdistill-{role}" and server["Command"].endswith("server.sbatch")
         assert deps["eval"].startswith(f"afterok:{jobs['train']}")
         train = slurm.job(jobs["train"])
         assert train["Command"].endswith("launch/slurm/train.sbatch")
