@@ -73,6 +73,14 @@ def test_teacher_commands_fail_clearly_before_starting_vllm(command, tmp_path, c
     assert not list(tmp_path.rglob("teacher_server.pid"))  # no server was started
 
 
+def test_serve_student_refuses_a_config_without_a_student_server(tmp_path, capsys):
+    config = str(REPO / "configs/tiny/distill.yaml")
+    assert cli.main(["serve-student", "--config", config, f"run.output_dir={tmp_path}"]) == 2
+    said = capsys.readouterr().err
+    assert "teacher.on_policy.generator=vllm_server; this config has teacher.source=hf" in said
+    assert not list(tmp_path.rglob("student_server*"))  # nothing written, no server started
+
+
 @pytest.mark.parametrize("shim", ["eval.py", "train.py", "derive.py", "cache_teacher.py"])
 def test_launch_scripts_are_the_cli(shim, tmp_path):
     """launch/*.py pass their arguments (and a launcher's --local_rank) to the same command."""
