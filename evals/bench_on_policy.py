@@ -10,8 +10,12 @@ teacher.on_policy.generator. After one warm-up step (the vLLM arm's first weight
   the same `--steps` dataset batches; tokens = what the student wrote up to EOS (its training targets);
 - whole step: `--steps` optimizer steps (rollout, teacher scoring, forward, backward, and for vLLM the weight
   push after the step); tokens = what the student wrote during them.
-Figures are written tokens per second; the last column is vLLM / HF. On a shared CPU they are noisy: run
-it on an idle machine before quoting them.
+Figures are written tokens per second; the last column is vLLM / HF. The vLLM engine runs the student
+compiled on the CPU (teacher.on_policy.compile; `--vllm-eager` turns it off); its first start for a
+student compiles it (~13 s, cached for the next run), outside the timings. On a shared CPU they are noisy:
+run it on an idle machine before quoting them. With one process on 2 cores each arm uses 2 threads, and
+every op waits for both: another job on the cores stalls either arm by 10x or more at times;
+OMP_NUM_THREADS=1 keeps both steady (up to ~10% slower on an idle machine).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def measure(generator: str, args, out: Path) -> dict:
             "train.export=false",
             f"run.output_dir={out}",
             f"run.name={generator}",
+            f"teacher.on_policy.compile={not args.vllm_eager}",
         ],
     )
     trainer = Trainer(cfg)
@@ -87,6 +92,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed batches / optimizer steps per arm")
+    parser.add_argument("--vllm-eager", action="store_true", help="the vLLM engine uncompiled")
     parser.add_argument("--out", default=None, help="run directory root (a temporary one by default)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

