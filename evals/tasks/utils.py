@@ -17,7 +17,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def task_data_dir() -> Path:
     """Where `llmdistill.evaluate.task_data.task_data_dir()` builds the data: <LLMDISTILL_CACHE>/eval-data.
 
-    The same rule as llmdistill.data.cache_dir (a test checks that they agree), repeated here so that the
+    The same rule as llmdistill.cache_dir (a test checks that they agree), repeated here so that the
     plain lm_eval CLI needs nothing but this directory.
     """
     return Path(os.environ.get("LLMDISTILL_CACHE", Path.home() / ".cache" / "llmdistill")) / "eval-data"

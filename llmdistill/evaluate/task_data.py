@@ -43,7 +43,7 @@ CHAT_CHOICES = 4
 
 def task_data_dir() -> Path:
     """Where the tasks' data files live; tasks/utils.py computes the same path without llmdistill."""
-    from llmdistill.data import cache_dir
+    from llmdistill import cache_dir
 
     return cache_dir() / "eval-data"
 
