@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from llmdistill.config import LLMDistillError, load_config
+from llmdistill.config import Config, LLMDistillError, load_config
 from llmdistill.vllm_env import offline_env, set_offline_env
 
 # The configs shipped with the package: a link to the checkout's configs/ (the one copy); a wheel holds the
@@ -127,14 +127,33 @@ def cmd_serve_teacher(args) -> None:
     _start_server("teacher", argv, extra_env, Path(args.dir) if args.dir else cfg.run.dir, args)
 
 
+def prepare_student_server(cfg: Config, run_dir: Path, python: str, gpu: bool, host: str = "127.0.0.1"):
+    """(argv, extra environment) of the config's student rollout server (`llmdistill serve-student`, the
+    Slurm server job), once the student's config and tokenizer are in <run_dir>/student_server_model: the
+    server starts from them with dummy weights, and the trainer pushes its own before the first rollout."""
+    from llmdistill.session import preflight
+    from llmdistill.teachers.vllm_rollout_server import student_serve_command
+
+    p = cfg.teacher.on_policy
+    if cfg.teacher.source != "on_policy" or p.generator != "vllm_server":
+        raise LLMDistillError(
+            "a student server serves the rollouts of teacher.source=on_policy with "
+            f"teacher.on_policy.generator=vllm_server; this config has teacher.source={cfg.teacher.source}, "
+            f"generator={p.generator}"
+        )
+    plan = preflight(cfg)
+    model_dir = (run_dir / "student_server_model").resolve()
+    plan.student_config.save_pretrained(model_dir)
+    plan.student_tok.save_pretrained(model_dir)
+    return student_serve_command(cfg, model_dir, python, gpu, host)
+
+
 def cmd_serve_student(args) -> None:
     """Start the vLLM server holding a copy of the config's student for on-policy rollouts
     (teacher.on_policy.generator=vllm_server), on the port of teacher.on_policy.server.urls[0]; as
     serve-teacher, with <dir>/student_server.{pid,url,log}. It starts from the student's config and tokenizer
     (<dir>/student_server_model) with dummy weights: the trainer pushes its own before the first rollout."""
     import torch
-
-    from llmdistill.teachers.vllm_rollout_server import prepare_student_server
 
     cfg = _load(args)
     run_dir = Path(args.dir) if args.dir else cfg.run.dir

@@ -10,8 +10,9 @@ teacher.source vllm_server, or on_policy scored by vllm_server) / a student roll
 
 `--serve ROLE HOST PORT` (server.sbatch) also prints SERVE_ARGV and SERVE_ENV, bash arrays with the vLLM
 server command for the config's teacher (ROLE teacher: llmdistill.teachers.vllm_serve.serve_command, top_k,
-max length, dtype and teacher.serve.args from the config) or student (ROLE student: prepare_student_server,
-which writes the student's config and tokenizer into the run directory), listening on HOST:PORT.
+max length, dtype and teacher.serve.args from the config) or student (ROLE student:
+llmdistill.cli.prepare_student_server, which writes the student's config and tokenizer into the run
+directory), listening on HOST:PORT.
 """
 
 import shlex
@@ -67,7 +68,7 @@ def _serve(cfg, role: str, host: str, port: str) -> str:
             cfg.teacher.serve.port = int(port)
             command, env = serve_command(cfg, sys.executable, gpu, host)
         elif role == "student":
-            from llmdistill.teachers.vllm_rollout_server import prepare_student_server
+            from llmdistill.cli import prepare_student_server
 
             cfg.teacher.on_policy.server.urls = [f"http://{host}:{port}"]
             command, env = prepare_student_server(cfg, cfg.run.dir.resolve(), sys.executable, gpu, host)

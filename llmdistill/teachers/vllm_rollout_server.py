@@ -107,26 +107,6 @@ def server_port(cfg: Config) -> int:
     return port
 
 
-def prepare_student_server(cfg: Config, run_dir: Path, python: str, gpu: bool, host: str = "127.0.0.1"):
-    """(argv, extra environment) of the config's student rollout server (`llmdistill serve-student`, the
-    Slurm server job), once the student's config and tokenizer are in <run_dir>/student_server_model: the
-    server starts from them with dummy weights, and the trainer pushes its own before the first rollout."""
-    from llmdistill.session import preflight
-
-    p = cfg.teacher.on_policy
-    if cfg.teacher.source != "on_policy" or p.generator != "vllm_server":
-        raise LLMDistillError(
-            "a student server serves the rollouts of teacher.source=on_policy with "
-            f"teacher.on_policy.generator=vllm_server; this config has teacher.source={cfg.teacher.source}, "
-            f"generator={p.generator}"
-        )
-    plan = preflight(cfg)
-    model_dir = (run_dir / "student_server_model").resolve()
-    plan.student_config.save_pretrained(model_dir)
-    plan.student_tok.save_pretrained(model_dir)
-    return student_serve_command(cfg, model_dir, python, gpu, host)
-
-
 def student_serve_command(cfg: Config, model_dir: Path, python: str, gpu: bool, host: str = "127.0.0.1"):
     """(argv, extra environment) of the student's rollout server on `model_dir` (config and tokenizer)."""
     from llmdistill.teachers.vllm_serve import vllm_command
