@@ -134,11 +134,13 @@ def main() -> None:
     import tempfile
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-on-policy-"))
-    results = {g: measure(g, args, out) for g in ("hf", "vllm")}
-    names = {"hf": "HF generate", "vllm": "vLLM", "vllm_server": "vLLM server"}
+    results = {"hf": measure("hf", args, out)}
     if args.server:
         with student_server(args, out):
             results["vllm_server"] = measure("vllm_server", args, out)
+    # The colocated engine last: closing it leaves a process group DeepSpeed cannot use again in this process.
+    results["vllm"] = measure("vllm", args, out)
+    names = {"hf": "HF generate", "vllm": "vLLM", "vllm_server": "vLLM server"}
     print(
         f"\non-policy rollouts: {args.batch} prompts x {args.prompt_tokens} tokens, up to {args.new_tokens} "
         f"new tokens, {args.steps} batches/steps per arm (written tokens per second)"
