@@ -134,12 +134,11 @@ def prepare_student_server(cfg: Config, run_dir: Path, python: str, gpu: bool, h
     from llmdistill.session import preflight
     from llmdistill.teachers.vllm_rollout_server import student_serve_command
 
-    p = cfg.teacher.on_policy
-    if cfg.teacher.source != "on_policy" or p.generator != "vllm_server":
+    if not cfg.teacher.reads_student_server:
         raise LLMDistillError(
             "a student server serves the rollouts of teacher.source=on_policy with "
             f"teacher.on_policy.generator=vllm_server; this config has teacher.source={cfg.teacher.source}, "
-            f"generator={p.generator}"
+            f"generator={cfg.teacher.on_policy.generator}"
         )
     plan = preflight(cfg)
     model_dir = (run_dir / "student_server_model").resolve()

@@ -171,6 +171,18 @@ class TeacherConfig(Section):
             )
         return raw
 
+    @property
+    def reads_teacher_server(self) -> bool:
+        """Whether the run reads vLLM teacher servers (teacher.server.urls)."""
+        return self.source == "vllm_server" or (
+            self.source == "on_policy" and self.on_policy.scorer == "vllm_server"
+        )
+
+    @property
+    def reads_student_server(self) -> bool:
+        """Whether the run samples from student rollout servers (teacher.on_policy.server.urls)."""
+        return self.source == "on_policy" and self.on_policy.generator == "vllm_server"
+
 
 class PeftConfig(Section):
     type: Literal["lora"] = "lora"

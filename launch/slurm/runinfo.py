@@ -4,9 +4,8 @@ ARGS are what the trainer gets (`--config X key=value ...`), so the job scripts 
 and teacher as the run itself, with one source of truth (llmdistill.config) and no YAML parsing in bash.
 By default only the config module is imported: this runs on the batch node before the heavy processes start.
 
-TEACHER_SERVER / STUDENT_SERVER (1 or 0): whether the run reads a vLLM teacher server (teacher.server.urls:
-teacher.source vllm_server, or on_policy scored by vllm_server) / a student rollout server
-(teacher.on_policy.server.urls: on_policy with generator vllm_server).
+TEACHER_SERVER / STUDENT_SERVER (1 or 0): whether the run reads a vLLM teacher server / a student rollout
+server (TeacherConfig.reads_teacher_server / reads_student_server).
 
 `--serve ROLE HOST PORT` (server.sbatch) also prints SERVE_ARGV and SERVE_ENV, bash arrays with the vLLM
 server command for the config's teacher (ROLE teacher: llmdistill.teachers.vllm_serve.serve_command, top_k,
@@ -41,15 +40,12 @@ def main(argv: list[str]) -> None:
         cfg = load_config(config, overrides)
     except LLMDistillError as err:
         sys.exit(f"{config}: {err}")  # one line on stderr, exit status 1: the job scripts stop on it
-    source, on_policy = cfg.teacher.source, cfg.teacher.on_policy
     values = {
         "RUN_DIR": str(cfg.run.dir.resolve()),
         "RUN_NAME": cfg.run.name,
-        "TEACHER_SOURCE": source,
-        "TEACHER_SERVER": str(
-            int(source == "vllm_server" or (source == "on_policy" and on_policy.scorer == "vllm_server"))
-        ),
-        "STUDENT_SERVER": str(int(source == "on_policy" and on_policy.generator == "vllm_server")),
+        "TEACHER_SOURCE": cfg.teacher.source,
+        "TEACHER_SERVER": str(int(cfg.teacher.reads_teacher_server)),
+        "STUDENT_SERVER": str(int(cfg.teacher.reads_student_server)),
     }
     for key, value in values.items():
         print(f"{key}={shlex.quote(value)}")

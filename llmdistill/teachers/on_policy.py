@@ -248,9 +248,9 @@ class OnPolicyTeacher(TeacherSource):
 
     @classmethod
     def check_ready(cls, cfg) -> None:
-        if cfg.teacher.on_policy.scorer == "vllm_server":
+        if cfg.teacher.reads_teacher_server:
             VLLMServerTeacher.check_ready(cfg)
-        if cfg.teacher.on_policy.generator == "vllm_server":
+        if cfg.teacher.reads_student_server:
             from llmdistill.teachers.vllm_rollout_server import check_servers
 
             check_servers(cfg)
@@ -316,7 +316,7 @@ class OnPolicyTeacher(TeacherSource):
 
     @property
     def can_fail(self) -> bool:
-        return self.settings.scorer == "vllm_server" or self.settings.generator == "vllm_server"
+        return self.cfg.teacher.reads_teacher_server or self.cfg.teacher.reads_student_server
 
     # ------------------------------------------------------------------------------------------ weights
 
