@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import torch, deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM
+from llmdistill.distributed import leave_process_group
 from llmdistill.losses import get_loss
 from llmdistill.signal import StudentOutput, TeacherSignal, head_signal
 
@@ -39,6 +40,7 @@ for _ in range(2):  # twice: the second call runs on DeepSpeed's recorded trace
     plain, _ = get_loss("fkl")(student, TeacherSignal(logits=reference), batch)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 print("head_signal ok")
+leave_process_group()  # as llmdistill's commands do: left to exit, gloo's threads may abort the process
 """
 
 

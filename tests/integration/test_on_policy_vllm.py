@@ -104,6 +104,9 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's helpers
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     drive(Path(args[0]), int(args[1]), args[2], args[3:])
+    from llmdistill.distributed import leave_process_group
+
+    leave_process_group()  # as llmdistill's commands do: left to exit, gloo's threads may abort the process
     sys.exit(0)
 
 
