@@ -17,14 +17,18 @@ gets a gradient), and the teacher in the form it takes:
 - "head": the registered loss with the teacher's final hidden states [N, H] and LM head [V, H]
   (TeacherSignal(final_hidden=..., head_weight=...)): the teacher's logits exist a chunk at a time, and their
   matmul is part of this variant's time.
+- "head-torch" (CUDA only): "head" with the Triton kernels of llmdistill/losses/kernels.py turned off
+  (LLMDISTILL_LOSS_KERNELS=torch), the chunk math then in torch ops.
+- "head/N" (`--chunk-sizes N,...`): "head" with N rows per chunk instead of the automatic size.
 - "liger": liger-kernel's LigerFusedLinearJSD on the same teacher hidden states and head (fkl is its beta=0,
   rkl beta=1, jsd beta=0.5); shown only when `import liger_kernel` works, "-" where it cannot run (CPU).
 Inputs are built before measuring, so the teacher logits of "naive" and "ours" are not in their peaks.
 
 What is measured:
 - peak memory: the extra memory of one forward+backward above what the inputs already use.
-  CUDA: torch.cuda.max_memory_allocated() minus the allocated bytes after the inputs were built (the caching
-  allocator's own view, so exactly what torch allocated). CPU: every (loss, variant) runs in a fresh
+  CUDA: torch.cuda.max_memory_allocated() minus the allocated bytes before the step (the caching
+  allocator's own view, so exactly what torch allocated), the largest over the timed runs, all variants of
+  a loss in one process. CPU: every (loss, variant) runs in a fresh
   subprocess, and the number is the process's peak resident set size (getrusage ru_maxrss, which sees torch's
   allocations as the kernel sees them) minus its RSS right after the inputs were built and the loss code
   imported (built in place so their construction leaves no higher transient peak), with glibc's mmap
@@ -85,6 +89,7 @@ def build_inputs(impl: str, tokens: int, hidden: int, vocab: int, dtype, device:
     """The student's hidden states and head, and the teacher in the form `impl` takes, each built in place
     (no temporary larger than the inputs themselves). The teacher's logits are its head applied to its
     hidden states, so every variant sees the same teacher."""
+    impl, _ = split_impl(impl)
     torch.manual_seed(seed)
     head = torch.nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
@@ -103,13 +108,24 @@ def build_inputs(impl: str, tokens: int, hidden: int, vocab: int, dtype, device:
     return inputs
 
 
+def clear_grads(inputs: dict) -> None:
+    inputs["h"].grad = None
+    inputs["head"].weight.grad = None
+
+
+def split_impl(impl: str) -> tuple[str, int | None]:
+    """ "head/256" -> ("head", 256): ours with that chunk size (None: the loss's automatic one)."""
+    base, _, chunk = impl.partition("/")
+    return base, int(chunk) if chunk else None
+
+
 def step(name: str, impl: str, inputs: dict) -> None:
     from llmdistill.losses import get_loss
     from llmdistill.signal import StudentOutput, TeacherSignal
 
     h, head = inputs["h"], inputs["head"]
-    h.grad = None
-    head.weight.grad = None
+    clear_grads(inputs)
+    impl, chunk_size = split_impl(impl)
     if impl == "naive":
         loss = naive_loss(name, head(h), inputs["teacher_logits"])
     elif impl == "liger":
@@ -125,7 +141,9 @@ def step(name: str, impl: str, inputs: dict) -> None:
             signal = TeacherSignal(
                 final_hidden=inputs["teacher_hidden"].unsqueeze(0), head_weight=inputs["teacher_weight"]
             )
-        params = {"beta": 0.5} if name == "jsd" else {}
+        params = ({"beta": 0.5} if name == "jsd" else {}) | ({"chunk_size": chunk_size} if chunk_size else {})
+        # head-torch: the same loss with the Triton kernels turned off (their torch reference path).
+        os.environ["LLMDISTILL_LOSS_KERNELS"] = "torch" if impl == "head-torch" else "triton"
         loss, _ = get_loss(name)(student, signal, {"targets": inputs["targets"]}, **params)
     loss.backward()
 
@@ -171,22 +189,45 @@ def measure(args, name: str, impl: str) -> dict:
     return result | {"peak_bytes": max(peak, 0)}
 
 
-def time_variants(args, name: str, impls: list[str]) -> dict[str, float]:
+def time_variants(args, name: str, impls: list[str]) -> dict[str, dict]:
     """Fastest forward+backward of each variant over `repeats` rounds that take the variants in turn, in one
-    process: load from other processes then hits every variant alike. Variants that failed are skipped."""
+    process: load from other processes then hits every variant alike. On CUDA also each variant's peak
+    (torch's allocator counts per tensor, so one process measures them all exactly). A variant that runs out
+    of memory is reported as such; the others go on."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = getattr(torch, args.dtype)
     inputs = {impl: build_inputs(impl, args.tokens, args.hidden, args.vocab, dtype, device) for impl in impls}
     times = {impl: [] for impl in impls}
+    peaks = dict.fromkeys(impls, 0)
+    failed = {}
     for round_ in range(args.repeats + 1):  # the first round warms up
         for impl in impls:
+            if impl in failed:
+                continue
+            clear_grads(inputs[impl])
             _sync(device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            step(name, impl, inputs[impl])
+            try:
+                step(name, impl, inputs[impl])
+            except torch.OutOfMemoryError:
+                failed[impl] = "OOM"
+                clear_grads(inputs[impl])
+                continue
             _sync(device)
             if round_:
                 times[impl].append(time.perf_counter() - start)
-    return {impl: min(t) for impl, t in times.items()}
+            if device == "cuda":
+                peaks[impl] = max(peaks[impl], torch.cuda.max_memory_allocated() - base)
+    out = {impl: {"error": error} for impl, error in failed.items()}
+    for impl in impls:
+        if impl not in failed:
+            out[impl] = {"seconds": min(times[impl])}
+            if device == "cuda":
+                out[impl]["peak_bytes"] = peaks[impl]
+    return out
 
 
 def liger_available() -> bool:
@@ -200,6 +241,7 @@ def liger_available() -> bool:
 def _passthrough(args) -> list[str]:
     flags = [f"--tokens={args.tokens}", f"--hidden={args.hidden}", f"--vocab={args.vocab}"]
     flags += [f"--dtype={args.dtype}", f"--repeats={args.repeats}"]
+    flags += [f"--chunk-sizes={','.join(map(str, args.chunk_sizes))}"]
     return flags + (["--cpu"] if args.cpu else [])
 
 
@@ -214,44 +256,47 @@ def _subprocess(args, mode: str, env: dict) -> dict:
 
 
 def print_table(args, env: dict) -> None:
-    impls = ["naive", "ours", "head"] + (["liger"] if liger_available() else [])
+    cuda = torch.cuda.is_available() and not args.cpu
+    impls = ["naive", "ours", "head"] + (["head-torch"] if cuda else [])
+    impls += [f"head/{rows}" for rows in args.chunk_sizes] + (["liger"] if liger_available() else [])
     print(
         f"tokens {args.tokens}, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}; peak = extra MiB of "
         f"one fwd+bwd; time = fastest of {args.repeats} interleaved repeats, seconds"
     )
-    header = f"{'loss':<9}" + "".join(f"{impl + ' MiB':>11}" for impl in impls)
-    header += "".join(f"{impl + ' s':>10}" for impl in impls)
-    header += "".join(f"{'mem ' + impl:>11}" for impl in impls[1:])
-    header += "".join(f"{'speed ' + impl:>13}" for impl in impls[1:])
+    header = f"{'loss':<9}" + "".join(f"{impl + ' MiB':>16}" for impl in impls)
+    header += "".join(f"{impl + ' s':>14}" for impl in impls)
+    header += "".join(f"{'mem ' + impl:>16}" for impl in impls[1:])
+    header += "".join(f"{'speed ' + impl:>18}" for impl in impls[1:])
     print(header)
-    device = None
     for name in args.losses.split(","):
         row = {}
         for impl in impls:
             if impl == "liger" and name not in LIGER_BETA:
                 row[impl] = {"error": "n/a"}
-                continue
-            # A fresh process per variant: peak RSS is per process, and nothing one variant cached helps
-            # another.
-            row[impl] = _subprocess(args, f"--one={name}:{impl}", env)
-            device = row[impl].get("device", device)
+            elif cuda:
+                row[impl] = {}  # measured with the times below
+            else:
+                # A fresh process per variant: peak RSS is per process, and nothing one variant cached helps
+                # another.
+                row[impl] = _subprocess(args, f"--one={name}:{impl}", env)
+        device = "cuda" if cuda else "cpu"
         timed = [impl for impl in impls if "error" not in row[impl]]
-        seconds = _subprocess(args, f"--time={name}:{','.join(timed)}", env)
+        measured = _subprocess(args, f"--time={name}:{','.join(timed)}", env)
         for impl in impls:
-            if impl in seconds:
-                row[impl]["seconds"] = seconds[impl]
+            if impl in measured:
+                row[impl] |= measured[impl]
             elif "error" not in row[impl]:
-                row[impl]["error"] = seconds.get("error", "no time")
+                row[impl]["error"] = measured.get("error", "no time")
 
         def mib(r):
-            return f"{r['peak_bytes'] / 2**20:>11.1f}" if "error" not in r else f"{r['error']:>11}"
+            return f"{r['peak_bytes'] / 2**20:>16.1f}" if "error" not in r else f"{r['error']:>16}"
 
         def sec(r):
-            return f"{r['seconds']:>10.3f}" if "error" not in r else f"{'-':>10}"
+            return f"{r['seconds']:>14.3f}" if "error" not in r else f"{'-':>14}"
 
         naive = row["naive"]
         line = f"{name:<9}" + "".join(mib(row[i]) for i in impls) + "".join(sec(row[i]) for i in impls)
-        for key, fmt, width in (("peak_bytes", "{:.3f}", 11), ("seconds", "{:.2f}x", 13)):
+        for key, fmt, width in (("peak_bytes", "{:.3f}", 16), ("seconds", "{:.2f}x", 18)):
             for impl in impls[1:]:
                 r = row[impl]
                 if "error" in r or "error" in naive:
@@ -261,7 +306,23 @@ def print_table(args, env: dict) -> None:
                 else:
                     line += f"{fmt.format(naive[key] / r[key]):>{width}}"
         print(line, flush=True)
+        liger_row = row.get("liger", {"error": "-"})
+        if "error" not in liger_row:
+            # The goal on CUDA: at least liger-kernel's speed at no more than its peak memory.
+            print(
+                " " * 9
+                + "vs liger: "
+                + "; ".join(
+                    f"{impl} speed {liger_row['seconds'] / row[impl]['seconds']:.2f}x, memory "
+                    f"{row[impl]['peak_bytes'] / max(liger_row['peak_bytes'], 1):.2f}x"
+                    for impl in impls
+                    if impl.startswith("head") and "error" not in row[impl]
+                ),
+                flush=True,
+            )
     liger = "liger-kernel column included" if "liger" in impls else "liger-kernel not installed: no column"
+    if device == "cuda":
+        device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     print(f"device: {device}; {liger}")
 
 
@@ -275,10 +336,14 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="float32; --large: bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    parser.add_argument(
+        "--chunk-sizes", default="", help="comma-separated rows per chunk: a head/N variant of ours for each"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "loss:impl", peak memory here
     parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: "loss:impl,impl", times here
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.large else "float32")
+    args.chunk_sizes = [int(rows) for rows in args.chunk_sizes.split(",") if rows]
     if args.one:
         name, impl = args.one.split(":")
         print(json.dumps(measure(args, name, impl)))

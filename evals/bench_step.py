@@ -314,6 +314,8 @@ def measure_mode(args, mode: str) -> dict:
                     round_median[name] = statistics.median(this_round)
                 round_ratios.append(round_median["ours"] / round_median["reference"])
             loss_impl = reference.loss_impl
+            if args.profile:
+                profile_steps(args, mode, steps)
         finally:
             trainer.close()
     tokens = args.batch * args.seq_len
@@ -339,6 +341,27 @@ def measure_mode(args, mode: str) -> dict:
     deciles = statistics.quantiles(round_ratios, n=10) if len(round_ratios) > 1 else round_ratios * 9
     out["round_ratio_p10_p90"] = [deciles[0], deciles[-1]]
     return out
+
+
+def profile_steps(args, mode: str, steps: dict) -> None:
+    """torch.profiler over `--steps` steps of each variant: the operators by their own device time, one
+    table per variant in `--profile`/<mode>-<variant>.txt, to see where the time between the two goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, step in steps.items():
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+        (out / f"{mode.replace('+', '-')}-{name}.txt").write_text(table)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -379,6 +402,7 @@ def main(argv=None) -> None:
         "--threads", type=int, default=1, help="CPU: torch threads (1: a loaded machine stalls OpenMP teams)"
     )
     parser.add_argument("--no-liger", action="store_true", help="plain losses in the reference even on CUDA")
+    parser.add_argument("--profile", help="a folder: each variant's operator table goes there")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = parser.parse_args(argv)
     if args.device is None:
@@ -402,19 +426,26 @@ def main(argv=None) -> None:
     # A child runs the mode its --one names (its --modes, passed through like the rest, is not read).
     passthrough = argv if argv is not None else sys.argv[1:]
     passthrough = [*passthrough, f"--device={args.device}", f"--dtype={args.dtype}"]
-    rows = []
+    print(
+        f"shape {args.shape}, batch {args.batch} x {args.seq_len}, {args.dtype}, ZeRO-{args.zero_stage}, "
+        f"attn {args.attn}; {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up",
+        flush=True,
+    )
+    rows, failed = [], []
     for mode in args.modes.split(","):
         done = subprocess.run(
             [sys.executable, __file__, *passthrough, f"--one={mode}"], env=env, capture_output=True, text=True
         )
         if done.returncode != 0:
-            sys.exit(f"bench_step: mode {mode} failed:\n{done.stderr[-4000:]}")
+            # The other modes still run and print: one failure on a borrowed GPU should not cost them.
+            print(f"bench_step: mode {mode} failed:\n{done.stderr[-4000:]}", file=sys.stderr, flush=True)
+            failed.append(mode)
+            continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{mode}: {json.dumps(rows[-1])}", flush=True)  # kept if a later mode is cut short
+    if not rows:
+        sys.exit(f"bench_step: every mode failed ({', '.join(failed)})")
     mib = 2**20
-    print(
-        f"shape {args.shape}, batch {args.batch} x {args.seq_len}, {args.dtype}, ZeRO-{args.zero_stage}, "
-        f"attn {args.attn}; {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up"
-    )
     print(f"device: {_device_name(rows[0]['device'], args.threads)}")
     header = (
         f"{'mode':<7}{'variant':<11}{'loss':<14}{'median s':>10}{'min s':>9}{'tokens/s':>10}"
@@ -438,6 +469,8 @@ def main(argv=None) -> None:
             f"{row['ratio_min']:.3f} (min); per-round ratios p10-p90 {low:.3f}-{high:.3f}; "
             f"peak memory ours/reference {mem:.2f}; trainer setup {row['setup_seconds']:.1f} s"
         )
+    if failed:
+        sys.exit(f"bench_step: failed modes: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
