@@ -8,6 +8,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _tempered_block(s_ptr, t_ptr, start, vocab, inv_temp, other, BLOCK: tl.constexpr):
+    """(columns, their mask, student and teacher logits / T in fp32) of the block at `start`; masked
+    columns read `other`."""
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < vocab
+    s = tl.load(s_ptr + cols, mask=mask, other=other).to(tl.float32) * inv_temp
+    t = tl.load(t_ptr + cols, mask=mask, other=other).to(tl.float32) * inv_temp
+    return cols, mask, s, t
+
+
+@triton.jit
 def _log_sum_exps(s_ptr, t_ptr, vocab, inv_temp, BLOCK: tl.constexpr):
     # Per block, one max and one rescale of the running sums: a single exp per element and side.
     m_s = float("-inf")
@@ -15,10 +26,7 @@ def _log_sum_exps(s_ptr, t_ptr, vocab, inv_temp, BLOCK: tl.constexpr):
     m_t = float("-inf")
     d_t = 0.0
     for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab
-        s = tl.load(s_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        t = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        _, _, s, t = _tempered_block(s_ptr, t_ptr, start, vocab, inv_temp, float("-inf"), BLOCK)
         new_s = tl.maximum(m_s, tl.max(s, 0))
         d_s = d_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0)
         m_s = new_s
@@ -81,10 +89,7 @@ def divergence_rows(
     value_acc = tl.zeros([BLOCK], dtype=tl.float32)
     grad_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab
-        s = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
-        t = tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        _, mask, s, t = _tempered_block(s_ptr, t_ptr, start, vocab, inv_temp, 0.0, BLOCK)
         value, grad, _ = _row_terms(s, t, lse_s, lse_t, beta, log_beta, log_1m_beta, floor, KIND)
         value_acc += tl.where(mask, value, 0.0)
         grad_acc += tl.where(mask, grad, 0.0)
@@ -94,10 +99,7 @@ def divergence_rows(
         g_ptr += row * g_stride
         scale = grad_scale * inv_temp
         for start in range(0, vocab, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < vocab
-            s = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
-            t = tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+            cols, mask, s, t = _tempered_block(s_ptr, t_ptr, start, vocab, inv_temp, 0.0, BLOCK)
             _, grad, q = _row_terms(s, t, lse_s, lse_t, beta, log_beta, log_1m_beta, floor, KIND)
             out = (grad - q * grad_sum) * scale
             tl.store(g_ptr + cols, out.to(g_ptr.dtype.element_ty), mask=mask)
