@@ -20,6 +20,9 @@ gets a gradient), and the teacher in the form it takes:
 - "head-torch" (CUDA only): "head" with the Triton kernels of llmdistill/losses/kernels.py turned off
   (LLMDISTILL_LOSS_KERNELS=torch), the chunk math then in torch ops.
 - "head/N" (`--chunk-sizes N,...`): "head" with N rows per chunk instead of the automatic size.
+- "topk": the registered loss against a top-k teacher (TOP_K ids and log-probabilities per position, what a
+  vLLM cache or server sends; the default `bucket` tail), "topk-torch" (CUDA) the same without the kernels.
+  Its loss is not the full-vocabulary one, so its ratios say what a sparse teacher costs, not a speed-up.
 - "liger": liger-kernel's LigerFusedLinearJSD on the same teacher hidden states and head (fkl is its beta=0,
   rkl beta=1, jsd beta=0.5); shown only when `import liger_kernel` works, "-" where it cannot run (CPU).
 Inputs are built before measuring, so the teacher logits of "naive" and "ours" are not in their peaks.
@@ -59,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LOSSES = ["fkl", "rkl", "jsd", "sinkhorn"]
 LARGE = [(4096, 2048, 128256), (8192, 4096, 128256), (16384, 4096, 151936)]
 LIGER_BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": 0.5}
+TOP_K = 64  # the "topk" variant's teacher: its 64 most likely tokens and the rest-of-vocabulary bucket
 
 
 def naive_loss(name: str, logits: torch.Tensor, teacher: torch.Tensor, group_size: int = 64) -> torch.Tensor:
@@ -101,10 +105,14 @@ def build_inputs(impl: str, tokens: int, hidden: int, vocab: int, dtype, device:
         "teacher_weight": torch.empty(vocab, hidden, device=device, dtype=dtype).normal_(0, 2 * hidden**-0.5),
         "targets": torch.zeros(1, tokens, dtype=torch.long, device=device),
     }
-    if impl in ("naive", "ours"):
+    if impl in ("naive", "ours", "topk", "topk-torch"):
         with torch.no_grad():
             inputs["teacher_logits"] = inputs["teacher_hidden"] @ inputs["teacher_weight"].T
         del inputs["teacher_hidden"], inputs["teacher_weight"]
+    if impl.startswith("topk"):
+        with torch.no_grad():
+            top = inputs.pop("teacher_logits").float().log_softmax(-1).topk(TOP_K)
+        inputs["topk_ids"], inputs["topk_logprobs"] = top.indices, top.values
     return inputs
 
 
@@ -137,13 +145,17 @@ def step(name: str, impl: str, inputs: dict) -> None:
         student = StudentOutput(hidden=h.unsqueeze(0), head=head)
         if impl == "ours":
             signal = TeacherSignal(logits=inputs["teacher_logits"].unsqueeze(0))
+        elif impl.startswith("topk"):
+            signal = TeacherSignal(
+                topk_ids=inputs["topk_ids"].unsqueeze(0), topk_logprobs=inputs["topk_logprobs"].unsqueeze(0)
+            )
         else:
             signal = TeacherSignal(
                 final_hidden=inputs["teacher_hidden"].unsqueeze(0), head_weight=inputs["teacher_weight"]
             )
         params = ({"beta": 0.5} if name == "jsd" else {}) | ({"chunk_size": chunk_size} if chunk_size else {})
         # head-torch: the same loss with the Triton kernels turned off (their torch reference path).
-        os.environ["LLMDISTILL_LOSS_KERNELS"] = "torch" if impl == "head-torch" else "triton"
+        os.environ["LLMDISTILL_LOSS_KERNELS"] = "torch" if impl.endswith("-torch") else "triton"
         loss, _ = get_loss(name)(student, signal, {"targets": inputs["targets"]}, **params)
     loss.backward()
 
@@ -258,7 +270,8 @@ def _subprocess(args, mode: str, env: dict) -> dict:
 def print_table(args, env: dict) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     impls = ["naive", "ours", "head"] + (["head-torch"] if cuda else [])
-    impls += [f"head/{rows}" for rows in args.chunk_sizes] + (["liger"] if liger_available() else [])
+    impls += [f"head/{rows}" for rows in args.chunk_sizes] + ["topk"] + (["topk-torch"] if cuda else [])
+    impls += ["liger"] if liger_available() else []
     print(
         f"tokens {args.tokens}, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}; peak = extra MiB of "
         f"one fwd+bwd; time = fastest of {args.repeats} interleaved repeats, seconds"
@@ -271,7 +284,7 @@ def print_table(args, env: dict) -> None:
     for name in args.losses.split(","):
         row = {}
         for impl in impls:
-            if impl == "liger" and name not in LIGER_BETA:
+            if impl == "liger" and name not in LIGER_BETA or impl.startswith("topk") and name == "sinkhorn":
                 row[impl] = {"error": "n/a"}
             elif cuda:
                 row[impl] = {}  # measured with the times below

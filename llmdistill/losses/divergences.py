@@ -157,14 +157,14 @@ def _plain_linear_weight(head) -> bool:
 class HeadTerm(NamedTuple):
     """A loss in the fused head form: factor * (sum over chunks of value_and_grad's values) / (valid
     positions). `chunk_size` bounds a chunk's rows (None: automatic, from the memory budget for `vocab`).
-    `kernel`: value_and_grad runs a Triton kernel of kernels.py where one is enabled, so a chunk holds no
-    fp32 [rows, V] buffer and the automatic size can be larger."""
+    `fp32_free`: where the kernels of kernels.py are enabled, a chunk of this term holds its [rows, V]
+    buffers in the logits' dtype, none in fp32, so the automatic size is computed for that dtype."""
 
     value_and_grad: Callable
     factor: float = 1.0
     chunk_size: int | None = None
     vocab: int | None = None
-    kernel: bool = False
+    fp32_free: bool = False
 
 
 def head_loss(head_term):
@@ -340,7 +340,7 @@ def fused_head_terms(
     # every rank must call it as often. The chunks are therefore laid out over the batch's positions (the
     # same on every rank), not over this rank's valid ones (on-policy samples and chat answers differ in
     # number per rank): the last chunks may hold fewer rows or none.
-    logit_bytes = hidden.element_size() if all(t.kernel for t in terms) and kernels.enabled(hidden) else 4
+    logit_bytes = hidden.element_size() if all(t.fp32_free for t in terms) and kernels.enabled(hidden) else 4
     chunk_size = min(t.chunk_size or auto_chunk_size(t.vocab, positions, logit_bytes) for t in terms)
     scales = [t.factor / max(count, 1) for t in terms]
     chunk = _chunk_terms(terms, [scale * weight for scale, weight in zip(scales, weights, strict=True)])
@@ -599,23 +599,34 @@ def sparse_divergence(signal: TeacherSignal, temperature: float, tail: str, dive
         width, dtype = logits.shape[-1], logits.dtype
         with torch.no_grad():
             ids, logprobs = sparse_ids(signal, rows, width)
-            z = logits.float()
-            del logits
-            if temperature != 1.0:
-                z = z / temperature
-            if tail == "bucket":
+            fused = tail == "bucket" and kernels.enabled(logits)
+            if fused:
+                # The log-sum-exps over all the vocabulary and outside the ids, in one kernel pass; the
+                # gradient's [rows, V] part is one more (scaled_softmax below): no fp32 [rows, V] buffer.
+                masked = logits.scatter(1, ids, float("-inf"))
+                lse, lse_outside = kernels.log_sum_exps(logits, masked, temperature)
+                del masked
+                log_top = logits.gather(1, ids).float().div_(temperature).sub_(lse.unsqueeze(1))
+                log_rest = (lse_outside - lse).unsqueeze(1).clamp_(min=LOGP_FLOOR)
+            elif tail == "bucket":
+                z = logits.float()
+                del logits
+                if temperature != 1.0:
+                    z = z / temperature
                 log_q_all = F.log_softmax(z, dim=-1)
                 del z
                 log_top = log_q_all.gather(1, ids)
                 outside = log_q_all.scatter_(1, ids, float("-inf"))  # in place: the tail's log q_v
                 log_rest = torch.logsumexp(outside, dim=-1, keepdim=True).clamp_(min=LOGP_FLOOR)
+            else:
+                # Only the ids' logits count: gathered before any [rows, V] copy.
+                log_q = F.log_softmax(logits.gather(1, ids).float().div_(temperature), dim=-1)
+                del logits
+                log_p = F.log_softmax(logprobs / temperature, dim=-1)
+            if tail == "bucket":
                 log_q = torch.cat([log_top, log_rest], dim=-1)
                 teacher_rest = log1mexp(torch.logsumexp(logprobs, dim=-1, keepdim=True))
                 log_p = F.log_softmax(torch.cat([logprobs, teacher_rest], dim=-1) / temperature, dim=-1)
-            else:
-                log_q = F.log_softmax(z.gather(1, ids), dim=-1)
-                del z
-                log_p = F.log_softmax(logprobs / temperature, dim=-1)
             rows_value, g = divergence(log_p.clamp_(min=LOGP_FLOOR), log_q, grad_scale is not None)
             if grad_scale is None:
                 return rows_value.sum(), None
@@ -623,13 +634,18 @@ def sparse_divergence(signal: TeacherSignal, temperature: float, tail: str, dive
             factor = grad_scale / temperature
             if tail == "bucket":
                 g_rest = torch.where(log_rest > LOGP_FLOOR, g[:, -1:], 0.0)
-                # q_v / q_rest outside the ids (0 at the ids), then scaled in place into the gradient.
-                grad = outside.sub_(log_rest).exp_().mul_((g_rest - log_rest.exp() * g_sum) * factor)
+                coef = (g_rest - log_rest.exp() * g_sum) * factor
+                # q_v / q_rest outside the ids (the ids' columns are overwritten below), times coef.
+                if fused:
+                    shift = lse + log_rest[:, 0]  # the log normaliser of q_v / q_rest
+                    grad = kernels.scaled_softmax(logits, shift, coef[:, 0], temperature)
+                else:
+                    grad = outside.sub_(log_rest).exp_().mul_(coef)
                 top = g[:, :-1] - log_top.exp() * g_sum
             else:
-                grad = torch.zeros(ids.shape[0], width, dtype=torch.float32, device=ids.device)
+                grad = torch.zeros(ids.shape[0], width, dtype=dtype, device=ids.device)
                 top = g - log_q.exp() * g_sum
-            return rows_value.sum(), grad.scatter_(1, ids, top * factor).to(dtype)
+            return rows_value.sum(), grad.scatter_(1, ids, (top * factor).to(grad.dtype)).to(dtype)
 
     return value_and_grad
 
@@ -650,8 +666,10 @@ def _divergence_term(
         value_and_grad = sparse_divergence(signal, temperature, tail, divergence)
     else:
         value_and_grad = dense_divergence(signal, temperature, divergence, kernel)
-    kernel = kernel is not None and not signal.is_sparse
-    return HeadTerm(value_and_grad, temperature**2, chunk_size, head_vocab(student, signal), kernel)
+    # Every top-k form is free of fp32 [rows, V] buffers with the kernels on; a full teacher where its
+    # divergence has a kernel.
+    fp32_free = signal.is_sparse or kernel is not None
+    return HeadTerm(value_and_grad, temperature**2, chunk_size, head_vocab(student, signal), fp32_free)
 
 
 @register("fkl", needs={"teacher"})

@@ -1,6 +1,7 @@
 """Triton kernels for a chunk of the fused head losses on a GPU (fkl, rkl, jsd against a full-vocabulary
 teacher, and ce): the value and the gradient w.r.t. the student's logits, read and written in the logits' own
-dtype, each row in streaming passes, with no [chunk, V] fp32 buffer.
+dtype, each row in streaming passes, with no [chunk, V] fp32 buffer. A top-k teacher's bucket form uses two
+smaller ones (log_sum_exps, scaled_softmax) for its [chunk, V] work.
 
 The torch path of divergences.py spends ~30 fp32 passes over [chunk, V] per chunk (two log-softmaxes, exps,
 products, the softmax backward, the casts); on a GPU those memory-bound passes cost more than the chunk's four
@@ -57,7 +58,7 @@ def _kernels():
         from llmdistill.losses import triton_kernels
     except ImportError:
         return None
-    return triton_kernels.divergence_rows, triton_kernels.cross_entropy_rows
+    return triton_kernels
 
 
 def _launch_options() -> dict:
@@ -78,7 +79,6 @@ def divergence(
     """(sum over rows of the divergence between softmax(teacher_logits / T) and softmax(logits / T) over the
     first `vocab` columns, grad_scale * its gradient w.r.t. `logits` in their dtype, or None): the value and
     gradient that divergences.dense_divergence computes, for `kind` fkl, rkl or jsd(beta)."""
-    divergence_rows, _ = _kernels()
     rows, width = logits.shape
     logits, teacher_logits = _row_major(logits), _row_major(teacher_logits)
     values = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -86,7 +86,7 @@ def divergence(
     if rows:
         # beta's logs only matter for jsd, where 0 < beta < 1.
         log_beta, log_1m_beta = (math.log(beta), math.log1p(-beta)) if kind == "jsd" else (0.0, 0.0)
-        divergence_rows[(rows,)](
+        _kernels().divergence_rows[(rows,)](
             logits,
             logits.stride(0),
             teacher_logits,
@@ -115,13 +115,12 @@ def cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(summed cross-entropy of the rows' `targets` with label smoothing, grad_scale * its gradient w.r.t.
     `logits` in their dtype, or None): what divergences._nll_value_and_grad computes."""
-    _, cross_entropy_rows = _kernels()
     rows, width = logits.shape
     logits = _row_major(logits)
     values = torch.empty(rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if grad_scale is not None else None
     if rows:
-        cross_entropy_rows[(rows,)](
+        _kernels().cross_entropy_rows[(rows,)](
             logits,
             logits.stride(0),
             targets.contiguous(),
@@ -136,6 +135,50 @@ def cross_entropy(
             **_launch_options(),
         )
     return values.sum(), grad
+
+
+def log_sum_exps(a: torch.Tensor, b: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp(a / T, -1), logsumexp(b / T, -1)) in fp32, of two [rows, V] tensors in one pass."""
+    a, b = _row_major(a), _row_major(b)
+    rows, width = a.shape
+    lse_a = torch.empty(rows, dtype=torch.float32, device=a.device)
+    lse_b = torch.empty_like(lse_a)
+    if rows:
+        _kernels().log_sum_exp_rows[(rows,)](
+            a,
+            a.stride(0),
+            b,
+            b.stride(0),
+            lse_a,
+            lse_b,
+            width,
+            1.0 / temperature,
+            BLOCK=BLOCK,
+            **_launch_options(),
+        )
+    return lse_a, lse_b
+
+
+def scaled_softmax(logits: torch.Tensor, shift: torch.Tensor, coef: torch.Tensor, temperature: float):
+    """exp(logits / T - shift) * coef in the logits' dtype, `shift` and `coef` one fp32 number per row."""
+    logits = _row_major(logits)
+    rows, width = logits.shape
+    out = torch.empty_like(logits)
+    if rows:
+        shift, coef = shift.float().contiguous(), coef.float().contiguous()
+        _kernels().scaled_softmax_rows[(rows,)](
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            shift,
+            coef,
+            width,
+            1.0 / temperature,
+            BLOCK=BLOCK,
+            **_launch_options(),
+        )
+    return out
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:

@@ -19,20 +19,25 @@ def _tempered_block(s_ptr, t_ptr, start, vocab, inv_temp, other, BLOCK: tl.const
 
 
 @triton.jit
+def _add_block(m, d, x):
+    """The running max `m` of a row and sum `d` of exp(value - m), extended by the block `x`: one max and one
+    rescale per block, a single exp per element."""
+    new = tl.maximum(m, tl.max(x, 0))
+    # While all seen is -inf (a masked block), shift by 0: exp(-inf - -inf) would be nan.
+    shift = tl.where(new == float("-inf"), 0.0, new)
+    return new, d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+
+
+@triton.jit
 def _log_sum_exps(s_ptr, t_ptr, vocab, inv_temp, BLOCK: tl.constexpr):
-    # Per block, one max and one rescale of the running sums: a single exp per element and side.
     m_s = float("-inf")
     d_s = 0.0
     m_t = float("-inf")
     d_t = 0.0
     for start in range(0, vocab, BLOCK):
         _, _, s, t = _tempered_block(s_ptr, t_ptr, start, vocab, inv_temp, float("-inf"), BLOCK)
-        new_s = tl.maximum(m_s, tl.max(s, 0))
-        d_s = d_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0)
-        m_s = new_s
-        new_t = tl.maximum(m_t, tl.max(t, 0))
-        d_t = d_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0)
-        m_t = new_t
+        m_s, d_s = _add_block(m_s, d_s, s)
+        m_t, d_t = _add_block(m_t, d_t, t)
     return m_s + tl.log(d_s), m_t + tl.log(d_t)
 
 
@@ -133,9 +138,7 @@ def cross_entropy_rows(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < width
         z = tl.load(z_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        new = tl.maximum(m, tl.max(z, 0))
-        d = d * tl.exp(m - new) + tl.sum(tl.exp(z - new), 0)
-        m = new
+        m, d = _add_block(m, d, z)
         total += tl.sum(tl.where(mask, z, 0.0), 0)
     lse = m + tl.log(d)
     y = tl.load(y_ptr + row)
@@ -151,3 +154,31 @@ def cross_entropy_rows(
             z = tl.load(z_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             grad = tl.exp(z - lse) - smoothing / width - tl.where(cols == y, 1.0 - smoothing, 0.0)
             tl.store(g_ptr + cols, (grad * grad_scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def log_sum_exp_rows(
+    a_ptr, a_stride, b_ptr, b_stride, lse_a_ptr, lse_b_ptr, width, inv_temp, BLOCK: tl.constexpr
+):
+    """The log-sum-exps of a row of `a` / T and of the same row of `b` / T."""
+    row = tl.program_id(0).to(tl.int64)
+    lse_a, lse_b = _log_sum_exps(a_ptr + row * a_stride, b_ptr + row * b_stride, width, inv_temp, BLOCK)
+    tl.store(lse_a_ptr + row, lse_a)
+    tl.store(lse_b_ptr + row, lse_b)
+
+
+@triton.jit
+def scaled_softmax_rows(
+    z_ptr, z_stride, g_ptr, g_stride, shift_ptr, coef_ptr, width, inv_temp, BLOCK: tl.constexpr
+):
+    """g = exp(z / T - shift) * coef, with a shift and a coefficient per row."""
+    row = tl.program_id(0).to(tl.int64)
+    z_ptr += row * z_stride
+    g_ptr += row * g_stride
+    shift = tl.load(shift_ptr + row)
+    coef = tl.load(coef_ptr + row)
+    for start in range(0, width, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < width
+        z = tl.load(z_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        tl.store(g_ptr + cols, (tl.exp(z - shift) * coef).to(g_ptr.dtype.element_ty), mask=mask)
