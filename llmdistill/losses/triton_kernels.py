@@ -142,7 +142,9 @@ def cross_entropy_rows(
         total += tl.sum(tl.where(mask, z, 0.0), 0)
     lse = m + tl.log(d)
     y = tl.load(y_ptr + row)
-    z_y = tl.load(z_ptr + y).to(tl.float32)
+    # A target outside the vocabulary reads no memory: its loss is nan, which the trainer reports as a
+    # non-finite `ce` (the torch path would stop the device with an assert).
+    z_y = tl.load(z_ptr + y, mask=(y >= 0) & (y < width), other=float("nan")).to(tl.float32)
     # (1 - e) * -log q[y] + e * mean_v(-log q_v), as F.cross_entropy with label smoothing e.
     value = (1.0 - smoothing) * (lse - z_y) + smoothing * (lse - total / width)
     tl.store(value_ptr + row, value)
