@@ -442,7 +442,8 @@ def main(argv=None) -> None:
             failed.append(mode)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"{mode}: {json.dumps(rows[-1])}", flush=True)  # kept if a later mode is cut short
+        # On stderr, as it comes: kept if a later mode is cut short; the table below is the summary.
+        print(f"{mode}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     if not rows:
         sys.exit(f"bench_step: every mode failed ({', '.join(failed)})")
     mib = 2**20
