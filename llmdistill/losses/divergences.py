@@ -66,7 +66,7 @@ LOGP_FLOOR = -1e4
 # Auto chunk size: the rows whose [rows, V] fp32 logits take this many bytes (a chunk's work holds about 3
 # such buffers at its peak); with the Triton kernels (kernels.py) a chunk holds about 3 [rows, V] buffers in
 # the logits' dtype instead, so bf16 gets twice the rows, and fewer, larger head matmuls (on an H200 at
-# 8192 x 4096 x 128256, 512 rows ran fkl 1.3x faster than 256). The `chunk_size` parameter of each loss
+# 8192 x 4096 x 128256, 512 rows ran fkl 1.3x faster than 261). The `chunk_size` parameter of each loss
 # overrides it.
 CHUNK_BYTES = 128 << 20
 TAIL_MODES = ("bucket", "renormalize")
@@ -781,7 +781,8 @@ def cross_entropy(
         raise ConfigError(f"ce: label_smoothing must be in [0, 1), got {label_smoothing}")
     check_chunk_size(chunk_size)
     # The mean over targets is folded into the gradients in the forward (factor 1): no rescaling after.
-    return HeadTerm(_nll_value_and_grad(batch, label_smoothing), 1.0, chunk_size, _head_width(student), True)
+    value_and_grad = _nll_value_and_grad(batch, label_smoothing)
+    return HeadTerm(value_and_grad, 1.0, chunk_size, _head_width(student), fp32_free=True)
 
 
 def summed_nll(
@@ -795,7 +796,7 @@ def summed_nll(
     check_chunk_size(chunk_size)
     count = valid_positions(batch).numel()
     value_and_grad = _nll_value_and_grad(batch, label_smoothing)
-    term = HeadTerm(value_and_grad, float(count), chunk_size, _head_width(student), True)
+    term = HeadTerm(value_and_grad, float(count), chunk_size, _head_width(student), fp32_free=True)
     return fused_head_terms(student, batch, [term], [1.0])[0], count
 
 
