@@ -4,6 +4,7 @@
     python evals/bench_step.py --shape llama-1b --device cuda --dtype bfloat16 --batch 8 --seq-len 2048
     python evals/bench_step.py --modes kd --rounds 8 --zero-stage 2
     python evals/bench_step.py --modes ce,kd,kd+ce   # kd+ce: fkl + 0.1 ce, the two terms in one head pass
+    python evals/bench_step.py --modes kd --profile /tmp/prof   # each variant's top operators, one file each
 
 "ours" is `Trainer(cfg).train_step()`: the code path of `llmdistill train` / `launch/train.py` (preflight, the
 DeepSpeed engine, the teacher source, the objective, the data loader), in one process (a world of one).

@@ -58,6 +58,18 @@ def torch_path(monkeypatch, fn, *args):
         return fn(*args)
 
 
+def assert_like_the_torch_path(monkeypatch, value_and_grad, logits, index, grad_scale):
+    """value_and_grad's value and gradient with the kernels against the same without; returns the gradient."""
+    value, grad = value_and_grad(logits, index, grad_scale)
+    ref_value, ref_grad = torch_path(monkeypatch, value_and_grad, logits, index, grad_scale)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5)
+    if grad_scale is None:
+        assert grad is None
+    else:
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    return grad
+
+
 def counting(monkeypatch, *names):
     """The names of the calls of kernels.<name> for each name, so a test knows the kernel path ran."""
     calls = []
@@ -80,16 +92,10 @@ def test_divergence_kernel_matches_the_torch_path(device, monkeypatch, kind, bet
     index = torch.arange(rows, device=device)
     value_and_grad = divergences.dense_divergence(signal, temperature, REFERENCE[kind], (kind, beta))
     calls = counting(monkeypatch, "divergence")
-    for grad_scale in (0.7, None):
-        value, grad = value_and_grad(logits, index, grad_scale)
-        ref_value, ref_grad = torch_path(monkeypatch, value_and_grad, logits, index, grad_scale)
-        torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5)
-        if grad_scale is None:
-            assert grad is None
-        else:
-            assert grad.dtype == logits.dtype and grad.shape == logits.shape
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
-            assert (grad[:, vocab:] == 0).all()
+    assert_like_the_torch_path(monkeypatch, value_and_grad, logits, index, None)
+    grad = assert_like_the_torch_path(monkeypatch, value_and_grad, logits, index, 0.7)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    assert (grad[:, vocab:] == 0).all()
     assert len(calls) == 2
 
 
@@ -110,11 +116,7 @@ def test_top_k_bucket_kernels_match_the_torch_path(device, monkeypatch, name, te
     index = torch.arange(rows, device=device)
     calls = counting(monkeypatch, "log_sum_exps", "scaled_softmax")
     for grad_scale in (0.3, None):
-        value, grad = value_and_grad(logits, index, grad_scale)
-        ref_value, ref_grad = torch_path(monkeypatch, value_and_grad, logits, index, grad_scale)
-        torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5)
-        if grad_scale is not None:
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+        assert_like_the_torch_path(monkeypatch, value_and_grad, logits, index, grad_scale)
     assert calls == ["log_sum_exps", "scaled_softmax", "log_sum_exps"]
 
 
@@ -128,11 +130,7 @@ def test_cross_entropy_kernel_matches_the_torch_path(device, monkeypatch, smooth
     index = torch.arange(rows, device=device)
     calls = counting(monkeypatch, "cross_entropy")
     for grad_scale in (0.25, None):
-        value, grad = value_and_grad(logits, index, grad_scale)
-        ref_value, ref_grad = torch_path(monkeypatch, value_and_grad, logits, index, grad_scale)
-        torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5)
-        if grad_scale is not None:
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+        assert_like_the_torch_path(monkeypatch, value_and_grad, logits, index, grad_scale)
     assert len(calls) == 2
 
 
