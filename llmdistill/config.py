@@ -179,6 +179,11 @@ class TeacherConfig(Section):
         )
 
     @property
+    def scores_in_process(self) -> bool:
+        """Whether the teacher scores in the trainer's process (so the trainer must load it)."""
+        return self.source == "hf" or (self.source == "on_policy" and self.on_policy.scorer == "hf")
+
+    @property
     def reads_student_server(self) -> bool:
         """Whether the run samples from student rollout servers (teacher.on_policy.server.urls)."""
         return self.source == "on_policy" and self.on_policy.generator == "vllm_server"

@@ -19,7 +19,7 @@ from llmdistill.align import aligned_chat_dataset, aligned_dataset, space_token_
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.losses import get_loss
 from llmdistill.losses.registry import check_terms
-from llmdistill.teachers import check_teacher_source, uses_in_process_teacher
+from llmdistill.teachers import check_teacher_source
 
 log = logging.getLogger("llmdistill.session")
 
@@ -171,7 +171,7 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
     # tokenizer and config.
     if (
         plan.teacher_path is not None
-        and uses_in_process_teacher(cfg)
+        and cfg.teacher.scores_in_process
         and plan.needs & {"teacher", "teacher_hidden"}
     ):
         teacher = models.load_model(

@@ -38,7 +38,6 @@ __all__ = [
     "build_teacher_source",
     "check_teacher_source",
     "register_source",
-    "uses_in_process_teacher",
 ]
 
 
@@ -52,12 +51,6 @@ class NoTeacher(TeacherSource):
 
     def signal(self, batch: dict) -> None:
         return None
-
-
-def uses_in_process_teacher(cfg: Config) -> bool:
-    """Whether the source scores with the teacher in-process (so the trainer must load it)."""
-    t = cfg.teacher
-    return t.source == "hf" or (t.source == "on_policy" and t.on_policy.scorer == "hf")
 
 
 def check_teacher_source(cfg: Config, needs: frozenset[str], cross_tokenizer: bool = False) -> None:
