@@ -272,7 +272,7 @@ def measure_mode(args, mode: str) -> dict:
     import deepspeed  # noqa: F401  (imported before the baseline so its import is not counted as held memory)
 
     from llmdistill import data
-    from llmdistill.train import Trainer
+    from llmdistill.train import Trainer, phase_breakdown
 
     memory = Memory("cuda" if args.device == "cuda" else "cpu")
     with tempfile.TemporaryDirectory() as run_dir:
@@ -281,9 +281,17 @@ def measure_mode(args, mode: str) -> dict:
         base = memory.now()
         trainer = Trainer(cfg)
         setup_seconds = time.perf_counter() - t0
+        # Where the setup went (seconds per phase; "config" is the process's imports and the bench's own
+        # preparation), and the warm-up steps: the first one compiles kernels (Triton, cuBLAS plans).
+        setup_phases = phase_breakdown(trainer.phases)
+        warmup_seconds = []
         try:
             for _ in range(args.warmup):
+                memory.sync()
+                t = time.perf_counter()
                 trainer.train_step()
+                memory.sync()
+                warmup_seconds.append(time.perf_counter() - t)
             held_ours = memory.now() - base
             batch = data.to_device(
                 data.collate([trainer.train_set[i] for i in range(args.batch)]), trainer.device
@@ -324,6 +332,8 @@ def measure_mode(args, mode: str) -> dict:
         "mode": mode,
         "reference_loss": loss_impl,
         "setup_seconds": setup_seconds,
+        "setup_phases": setup_phases,
+        "warmup_seconds": warmup_seconds,
         "device": trainer.device,
     }
     for name in ("ours", "reference"):
@@ -471,6 +481,8 @@ def main(argv=None) -> None:
             f"{row['ratio_min']:.3f} (min); per-round ratios p10-p90 {low:.3f}-{high:.3f}; "
             f"peak memory ours/reference {mem:.2f}; trainer setup {row['setup_seconds']:.1f} s"
         )
+        warmup = ", ".join(f"{s:.2f}" for s in row["warmup_seconds"])
+        print(f"{row['mode']}: setup phases {row['setup_phases']}; warm-up steps of ours {warmup} s")
     if failed:
         sys.exit(f"bench_step: failed modes: {', '.join(failed)}")
 

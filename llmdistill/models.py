@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from llmdistill.config import LLMDistillError, PeftConfig
@@ -219,12 +220,17 @@ def wrap_peft(model, cfg: PeftConfig):
     return get_peft_model(model, lora)
 
 
-def state_to_model(state_dict: dict, config, peft: PeftConfig | None):
-    """A plain fp32 model holding a full state dict: PEFT adapters merged, tied weights restored."""
-    unset_hf_deepspeed_config()  # the skeleton below must be a plain model, not a ZeRO-3 partitioned one
-    model = model_from_config(config, "float32")
-    if peft is not None:
-        model = wrap_peft(model, peft)
+def empty_model(config, dtype: str = "float32"):
+    """A model of `config` whose weights are left uninitialised, for a whole state dict to fill
+    (load_whole_state): a random init would only be overwritten, and takes minutes for a model of billions of
+    parameters on a CPU. Buffers computed from the config (rotary frequencies) are built as usual."""
+    with no_init_weights():
+        return model_from_config(config, dtype)
+
+
+def load_whole_state(model, state_dict: dict, config) -> None:
+    """Load `state_dict` into `model`, which must take every weight from it but an LM head tied to the
+    embeddings (the caller ties it)."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = (
         {k for k in missing if k.endswith("lm_head.weight")}
@@ -232,9 +238,16 @@ def state_to_model(state_dict: dict, config, peft: PeftConfig | None):
         else set()
     )
     if set(missing) - tied or unexpected:
-        raise RuntimeError(
-            f"export: state dict does not match the model: missing {missing}, unexpected {unexpected}"
-        )
+        raise RuntimeError(f"state dict does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def state_to_model(state_dict: dict, config, peft: PeftConfig | None):
+    """A plain fp32 model holding a full state dict: PEFT adapters merged, tied weights restored."""
+    unset_hf_deepspeed_config()  # the skeleton below must be a plain model, not a ZeRO-3 partitioned one
+    model = empty_model(config, "float32")
+    if peft is not None:
+        model = wrap_peft(model, peft)
+    load_whole_state(model, state_dict, config)
     if peft is not None:
         model = model.merge_and_unload()
     model.tie_weights()

@@ -53,3 +53,33 @@ def test_save_student_merges_lora_and_loads_with_plain_transformers(tmp_path, ti
     loaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_model_rebuilt_from_its_whole_state_is_the_same_model(tiny_llama, tied):
+    config = tiny_llama.config.__class__(**{**tiny_llama.config.to_dict(), "tie_word_embeddings": tied})
+    torch.manual_seed(1)
+    original = models.model_from_config(config).eval()
+    state = {k: v for k, v in original.state_dict().items() if not (tied and k == "lm_head.weight")}
+    rng = torch.random.get_rng_state()
+    rebuilt = models.empty_model(config)
+    # No random init ran: it would draw from torch's generator (and cost minutes at billions of weights).
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    models.load_whole_state(rebuilt, state, config)
+    rebuilt.tie_weights()
+    assert (rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight) == tied
+    want = dict(original.named_parameters()) | dict(original.named_buffers())  # rotary frequencies too
+    got = dict(rebuilt.named_parameters()) | dict(rebuilt.named_buffers())
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    ids = torch.randint(2, 2048, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+def test_a_state_missing_a_weight_is_refused_by_name(tiny_llama):
+    state = dict(tiny_llama.state_dict())
+    del state["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(RuntimeError, match=r"missing \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
+        models.load_whole_state(models.empty_model(tiny_llama.config), state, tiny_llama.config)

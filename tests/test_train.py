@@ -77,6 +77,31 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_
     assert _tensorboard_steps(tmp_path / "crash" / "tb", "loss") == list(range(1, 9))
 
 
+def test_a_bf16_run_tracks_fp32_resumes_bit_for_bit_and_exports_bf16(tmp_path, uninterrupted):
+    # A GPU run's usual precision, end to end: DeepSpeed's bf16 engine (fp32 master weights), the loss on
+    # bf16 logits, a kill -9 and a resume, the bf16 export and its check at bf16's tolerance.
+    from safetensors import safe_open
+
+    from llmdistill.export import EXPORT_TOLERANCE
+
+    bf16 = ["train.dtype=bfloat16", "student.dtype=bfloat16", "teacher.dtype=bfloat16"]
+    straight = _train(tmp_path, "bf16", bf16)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _train(tmp_path, "resumed", bf16, env={"LLMDISTILL_FAILPOINT": "checkpoint_complete@4"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _train(tmp_path, "resumed", bf16)
+    assert resumed.returncode == 0 and "step_00000004" in resumed.stderr, resumed.stderr[-3000:]
+    log, again = read_log(tmp_path / "bf16"), read_log(tmp_path / "resumed")
+    for step in range(1, 9):
+        assert again[step]["loss"] == log[step]["loss"], step
+        assert log[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-2), step
+    assert any(log[step]["loss"] != uninterrupted[step]["loss"] for step in range(1, 9))  # really bf16
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert 0 < summary["export_max_rel_diff"] < EXPORT_TOLERANCE["bfloat16"]
+    with safe_open(str(tmp_path / "bf16" / "student" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
+
+
 def _tensorboard_steps(tb_dir, tag: str) -> list[int]:
     """The steps TensorBoard shows for a scalar, as it reads the event files (purged steps hidden)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -20,7 +20,7 @@ import re
 import torch
 
 from llmdistill.config import LLMDistillError
-from llmdistill.models import model_from_config
+from llmdistill.models import empty_model, load_whole_state
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # RMSNorm computes x / rms(x) * (1 + weight): a rescale by s maps weight to s * (1 + weight) - 1.
@@ -399,15 +399,7 @@ def build_student(teacher, plan: dict):
         # Qwen2/3: the layers below this index never slide; keep the same teacher layers non-sliding
         config.max_window_layers = sum(1 for i in plan["layers"] if i < teacher.config.max_window_layers)
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[teacher.dtype]
-    student = model_from_config(config, dtype)
-    state = prune_state_dict(teacher.state_dict(), teacher.config, plan)
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"derive: pruned weights do not fit the student: missing {missing}, unexpected {unexpected}"
-        )
-    if tied:
-        student.tie_weights()
+    student = empty_model(config, dtype)
+    load_whole_state(student, prune_state_dict(teacher.state_dict(), teacher.config, plan), config)
+    student.tie_weights()
     return student.to(teacher.device)
