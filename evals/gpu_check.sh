@@ -39,9 +39,13 @@ wait
 echo "== deepspeed install exit $(cat /tmp/deepspeed.rc)" >>"$log"
 tail -5 /tmp/deepspeed-install.log >>"$log"
 
-# Each mode spends ~50 s building its trainer on an H200 (the first also builds the random-init teacher).
+# Each mode spent ~50 s building its trainer on an H200 (the first also builds the random-init teacher);
+# its JSON line now says where ("setup_phases"). PROFILE=1 adds each variant's operator table (README's
+# account of the CE gap came from one); off by default, so the time goes to the ratios.
+profile=()
+[ -n "${PROFILE:-}" ] && profile=(--profile "$OUT/profile")
 timeout "${STEP_SECONDS:-300}" python3 evals/bench_step.py --shape llama-1b --device cuda --dtype bfloat16 \
-    --batch 8 --seq-len 2048 --modes "${STEP_MODES:-ce,kd}" --warmup 3 --rounds 4 --profile "$OUT/profile" \
+    --batch 8 --seq-len 2048 --modes "${STEP_MODES:-ce,kd}" --warmup 3 --rounds 4 "${profile[@]}" \
     >"$OUT/bench_step.log" 2>&1
 echo "bench_step exit $?" >>"$OUT/bench_step.log"
 
