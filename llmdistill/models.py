@@ -223,14 +223,18 @@ def wrap_peft(model, cfg: PeftConfig):
 def empty_model(config, dtype: str = "float32"):
     """A model of `config` whose weights are left uninitialised, for a whole state dict to fill
     (load_whole_state): a random init would only be overwritten, and takes minutes for a model of billions of
-    parameters on a CPU. Buffers computed from the config (rotary frequencies) are built as usual."""
+    parameters on a CPU. Buffers computed from the config (rotary frequencies) are built as usual, and tied
+    weights are tied, as transformers' own init would: PEFT, finding a config that says "tied" over weights
+    that are not, sets tie_word_embeddings=False on the config it shares with the caller."""
     with no_init_weights():
-        return model_from_config(config, dtype)
+        model = model_from_config(config, dtype)
+    model.tie_weights()
+    return model
 
 
 def load_whole_state(model, state_dict: dict, config) -> None:
     """Load `state_dict` into `model`, which must take every weight from it but an LM head tied to the
-    embeddings (the caller ties it)."""
+    embeddings."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = (
         {k for k in missing if k.endswith("lm_head.weight")}

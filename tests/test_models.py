@@ -34,11 +34,15 @@ def test_vocabulary_checks(embedded_tokenizer, tiny_llama):
     )
 
 
-def test_save_student_merges_lora_and_loads_with_plain_transformers(tmp_path, tiny_llama, embedded_tokenizer):
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_student_merges_lora_and_loads_with_plain_transformers(
+    tmp_path, tiny_llama, embedded_tokenizer, tied
+):
     from transformers import AutoModelForCausalLM
 
+    config = tiny_llama.config.__class__(**{**tiny_llama.config.to_dict(), "tie_word_embeddings": tied})
     peft_cfg = PeftConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    student = models.wrap_peft(models.model_from_config(tiny_llama.config), peft_cfg)
+    student = models.wrap_peft(models.model_from_config(config), peft_cfg)
     with torch.no_grad():  # LoRA's B starts at zero; make the adapter matter
         for name, p in student.named_parameters():
             if "lora_B" in name:
@@ -46,8 +50,9 @@ def test_save_student_merges_lora_and_loads_with_plain_transformers(tmp_path, ti
     ids = torch.randint(2, 2048, (2, 12))
     with torch.no_grad():
         expected = student(input_ids=ids).logits
-    state = {k: v.clone() for k, v in student.state_dict().items()}
-    merged = models.state_to_model(state, tiny_llama.config, peft_cfg)
+    # As export gathers it: parameters only, a tied LM head once (as the embeddings)
+    state = {k: v.detach().clone() for k, v in student.named_parameters()}
+    merged = models.state_to_model(state, config, peft_cfg)
     out = models.save_student(merged, embedded_tokenizer, tmp_path / "student", "float32")
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     loaded = AutoModelForCausalLM.from_pretrained(out)

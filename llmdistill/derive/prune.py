@@ -401,5 +401,4 @@ def build_student(teacher, plan: dict):
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[teacher.dtype]
     student = empty_model(config, dtype)
     load_whole_state(student, prune_state_dict(teacher.state_dict(), teacher.config, plan), config)
-    student.tie_weights()
     return student.to(teacher.device)
