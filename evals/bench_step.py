@@ -5,6 +5,7 @@
     python evals/bench_step.py --modes kd --rounds 8 --zero-stage 2
     python evals/bench_step.py --modes ce,kd,kd+ce   # kd+ce: fkl + 0.1 ce, the two terms in one head pass
     python evals/bench_step.py --modes kd --profile /tmp/prof   # each variant's top operators, one file each
+    python evals/bench_step.py --set train.compile=true          # ours with a speed option, same reference
 
 "ours" is `Trainer(cfg).train_step()`: the code path of `llmdistill train` / `launch/train.py` (preflight, the
 DeepSpeed engine, the teacher source, the objective, the data loader), in one process (a world of one).
@@ -172,6 +173,7 @@ def trainer_config(args, mode: str, run_dir: str):
             "train.export=false",
             "train.progress=false",
             f"deepspeed.zero_stage={args.zero_stage}",
+            *args.set,
         ],
     )
 
@@ -414,6 +416,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--no-liger", action="store_true", help="plain losses in the reference even on CUDA")
     parser.add_argument("--profile", help="a folder: each variant's operator table goes there")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override of the trainer's config (repeatable), e.g. a speed option; not the reference's",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = parser.parse_args(argv)
     if args.device is None:
@@ -439,7 +448,8 @@ def main(argv=None) -> None:
     passthrough = [*passthrough, f"--device={args.device}", f"--dtype={args.dtype}"]
     print(
         f"shape {args.shape}, batch {args.batch} x {args.seq_len}, {args.dtype}, ZeRO-{args.zero_stage}, "
-        f"attn {args.attn}; {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up",
+        f"attn {args.attn}; {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up"
+        + "".join(f"; {override}" for override in args.set),
         flush=True,
     )
     rows, failed = [], []

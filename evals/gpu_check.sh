@@ -42,10 +42,13 @@ tail -5 /tmp/deepspeed-install.log >>"$log"
 # Each mode spent ~50 s building its trainer on an H200 (the first also builds the random-init teacher);
 # its JSON line now says where ("setup_phases"). PROFILE=1 adds each variant's operator table (README's
 # account of the CE gap came from one); off by default, so the time goes to the ratios.
-profile=()
-[ -n "${PROFILE:-}" ] && profile=(--profile "$OUT/profile")
+# STEP_SET=KEY=VALUE measures the trainer with that one config override (a speed option), e.g.
+# STEP_SET='deepspeed.extra={bf16: {bf16_master_weights_and_grads: true, bf16_optimizer_states: true}}'.
+extra=()
+[ -n "${PROFILE:-}" ] && extra+=(--profile "$OUT/profile")
+[ -n "${STEP_SET:-}" ] && extra+=(--set "$STEP_SET")
 timeout "${STEP_SECONDS:-300}" python3 evals/bench_step.py --shape llama-1b --device cuda --dtype bfloat16 \
-    --batch 8 --seq-len 2048 --modes "${STEP_MODES:-ce,kd}" --warmup 3 --rounds 4 "${profile[@]}" \
+    --batch 8 --seq-len 2048 --modes "${STEP_MODES:-ce,kd}" --warmup 3 --rounds 4 "${extra[@]}" \
     >"$OUT/bench_step.log" 2>&1
 echo "bench_step exit $?" >>"$OUT/bench_step.log"
 

@@ -158,3 +158,36 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path, one_rank):
         finally:
             trainer.close()
     assert losses[True] == pytest.approx(losses[False], abs=1e-4, rel=1e-4)
+
+
+def test_bf16_master_weights_through_deepspeed_extra(tmp_path, one_rank):
+    # README "Speed": a plain bf16 loop's precision (master weights, gradients and AdamW state in bf16) is a
+    # DeepSpeed setting that deepspeed.extra passes through; it trains like the fp32-master default.
+    from llmdistill.train import Trainer
+
+    bf16 = ["train.dtype=bfloat16", "student.dtype=bfloat16", "teacher.dtype=bfloat16"]
+    extra = "deepspeed.extra={bf16: {bf16_master_weights_and_grads: true, bf16_optimizer_states: true}}"
+    losses, masters = {}, {}
+    for pure in (False, True):
+        cfg = load_config(
+            None,
+            [
+                *QUICK,
+                *bf16,
+                *([extra] if pure else []),
+                "data.seq_len=32",
+                "train.micro_batch_size=2",
+                "train.export=false",
+                f"run.output_dir={tmp_path}",
+                f"run.name=bf16-master-{pure}",
+            ],
+        )
+        trainer = Trainer(cfg)
+        try:
+            masters[pure] = {p.dtype for p in trainer.engine.optimizer.single_partition_of_fp32_groups}
+            losses[pure] = [trainer.train_step()["loss"] for _ in range(3)]
+        finally:
+            trainer.close()
+    assert masters == {False: {torch.float32}, True: {torch.bfloat16}}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+    assert losses[True] != losses[False]
