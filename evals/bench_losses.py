@@ -361,6 +361,11 @@ def main(argv=None) -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "loss:impl", peak memory here
     parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: "loss:impl,impl", times here
     args = parser.parse_args(argv)
+    unknown = set(args.losses.split(",")) - set(LOSSES)
+    if unknown:
+        parser.error(
+            f"--losses: no naive version of {', '.join(sorted(unknown))} (one of {', '.join(LOSSES)})"
+        )
     args.dtype = args.dtype or ("bfloat16" if args.large else "float32")
     args.chunk_sizes = [int(rows) for rows in args.chunk_sizes.split(",") if rows]
     if args.one:
