@@ -232,13 +232,13 @@ def empty_model(config, dtype: str = "float32"):
     return model
 
 
-def load_whole_state(model, state_dict: dict, config) -> None:
+def load_whole_state(model, state_dict: dict) -> None:
     """Load `state_dict` into `model`, which must take every weight from it but an LM head tied to the
     embeddings."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = (
         {k for k in missing if k.endswith("lm_head.weight")}
-        if getattr(config, "tie_word_embeddings", False)
+        if getattr(model.config, "tie_word_embeddings", False)
         else set()
     )
     if set(missing) - tied or unexpected:
@@ -251,7 +251,7 @@ def state_to_model(state_dict: dict, config, peft: PeftConfig | None):
     model = empty_model(config, "float32")
     if peft is not None:
         model = wrap_peft(model, peft)
-    load_whole_state(model, state_dict, config)
+    load_whole_state(model, state_dict)
     if peft is not None:
         model = model.merge_and_unload()
     model.tie_weights()

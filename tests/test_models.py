@@ -70,7 +70,7 @@ def test_a_model_rebuilt_from_its_whole_state_is_the_same_model(tiny_llama, tied
     rebuilt = models.empty_model(config)
     # No random init ran: it would draw from torch's generator (and cost minutes at billions of weights).
     assert torch.equal(torch.random.get_rng_state(), rng)
-    models.load_whole_state(rebuilt, state, config)
+    models.load_whole_state(rebuilt, state)
     rebuilt.tie_weights()
     assert (rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight) == tied
     want = dict(original.named_parameters()) | dict(original.named_buffers())  # rotary frequencies too
@@ -87,4 +87,4 @@ def test_a_state_missing_a_weight_is_refused_by_name(tiny_llama):
     state = dict(tiny_llama.state_dict())
     del state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(RuntimeError, match=r"missing \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
-        models.load_whole_state(models.empty_model(tiny_llama.config), state, tiny_llama.config)
+        models.load_whole_state(models.empty_model(tiny_llama.config), state)

@@ -400,5 +400,5 @@ def build_student(teacher, plan: dict):
         config.max_window_layers = sum(1 for i in plan["layers"] if i < teacher.config.max_window_layers)
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[teacher.dtype]
     student = empty_model(config, dtype)
-    load_whole_state(student, prune_state_dict(teacher.state_dict(), teacher.config, plan), config)
+    load_whole_state(student, prune_state_dict(teacher.state_dict(), teacher.config, plan))
     return student.to(teacher.device)
