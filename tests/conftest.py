@@ -25,6 +25,8 @@ QUICK = [
     "train.progress=false",
     "student.from_teacher={num_hidden_layers: 2, intermediate_size: 128}",
 ]
+# A GPU run's usual precision for QUICK's runs: bf16 weights and activations throughout.
+BF16 = ["train.dtype=bfloat16", "student.dtype=bfloat16", "teacher.dtype=bfloat16"]
 
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None):

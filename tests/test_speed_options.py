@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QUICK
+from conftest import BF16, QUICK
 from transformers import AutoModelForCausalLM
 
 from llmdistill import models
@@ -165,7 +165,6 @@ def test_bf16_master_weights_through_deepspeed_extra(tmp_path, one_rank):
     # DeepSpeed setting that deepspeed.extra passes through; it trains like the fp32-master default.
     from llmdistill.train import Trainer
 
-    bf16 = ["train.dtype=bfloat16", "student.dtype=bfloat16", "teacher.dtype=bfloat16"]
     extra = "deepspeed.extra={bf16: {bf16_master_weights_and_grads: true, bf16_optimizer_states: true}}"
     losses, masters = {}, {}
     for pure in (False, True):
@@ -173,7 +172,7 @@ def test_bf16_master_weights_through_deepspeed_extra(tmp_path, one_rank):
             None,
             [
                 *QUICK,
-                *bf16,
+                *BF16,
                 *([extra] if pure else []),
                 "data.seq_len=32",
                 "train.micro_batch_size=2",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, read_log, run_cli
+from conftest import BF16, QUICK, read_log, run_cli
 
 from llmdistill.checkpoint import COMPLETE, complete_checkpoints
 from llmdistill.config import load_config
@@ -84,12 +84,11 @@ def test_a_bf16_run_tracks_fp32_resumes_bit_for_bit_and_exports_bf16(tmp_path, u
 
     from llmdistill.export import EXPORT_TOLERANCE
 
-    bf16 = ["train.dtype=bfloat16", "student.dtype=bfloat16", "teacher.dtype=bfloat16"]
-    straight = _train(tmp_path, "bf16", bf16)
+    straight = _train(tmp_path, "bf16", BF16)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _train(tmp_path, "resumed", bf16, env={"LLMDISTILL_FAILPOINT": "checkpoint_complete@4"})
+    killed = _train(tmp_path, "resumed", BF16, env={"LLMDISTILL_FAILPOINT": "checkpoint_complete@4"})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = _train(tmp_path, "resumed", bf16)
+    resumed = _train(tmp_path, "resumed", BF16)
     assert resumed.returncode == 0 and "step_00000004" in resumed.stderr, resumed.stderr[-3000:]
     log, again = read_log(tmp_path / "bf16"), read_log(tmp_path / "resumed")
     for step in range(1, 9):

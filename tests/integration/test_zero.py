@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, deepspeed_launcher, free_port, read_log, run_cli
+from conftest import BF16, QUICK, deepspeed_launcher, free_port, read_log, run_cli
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -97,9 +97,8 @@ def test_zero3_in_bf16_tracks_fp32_and_exports_within_bf16_tolerance(runs, tmp_p
     # Large students on GPUs train this way: partitioned bf16 weights, fp32 master partitions, bf16 export.
     from llmdistill.export import EXPORT_TOLERANCE
 
-    bf16 = ["train.dtype=bfloat16", "student.dtype=bfloat16", "teacher.dtype=bfloat16"]
     result = run_cli(
-        [*COMMON, *bf16, f"run.output_dir={tmp_path}", "run.name=z3-bf16", "deepspeed.zero_stage=3"],
+        [*COMMON, *BF16, f"run.output_dir={tmp_path}", "run.name=z3-bf16", "deepspeed.zero_stage=3"],
         launcher=deepspeed_launcher(2),
     )
     assert result.returncode == 0, result.stderr[-4000:]
