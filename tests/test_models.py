@@ -34,13 +34,17 @@ def test_vocabulary_checks(embedded_tokenizer, tiny_llama):
     )
 
 
+def _with_tying(config, tied: bool):
+    return config.__class__(**{**config.to_dict(), "tie_word_embeddings": tied})
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_student_merges_lora_and_loads_with_plain_transformers(
     tmp_path, tiny_llama, embedded_tokenizer, tied
 ):
     from transformers import AutoModelForCausalLM
 
-    config = tiny_llama.config.__class__(**{**tiny_llama.config.to_dict(), "tie_word_embeddings": tied})
+    config = _with_tying(tiny_llama.config, tied)
     peft_cfg = PeftConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
     student = models.wrap_peft(models.model_from_config(config), peft_cfg)
     with torch.no_grad():  # LoRA's B starts at zero; make the adapter matter
@@ -62,7 +66,7 @@ def test_save_student_merges_lora_and_loads_with_plain_transformers(
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_model_rebuilt_from_its_whole_state_is_the_same_model(tiny_llama, tied):
-    config = tiny_llama.config.__class__(**{**tiny_llama.config.to_dict(), "tie_word_embeddings": tied})
+    config = _with_tying(tiny_llama.config, tied)
     torch.manual_seed(1)
     original = models.model_from_config(config).eval()
     state = {k: v for k, v in original.state_dict().items() if not (tied and k == "lm_head.weight")}
@@ -71,7 +75,6 @@ def test_a_model_rebuilt_from_its_whole_state_is_the_same_model(tiny_llama, tied
     # No random init ran: it would draw from torch's generator (and cost minutes at billions of weights).
     assert torch.equal(torch.random.get_rng_state(), rng)
     models.load_whole_state(rebuilt, state)
-    rebuilt.tie_weights()
     assert (rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight) == tied
     want = dict(original.named_parameters()) | dict(original.named_buffers())  # rotary frequencies too
     got = dict(rebuilt.named_parameters()) | dict(rebuilt.named_buffers())
