@@ -402,12 +402,20 @@ def main(argv: list[str] | None = None) -> int:
     except LLMDistillError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
+        # After an error only this rank may have met, another rank may be inside a collective: leaving the
+        # group then could hang, so only an error every rank raised together leaves it.
+        if err.every_rank:
+            _leave_process_group()
         return 2
+    _leave_process_group()
+    return 0
+
+
+def _leave_process_group() -> None:
     if "torch" in sys.modules:  # commands that never import torch made no process group
         from llmdistill.distributed import leave_process_group
 
         leave_process_group()
-    return 0
 
 
 if __name__ == "__main__":

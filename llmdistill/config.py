@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class LLMDistillError(Exception):
-    """An error in the user's input: printed as one line by the CLI, never as a traceback."""
+    """An error in the user's input: printed as one line by the CLI, never as a traceback.
+
+    `every_rank=True` says every rank raises it at the same point, from a decision the ranks took together
+    (a reduced flag): the CLI can then leave the process group on every rank, as after a success.
+    """
+
+    def __init__(self, *args, every_rank: bool = False):
+        super().__init__(*args)
+        self.every_rank = every_rank
 
 
 class ConfigError(LLMDistillError):

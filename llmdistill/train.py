@@ -381,7 +381,8 @@ class Trainer:
                 reason = signal or "the teacher failed on another rank"
                 raise TeacherUnavailable(
                     f"{reason}; checkpoint saved at step {self.step}, "
-                    "resume with the same command once the server is back"
+                    "resume with the same command once the server is back",
+                    every_rank=True,
                 )
             batch["step"], batch["batch_index"] = self.step, self.consumed
             loss, extra, problem = self._forward(batch, signal)
@@ -437,7 +438,8 @@ class Trainer:
             kept = f"checkpoints in {self.ckpt_root} kept" if self.ckpt_root.is_dir() else "no checkpoint"
             raise TrainingStopped(
                 f"stopped at step {self.step}: {limit} steps or micro-batches in a row skipped, the last: "
-                f"{why}; {kept} (train.max_skipped_steps; check train.lr, the loss weights, train.dtype)"
+                f"{why}; {kept} (train.max_skipped_steps; check train.lr, the loss weights, train.dtype)",
+                every_rank=True,  # a drop and a skipped step are decided by every rank together
             )
 
     @property

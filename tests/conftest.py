@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,22 @@ def read_log(run_dir: Path) -> dict[int, dict]:
         if "loss" in rec:
             steps[rec["step"]] = rec
     return steps
+
+
+def nan_teacher(tmp_path: Path) -> Path:
+    """The embedded teacher with every weight NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmdistill.models import EMBEDDED_TEACHER
+
+    teacher = tmp_path / "nan-teacher"
+    shutil.copytree(EMBEDDED_TEACHER, teacher)
+    weights = load_file(teacher / "model.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, teacher / "model.safetensors"
+    )
+    return teacher
 
 
 def deepspeed_launcher(ranks: int = 2) -> list[str]:

@@ -3,13 +3,12 @@
 import collections
 import contextlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BF16, QUICK, read_log, run_cli
+from conftest import BF16, QUICK, nan_teacher, read_log, run_cli
 
 from llmdistill.checkpoint import COMPLETE, complete_checkpoints
 from llmdistill.config import load_config
@@ -228,27 +227,12 @@ def test_save_then_a_new_trainer_resumes_to_the_same_next_step(tmp_path, one_ran
     assert got["consumed_micro_batches"] == expected["consumed_micro_batches"] == 3
 
 
-def _nan_teacher(tmp_path):
-    """The embedded teacher with every weight NaN."""
-    from safetensors.torch import load_file, save_file
-
-    from llmdistill.models import EMBEDDED_TEACHER
-
-    teacher = tmp_path / "nan-teacher"
-    shutil.copytree(EMBEDDED_TEACHER, teacher)
-    weights = load_file(teacher / "model.safetensors")
-    save_file(
-        {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, teacher / "model.safetensors"
-    )
-    return teacher
-
-
 def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
     """A teacher with NaN weights makes every loss NaN: each micro-batch is dropped before its backward, and
     after train.max_skipped_steps of them the run stops, having applied nothing."""
     from llmdistill.train import TrainingStopped
 
-    teacher = _nan_teacher(tmp_path)
+    teacher = nan_teacher(tmp_path)
     cfg = load_config(
         None,
         [
@@ -265,8 +249,9 @@ def test_a_run_whose_every_loss_is_nan_stops_with_one_line(tmp_path, one_rank):
         start = [p.detach().clone() for p in trainer.params]
         with pytest.raises(
             TrainingStopped, match=r"stopped at step 0: 3 steps or micro-batches in a row skipped"
-        ):
+        ) as stopped:
             trainer.train_step()
+        assert stopped.value.every_rank  # every rank drops together, so the CLI leaves the group on each
         assert trainer.consumed == 3 and trainer.step == 0
         assert all(torch.equal(a, b) for a, b in zip(start, trainer.params, strict=True))
     finally:
@@ -352,7 +337,7 @@ def test_a_dropped_micro_batch_is_explained_by_term_and_input(tmp_path, one_rank
         [
             *QUICK,
             *STEPS,
-            f"teacher.path={_nan_teacher(tmp_path)}",
+            f"teacher.path={nan_teacher(tmp_path)}",
             "loss=[{name: ce}, {name: fkl, weight: 0.5}]",
             "train.max_skipped_steps=1",
             f"run.output_dir={tmp_path}",
