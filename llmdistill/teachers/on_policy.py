@@ -247,13 +247,13 @@ class OnPolicyTeacher(TeacherSource):
         check_on_policy(cfg)
 
     @classmethod
-    def check_ready(cls, cfg) -> None:
+    def check_ready(cls, cfg, student_config=None) -> None:
         if cfg.teacher.reads_teacher_server:
             VLLMServerTeacher.check_ready(cfg)
         if cfg.teacher.reads_student_server:
             from llmdistill.teachers.vllm_rollout_server import check_servers
 
-            check_servers(cfg)
+            check_servers(cfg, student_config)
 
     def __init__(
         self,
@@ -295,16 +295,16 @@ class OnPolicyTeacher(TeacherSource):
         self.turn = threading.Condition()
         self.push_failure: TeacherUnavailable | None = None
         if p.generator in ("vllm", "vllm_server"):
-            config = student.get_base_model().config if hasattr(student, "get_base_model") else student.config
             if p.generator == "vllm":
                 from llmdistill.teachers.vllm_generator import VLLMGenerator  # lazy: vllm is slow to import
 
-                self.engine = VLLMGenerator(cfg, config, self.eos_id)
+                base = student.get_base_model() if hasattr(student, "get_base_model") else student
+                self.engine = VLLMGenerator(cfg, base.config, self.eos_id)
             else:
                 from llmdistill.teachers.vllm_rollout_server import RolloutServer
 
                 weights_dir = Path(run_dir or cfg.run.dir) / "rollout_weights"
-                self.engine = RolloutServer(cfg, config, self.eos_id, rank, weights_dir)
+                self.engine = RolloutServer(cfg, self.eos_id, rank, weights_dir)
             # With lag 1, one step's micro-batches are written (and scored) ahead, in a thread.
             self.prefetch = self.grad_accum if p.lag else 0
 

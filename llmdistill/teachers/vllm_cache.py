@@ -184,7 +184,7 @@ class VLLMCacheTeacher(TeacherSource):
     capabilities = Capabilities(top_k=True, cross_tokenizer=True)
 
     @classmethod
-    def check_ready(cls, cfg) -> None:
+    def check_ready(cls, cfg, student_config=None) -> None:
         root = Path(cfg.teacher.cache.dir)
         if not (root / "manifest.json").is_file():
             raise LLMDistillError(

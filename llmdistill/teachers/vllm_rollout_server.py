@@ -140,13 +140,14 @@ def student_serve_command(cfg: Config, model_dir: Path, python: str, gpu: bool, 
     return argv, {**env, "VLLM_SERVER_DEV_MODE": "1"}
 
 
-def check_servers(cfg: Config) -> None:
+def check_servers(cfg: Config, student_config) -> None:
     """Before any weights load: every rollout server answers (waited for with the run's retries), serves the
-    student at the run's length, and was started by `llmdistill serve-student` (it can take the trainer's
-    weights)."""
+    student at the run's length, was started by `llmdistill serve-student` (it can take the trainer's
+    weights) and holds a model of the shape of `student_config`."""
     s = cfg.teacher.on_policy.server
     client = ServerClient(s.urls, SERVED_NAME, s.timeout, s.retries, s.backoff, role="student")
     client.wait_healthy("teacher.on_policy.server.urls", SERVE)
+    ours = model_shape(student_config)
     for url in client.urls:
         served = {m["id"]: m for m in client.call("/v1/models", url=url).get("data", [])}
         max_len = served.get(SERVED_NAME, {}).get("max_model_len")
@@ -161,7 +162,8 @@ def check_servers(cfg: Config) -> None:
                 f"{cfg.data.seq_len + 2}; restart it with {SERVE}"
             )
         try:
-            client.call("/collective_rpc", {"method": "llmdistill_student_architecture"}, url=url)
+            body = {"method": "llmdistill_student_architecture"}
+            served_shape = client.call("/collective_rpc", body, url=url)["results"][0]
         except TeacherUnavailable:
             raise
         except LLMDistillError:  # a 4xx: the route exists only in vLLM's dev mode
@@ -169,31 +171,28 @@ def check_servers(cfg: Config) -> None:
                 f"teacher.on_policy.server.urls: {url} cannot take the trainer's weights (not started in "
                 f"vLLM dev mode with --worker-extension-cls {EXTENSION}); restart it with {SERVE}"
             ) from None
+        differ = [
+            f"{key} {served_shape.get(key)} (this run: {ours[key]})"
+            for key in ours
+            if served_shape.get(key) != ours[key]
+        ]
+        if differ:
+            raise LLMDistillError(
+                f"teacher.on_policy.server.urls: {url} serves another student: {', '.join(differ)}; "
+                f"restart it with {SERVE}"
+            )
 
 
 class RolloutServer:
     """The rollout servers, with the colocated engine's interface: `load` pushes weights (every rank calls
     it, in step), `generate` samples (any rank, any time between pushes)."""
 
-    def __init__(self, cfg: Config, student_config, eos_id: int | None, rank: int, weights_dir: Path):
+    def __init__(self, cfg: Config, eos_id: int | None, rank: int, weights_dir: Path):
+        """The servers were checked (`check_servers`) before the trainer loaded any weights."""
         s = cfg.teacher.on_policy.server
         self.client = ServerClient(
             s.urls, SERVED_NAME, s.timeout, s.retries, s.backoff, first=rank, role="student"
         )
-        ours = model_shape(student_config)
-        for url in self.client.urls:
-            body = {"method": "llmdistill_student_architecture"}
-            served = self.client.call("/collective_rpc", body, url=url)["results"][0]
-            differ = [
-                f"{key} {served.get(key)} (this run: {ours[key]})"
-                for key in ours
-                if served.get(key) != ours[key]
-            ]
-            if differ:
-                raise LLMDistillError(
-                    f"teacher.on_policy.server.urls: {url} serves another student: {', '.join(differ)}; "
-                    f"restart it with {SERVE}"
-                )
         self.eos_id, self.rank = eos_id, rank
         self.weights_dir = weights_dir.resolve()
         self.pool = ThreadPoolExecutor(max_workers=cfg.train.micro_batch_size, thread_name_prefix="rollout")
