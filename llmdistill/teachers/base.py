@@ -59,7 +59,7 @@ class TeacherSource:
         """Refuse a setting this source cannot run, before anything loads (cheap checks only)."""
 
     @classmethod
-    def check_ready(cls, cfg, student_config=None) -> None:
+    def check_ready(cls, cfg, student_config) -> None:
         """Before a training run loads weights: is what this source reads there (a built cache, a server of
         the student of `student_config`)? Not part of preflight, which the cache builder also runs before the
         cache exists."""

@@ -247,9 +247,9 @@ class OnPolicyTeacher(TeacherSource):
         check_on_policy(cfg)
 
     @classmethod
-    def check_ready(cls, cfg, student_config=None) -> None:
+    def check_ready(cls, cfg, student_config) -> None:
         if cfg.teacher.reads_teacher_server:
-            VLLMServerTeacher.check_ready(cfg)
+            VLLMServerTeacher.check_ready(cfg, student_config)
         if cfg.teacher.reads_student_server:
             from llmdistill.teachers.vllm_rollout_server import check_servers
 

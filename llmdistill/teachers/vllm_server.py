@@ -34,7 +34,7 @@ class VLLMServerTeacher(TeacherSource):
         self.max_model_len = self.client.check(tokenizer, s.top_k, cfg.data.seq_len) if check else None
 
     @classmethod
-    def check_ready(cls, cfg, student_config=None) -> None:
+    def check_ready(cls, cfg, student_config) -> None:
         """A server that never started is found in seconds, before the models load, not after."""
         s = cfg.teacher.server
         client = ServerClient(s.urls, s.served_model_name, s.timeout, s.retries, s.backoff)
