@@ -154,7 +154,7 @@ def main() -> int:
     try:
         if not args.url:
             _, pid, start_s = start_server(overrides, port)
-        source = VLLMServerTeacher(cfg, plan.teacher_tok)
+        source = VLLMServerTeacher(cfg)
         tps, secs = timed(source.signal, work)
         results["vllm server"] = {"tokens_per_s": tps, "seconds": secs, "startup_s": start_s}
     finally:

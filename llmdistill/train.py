@@ -192,7 +192,7 @@ class Trainer:
         # Everything that needs no weights comes first, so that bad input costs seconds and writes nothing:
         # the config, its files and data sources, the run directory, the checkpoint to resume from, the data.
         self.plan = preflight(cfg)
-        check_teacher_ready(cfg, self.plan.needs, self.plan.student_config)
+        check_teacher_ready(cfg, self.plan)
         if cfg.eval is not None and (cfg.eval.every or cfg.eval.at_end):
             e = cfg.eval
             task_manager(e.tasks, e.include_paths, e.include_defaults)  # unknown task names fail now

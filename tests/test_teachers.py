@@ -559,7 +559,7 @@ def test_on_policy_refuses_zero3_and_vllm_sources_refuse_hidden_states():
 
     cfg = load_config(None, ["teacher.source=on_policy", "deepspeed.zero_stage=3"])
     with pytest.raises(LLMDistillError, match="zero_stage=3.*use teacher.on_policy.generator=vllm"):
-        OnPolicyTeacher(cfg, None, student=object(), check=False)
+        OnPolicyTeacher(cfg, None, student=object())
     with pytest.raises(LLMDistillError, match="zero_stage=3"):  # preflight refuses it before any weights
         check_teacher_source(cfg, frozenset({"teacher"}))
     vllm = ["teacher.source=on_policy", "deepspeed.zero_stage=3", "teacher.on_policy.generator=vllm"]

@@ -71,11 +71,11 @@ def check_teacher_source(cfg: Config, needs: frozenset[str], cross_tokenizer: bo
         raise LLMDistillError(f"teacher.source={name} cannot serve a cross-tokenizer loss (alm, uld)")
 
 
-def check_teacher_ready(cfg: Config, needs: frozenset[str], student_config) -> None:
-    """What a training run's teacher source reads must exist before any weights load (a built cache, a
-    server of this student)."""
-    if needs & {"teacher", "teacher_hidden"}:
-        source_class(cfg.teacher.source).check_ready(cfg, student_config)
+def check_teacher_ready(cfg: Config, plan) -> None:
+    """What a training run's teacher source reads must exist and fit the run before any weights load (a
+    built cache; a server of the teacher's tokenizer, of this student). `plan`: preflight's."""
+    if plan.needs & {"teacher", "teacher_hidden"}:
+        source_class(cfg.teacher.source).check_ready(cfg, plan)
 
 
 def build_teacher_source(

@@ -59,10 +59,10 @@ class TeacherSource:
         """Refuse a setting this source cannot run, before anything loads (cheap checks only)."""
 
     @classmethod
-    def check_ready(cls, cfg, student_config) -> None:
-        """Before a training run loads weights: is what this source reads there (a built cache, a server of
-        the student of `student_config`)? Not part of preflight, which the cache builder also runs before the
-        cache exists."""
+    def check_ready(cls, cfg, plan) -> None:
+        """Before a training run loads weights: is what this source reads there and fit for the run (a built
+        cache; a server of teacher.path's tokenizer, of the student of `plan`)? Not part of preflight, which
+        the cache builder also runs before the cache exists; `plan` is preflight's."""
 
     @classmethod
     def build(cls, cfg, model, needs: frozenset[str], student) -> TeacherSource:

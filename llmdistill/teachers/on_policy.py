@@ -247,13 +247,13 @@ class OnPolicyTeacher(TeacherSource):
         check_on_policy(cfg)
 
     @classmethod
-    def check_ready(cls, cfg, student_config) -> None:
+    def check_ready(cls, cfg, plan) -> None:
         if cfg.teacher.reads_teacher_server:
-            VLLMServerTeacher.check_ready(cfg, student_config)
+            VLLMServerTeacher.check_ready(cfg, plan)
         if cfg.teacher.reads_student_server:
             from llmdistill.teachers.vllm_rollout_server import check_servers
 
-            check_servers(cfg, student_config)
+            check_servers(cfg, plan.student_config)
 
     def __init__(
         self,
@@ -262,7 +262,6 @@ class OnPolicyTeacher(TeacherSource):
         student,
         rank: int = 0,
         run_dir: Path | None = None,
-        check: bool = True,
         teacher=None,
     ):
         if student is None:
@@ -278,7 +277,7 @@ class OnPolicyTeacher(TeacherSource):
                 raise LLMDistillError("teacher.on_policy.scorer=hf needs the in-process teacher")
             self.scorer = HFTeacher(teacher)
         else:
-            self.scorer = VLLMServerTeacher(cfg, tokenizer, rank, check=check)
+            self.scorer = VLLMServerTeacher(cfg, rank)
         self.samples_log = (run_dir / f"on_policy_rank{rank}.jsonl") if run_dir is not None else None
         self.engine = None
         # Version bookkeeping of the vLLM engine's weights (see the module docstring); `position` is the

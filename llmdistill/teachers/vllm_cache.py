@@ -184,7 +184,7 @@ class VLLMCacheTeacher(TeacherSource):
     capabilities = Capabilities(top_k=True, cross_tokenizer=True)
 
     @classmethod
-    def check_ready(cls, cfg, student_config) -> None:
+    def check_ready(cls, cfg, plan) -> None:
         root = Path(cfg.teacher.cache.dir)
         if not (root / "manifest.json").is_file():
             raise LLMDistillError(
@@ -192,7 +192,7 @@ class VLLMCacheTeacher(TeacherSource):
             )
 
     def __init__(self, cfg: Config, tokenizer, vocab_size: int, teacher_path: str):
-        self.check_ready(cfg, student_config=None)
+        self.check_ready(cfg, plan=None)
         self.root = Path(cfg.teacher.cache.dir)
         self.k = cfg.teacher.cache.top_k
         where = f"teacher.cache.dir={self.root}"

@@ -1,5 +1,7 @@
 """The HTTP client of vLLM's OpenAI-compatible server: prompt scoring requests, round robin over urls,
-timeouts and retries with exponential backoff, and the checks a run makes before it trusts a server."""
+timeouts and retries with exponential backoff, waiting for a server to start, and the check every server gets
+(it serves the model asked for, with room for the run's sequences); each server's own checks live with its
+source (vllm_server.check_servers, vllm_rollout_server.check_servers)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,6 @@ from llmdistill.teachers.base import TeacherUnavailable
 from llmdistill.teachers.prompts import Prompt
 
 log = logging.getLogger(__name__)
-
-# Text for the tokenizer check: code, unicode and whitespace runs, where tokenizers most often differ.
-TOKENIZER_PROBE = "def héllo(x, y=3):\n    return {'naïve': x ** y}  # ✓ 東京\n\t\tpass\n"
 
 
 def completions_request(model: str, prompts: list[Prompt], k: int) -> dict:
@@ -136,42 +135,19 @@ class ServerClient:
         body = self.call("/v1/completions", completions_request(self.model, prompts, k))
         return parse_completions(body, len(prompts))
 
-    def check(self, tokenizer, k: int, seq_len: int) -> int | None:
-        """Before training, per url: model name, context length, K and tokenizer are what the run needs.
-        Returns the smallest max_model_len the servers report (None: not reported)."""
-        smallest = None
-        for url in self.urls:
-            models = self.call("/v1/models", url=url).get("data", [])
-            served = {m["id"]: m for m in models}
-            if self.model not in served:
-                raise LLMDistillError(
-                    f"teacher.server.served_model_name={self.model!r}: {url} serves {sorted(served)} "
-                    "(set teacher.server.served_model_name, or start the server with --served-model-name)"
-                )
-            max_len = served[self.model].get("max_model_len")
-            if max_len is not None and max_len < seq_len + 2:
-                raise LLMDistillError(
-                    f"{url}: max_model_len {max_len} is below data.seq_len + 2 = {seq_len + 2} "
-                    "(restart the server with --max-model-len >= data.seq_len + 2)"
-                )
-            if max_len is not None:
-                smallest = max_len if smallest is None else min(smallest, max_len)
-            theirs = self.call(
-                "/tokenize",
-                {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False},
-                url=url,
+    def served_model(self, url: str, seq_len: int, field: str, fix: str) -> int | None:
+        """`url` serves this client's model with room for `seq_len` tokens and the two a scored prompt
+        adds; returns its max_model_len (None: not reported). `field` and `fix`: the setting and the remedy
+        an error names."""
+        served = {m["id"]: m for m in self.call("/v1/models", url=url).get("data", [])}
+        if self.model not in served:
+            raise LLMDistillError(f"{field}: {url} serves {sorted(served)}, not {self.model!r}; {fix}")
+        max_len = served[self.model].get("max_model_len")
+        if max_len is not None and max_len < seq_len + 2:
+            raise LLMDistillError(
+                f"{field}: {url} has max_model_len {max_len}, below data.seq_len + 2 = {seq_len + 2}; {fix}"
             )
-            ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
-            if theirs.get("tokens") != ours:
-                raise LLMDistillError(
-                    f"{url} tokenizes differently from teacher.path's tokenizer "
-                    f"({theirs.get('tokens')[:8]}... vs {ours[:8]}...): serve the same model as teacher.path"
-                )
-            # A 2-token prompt at the run's K: a K above the server's --max-logprobs fails here, not mid-run.
-            self.call(
-                "/v1/completions", completions_request(self.model, [Prompt(0, 0, ours[:2])], k), url=url
-            )
-        return smallest
+        return max_len
 
 
 def _error_message(err: urllib.error.HTTPError) -> str:

@@ -144,23 +144,12 @@ def check_servers(cfg: Config, student_config) -> None:
     """Before any weights load: every rollout server answers (waited for with the run's retries), serves the
     student at the run's length, was started by `llmdistill serve-student` (it can take the trainer's
     weights) and holds a model of the shape of `student_config`."""
-    s = cfg.teacher.on_policy.server
+    s, field = cfg.teacher.on_policy.server, "teacher.on_policy.server.urls"
     client = ServerClient(s.urls, SERVED_NAME, s.timeout, s.retries, s.backoff, role="student")
-    client.wait_healthy("teacher.on_policy.server.urls", SERVE)
+    client.wait_healthy(field, SERVE)
     ours = model_shape(student_config)
     for url in client.urls:
-        served = {m["id"]: m for m in client.call("/v1/models", url=url).get("data", [])}
-        max_len = served.get(SERVED_NAME, {}).get("max_model_len")
-        if SERVED_NAME not in served:
-            raise LLMDistillError(
-                f"teacher.on_policy.server.urls: {url} serves {sorted(served)}, not the student; "
-                f"start it with {SERVE}"
-            )
-        if max_len is not None and max_len < cfg.data.seq_len + 2:
-            raise LLMDistillError(
-                f"teacher.on_policy.server.urls: {url} has max_model_len {max_len}, below data.seq_len + 2 = "
-                f"{cfg.data.seq_len + 2}; restart it with {SERVE}"
-            )
+        client.served_model(url, cfg.data.seq_len, field, f"restart it with {SERVE}")
         try:
             body = {"method": "llmdistill_student_architecture"}
             served_shape = client.call("/collective_rpc", body, url=url)["results"][0]
@@ -168,7 +157,7 @@ def check_servers(cfg: Config, student_config) -> None:
             raise
         except LLMDistillError:  # a 4xx: the route exists only in vLLM's dev mode
             raise LLMDistillError(
-                f"teacher.on_policy.server.urls: {url} cannot take the trainer's weights (not started in "
+                f"{field}: {url} cannot take the trainer's weights (not started in "
                 f"vLLM dev mode with --worker-extension-cls {EXTENSION}); restart it with {SERVE}"
             ) from None
         differ = [
@@ -178,8 +167,7 @@ def check_servers(cfg: Config, student_config) -> None:
         ]
         if differ:
             raise LLMDistillError(
-                f"teacher.on_policy.server.urls: {url} serves another student: {', '.join(differ)}; "
-                f"restart it with {SERVE}"
+                f"{field}: {url} serves another student: {', '.join(differ)}; restart it with {SERVE}"
             )
 
 

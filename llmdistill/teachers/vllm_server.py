@@ -7,7 +7,6 @@ server: teachers/vllm_serve.py.
 
 from __future__ import annotations
 
-from llmdistill import models
 from llmdistill.config import Config, LLMDistillError
 from llmdistill.signal import TeacherSignal
 from llmdistill.teachers.base import (
@@ -17,7 +16,44 @@ from llmdistill.teachers.base import (
     register_source,
 )
 from llmdistill.teachers.prompts import Prompt, score_batch
-from llmdistill.teachers.vllm_client import ServerClient
+from llmdistill.teachers.vllm_client import ServerClient, completions_request
+
+SERVE = "`llmdistill serve-teacher --config <this config>` (launch/serve_teacher.sh)"
+# Text for the tokenizer check: code, unicode and whitespace runs, where tokenizers most often differ.
+TOKENIZER_PROBE = "def héllo(x, y=3):\n    return {'naïve': x ** y}  # ✓ 東京\n\t\tpass\n"
+
+
+def teacher_client(cfg: Config, rank: int = 0) -> ServerClient:
+    s = cfg.teacher.server
+    return ServerClient(s.urls, s.served_model_name, s.timeout, s.retries, s.backoff, first=rank)
+
+
+def smallest_max_model_len(client: ServerClient, seq_len: int) -> int | None:
+    """The smallest max_model_len the servers report (None: none reports one)."""
+    fix = f"restart it with {SERVE} (it serves teacher.server.served_model_name at data.seq_len + 2)"
+    lengths = [client.served_model(url, seq_len, "teacher.server.urls", fix) for url in client.urls]
+    return min((n for n in lengths if n is not None), default=None)
+
+
+def check_servers(cfg: Config, tokenizer) -> None:
+    """Before any weights load: every teacher server answers (waited for with the run's retries), serves
+    teacher.server.served_model_name with room for data.seq_len, tokenizes as teacher.path's `tokenizer`
+    does, and gives teacher.server.top_k log-probabilities (at most its --max-logprobs)."""
+    client = teacher_client(cfg)
+    client.wait_healthy("teacher.server.urls", SERVE)
+    smallest_max_model_len(client, cfg.data.seq_len)
+    ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+    for url in client.urls:
+        body = {"model": client.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+        theirs = client.call("/tokenize", body, url=url).get("tokens")
+        if theirs != ours:
+            raise LLMDistillError(
+                f"teacher.server.urls: {url} tokenizes differently from teacher.path's tokenizer "
+                f"({(theirs or [])[:8]}... vs {ours[:8]}...): serve the model teacher.path names"
+            )
+        # A 2-token prompt at the run's K: a K above the server's --max-logprobs fails here, not mid-run.
+        probe = completions_request(client.model, [Prompt(0, 0, ours[:2])], cfg.teacher.server.top_k)
+        client.call("/v1/completions", probe, url=url)
 
 
 @register_source("vllm_server")
@@ -27,23 +63,20 @@ class VLLMServerTeacher(TeacherSource):
     # A server can go away: the trainer all-reduces a failure flag per micro-batch and stops cleanly.
     capabilities = Capabilities(top_k=True, cross_tokenizer=True, can_fail=True)
 
-    def __init__(self, cfg: Config, tokenizer, rank: int = 0, check: bool = True):
+    def __init__(self, cfg: Config, rank: int = 0):
+        """The servers were checked (`check_servers`) before the trainer loaded any weights."""
         s = cfg.teacher.server
         self.k, self.prefetch = s.top_k, s.prefetch
-        self.client = ServerClient(s.urls, s.served_model_name, s.timeout, s.retries, s.backoff, first=rank)
-        self.max_model_len = self.client.check(tokenizer, s.top_k, cfg.data.seq_len) if check else None
+        self.client = teacher_client(cfg, rank)
+        self.max_model_len = smallest_max_model_len(self.client, cfg.data.seq_len)
 
     @classmethod
-    def check_ready(cls, cfg, student_config) -> None:
-        """A server that never started is found in seconds, before the models load, not after."""
-        s = cfg.teacher.server
-        client = ServerClient(s.urls, s.served_model_name, s.timeout, s.retries, s.backoff)
-        client.wait_healthy("teacher.server.urls", "llmdistill serve-teacher --config <this config>")
+    def check_ready(cls, cfg, plan) -> None:
+        check_servers(cfg, plan.teacher_tok)
 
     @classmethod
     def build(cls, cfg, model, needs, student):
-        path = models.resolve_model_path(cfg.teacher.path, "teacher.path")
-        return cls(cfg, models.load_tokenizer(path, cfg.teacher.trust_remote_code), process_rank())
+        return cls(cfg, process_rank())
 
     def score(self, prompts: list[Prompt], k: int):
         longest = max((len(p.token_ids) for p in prompts), default=0)

@@ -4,6 +4,7 @@ by launch/serve_teacher.sh, stopped by its PID), the offline engine through laun
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_server_top_k_equals_in_process_hf_and_the_kd_loss_agrees(server, tiny_l
     plan, dataset = _dataset(cfg)
     batch = _multi_document_batch(dataset)
     assert int((batch["position_ids"] == 0).sum()) > 4  # document boundaries inside rows are covered
-    got = VLLMServerTeacher(cfg, plan.teacher_tok).signal(batch)
+    got = VLLMServerTeacher(cfg).signal(batch)
     teacher = load_model(plan.teacher_path, "float32").eval()
     with torch.no_grad():
         logits = teacher(
@@ -84,6 +85,40 @@ def test_server_top_k_equals_in_process_hf_and_the_kd_loss_agrees(server, tiny_l
         a = forward_kl(student, got, batch, tail=tail)[0].item()
         b = forward_kl(student, from_hf, batch, tail=tail)[0].item()
         assert abs(a - b) / abs(b) < 1e-3, (tail, a, b)
+
+
+def test_a_server_unfit_for_the_run_is_refused_before_any_weights_load(server, tmp_path):
+    """Another served name, a context too short for data.seq_len, a K above --max-logprobs, another
+    tokenizer: each is one line from the checks a run makes right after preflight (the first through the CLI,
+    which then has written nothing)."""
+    from llmdistill.config import LLMDistillError
+    from llmdistill.data import train_bpe_tokenizer
+    from llmdistill.models import EMBEDDED_TEACHER
+    from llmdistill.session import preflight
+    from llmdistill.teachers import check_teacher_ready
+    from llmdistill.teachers.vllm_server import SERVE
+
+    run = ["train", "--config", "configs/tiny/vllm_server.yaml", *QUICK, *server.overrides()]
+    result = run_cli([*run, "teacher.server.served_model_name=other", f"run.output_dir={tmp_path}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: teacher.server.urls: {server.url} serves ['teacher'], not 'other'; restart it with {SERVE} "
+        "(it serves teacher.server.served_model_name at data.seq_len + 2)"
+    ), result.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+    other = tmp_path / "other-teacher"  # the embedded teacher's config with another tokenizer
+    train_bpe_tokenizer(iter(["some other text to learn from " * 40]), vocab_size=300).save_pretrained(other)
+    (other / "config.json").write_text((EMBEDDED_TEACHER / "config.json").read_text())
+    cases = {
+        "data.seq_len=128": f"{server.url} has max_model_len 66, below data.seq_len + 2 = 130",
+        "teacher.server.top_k=21": "teacher.server.top_k is above the server's --max-logprobs",
+        f"teacher.path={other}": f"{server.url} tokenizes differently from teacher.path's tokenizer",
+    }
+    for override, message in cases.items():
+        cfg = _cfg(*server.overrides(), "teacher.source=vllm_server", override)
+        with pytest.raises(LLMDistillError, match=re.escape(message)):
+            check_teacher_ready(cfg, preflight(cfg))
 
 
 def _batch_hash(input_ids: torch.Tensor) -> str:
@@ -246,7 +281,7 @@ def test_cache_round_trip_equals_the_live_signal_and_a_mismatch_is_refused(cache
     plan, dataset = _dataset(cfg)
     batch = _multi_document_batch(dataset)
     cached = build_teacher_source(cfg, None, frozenset({"teacher"})).signal(batch)
-    live = VLLMServerTeacher(cfg, plan.teacher_tok).signal(batch)
+    live = VLLMServerTeacher(cfg).signal(batch)
     valid = batch["targets"] != X
     assert torch.equal(cached.topk_ids[valid], live.topk_ids[valid])
     # One fixed-point step (rounded down), plus the offline engine vs server arithmetic (~1e-5).
@@ -414,7 +449,7 @@ def test_alm_from_the_vllm_cache_and_server_equals_alm_from_the_in_process_teach
     plan, dataset = _dataset(cfg)
     batch = collate([dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 6))][:6])
     cached = build_teacher_source(cfg, None, frozenset({"teacher"})).signal(batch)
-    served = VLLMServerTeacher(cfg, plan.teacher_tok).signal(batch)
+    served = VLLMServerTeacher(cfg).signal(batch)
     full = HFTeacher(load_model(plan.teacher_path, "float32").eval()).signal(batch)
     assert cached.topk_ids.shape[:2] == served.topk_ids.shape[:2] == batch["teacher_input_ids"].shape
     used = batch["teacher_chunks"] >= 0
