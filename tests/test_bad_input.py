@@ -12,6 +12,7 @@ import pytest
 from conftest import QUICK, run_cli
 
 from llmdistill.cli import main
+from llmdistill.data import train_bpe_tokenizer
 from llmdistill.models import EMBEDDED_TEACHER
 
 
@@ -28,6 +29,8 @@ def inputs(tmp_path_factory):
     (tmp / "no_data").mkdir()
     (tmp / "no_data" / "notes.md").write_text("not a data file")
     (tmp / "list.yaml").write_text("- train\n- max_steps: 3\n")
+    other_text = iter(["some other text to learn from " * 40])
+    train_bpe_tokenizer(other_text, vocab_size=300).save_pretrained(tmp / "other_tokenizer")
     truncated = tmp / "truncated_teacher"
     shutil.copytree(EMBEDDED_TEACHER, truncated)
     weights = truncated / "model.safetensors"
@@ -57,6 +60,8 @@ MIXED = "cannot be mixed with"
 # (id, overrides ({inputs}: the inputs fixture's directory), words the error line must hold)
 ROWS = [
     # config values
+    ("unknown_key", ["train.max_stepz=3"], "train.max_stepz: unknown key"),
+    ("wrong_type", ["train.max_steps=lots"], "train.max_steps: Input should be a valid integer"),
     ("lr_inf", ["train.lr=.inf"], "train.lr: Input should be a finite number"),
     ("negative_weight", ["loss=[{name: fkl, weight: -1}]"], "loss.0.weight: Input should be greater than"),
     ("nan_weight", ["loss=[{name: fkl, weight: .nan}]"], "loss.0.weight: Input should be a finite number"),
@@ -125,7 +130,13 @@ ROWS = [
         ["student.from_teacher=null", "student.path={inputs}/no_config_student"],
         "student.path: {inputs}/no_config_student is not a Hugging Face model directory",
     ),
+    ("missing_teacher", ["teacher.path={inputs}/missing"], "teacher.path: model path not found"),
     ("missing_tokenizer", ["student.tokenizer={inputs}/none"], "student.tokenizer: model path not found"),
+    (
+        "other_tokenizer",
+        ["student.tokenizer={inputs}/other_tokenizer"],
+        "tokenizers differ (teacher: 2048 tokens, student: ",
+    ),
     ("seq_len_above_teacher", ["data.seq_len=4096"], "data.seq_len=4096 is above the teacher's maximum"),
     ("peft_matches_nothing", ["student.peft={target_modules: [nothing]}"], "student.peft.target_modules"),
     (

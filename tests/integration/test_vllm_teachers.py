@@ -87,10 +87,11 @@ def test_server_top_k_equals_in_process_hf_and_the_kd_loss_agrees(server, tiny_l
         assert abs(a - b) / abs(b) < 1e-3, (tail, a, b)
 
 
-def test_a_server_unfit_for_the_run_is_refused_before_any_weights_load(server, tmp_path):
+def test_a_server_unfit_for_the_run_is_refused_before_any_weights_load(server, tmp_path, capsys):
     """Another served name, a context too short for data.seq_len, a K above --max-logprobs, another
-    tokenizer: each is one line from the checks a run makes right after preflight (the first through the CLI,
-    which then has written nothing)."""
+    tokenizer: each is one line from the checks a run makes right after preflight (the first through the
+    command's `main`, which then has written nothing)."""
+    from llmdistill.cli import main
     from llmdistill.config import LLMDistillError
     from llmdistill.data import train_bpe_tokenizer
     from llmdistill.models import EMBEDDED_TEACHER
@@ -99,12 +100,13 @@ def test_a_server_unfit_for_the_run_is_refused_before_any_weights_load(server, t
     from llmdistill.teachers.vllm_server import SERVE
 
     run = ["train", "--config", "configs/tiny/vllm_server.yaml", *QUICK, *server.overrides()]
-    result = run_cli([*run, "teacher.server.served_model_name=other", f"run.output_dir={tmp_path}"])
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == (
+    code = main([*run, "teacher.server.served_model_name=other", f"run.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
         f"error: teacher.server.urls: {server.url} serves ['teacher'], not 'other'; restart it with {SERVE} "
         "(it serves teacher.server.served_model_name at data.seq_len + 2)"
-    ), result.stderr[-2000:]
+    ), err[-2000:]
     assert not list(tmp_path.iterdir())
 
     other = tmp_path / "other-teacher"  # the embedded teacher's config with another tokenizer
