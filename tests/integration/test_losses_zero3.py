@@ -1,10 +1,10 @@
 """Every loss from a config, on 2 ranks under ZeRO-3 with real partitioning: the loss falls and the student's
-held-out loss improves on its own starting value."""
-
-import json
+held-out loss improves on its own starting value. The runs share one launch (runs_in_turn.py)."""
 
 import pytest
-from conftest import QUICK, REPO, deepspeed_launcher, read_log, run_cli
+from conftest import QUICK, REPO
+
+from .runs_in_turn import run_in_turn
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -21,46 +21,28 @@ OBJECTIVES = {
     "hidden_cos": "[{name: fkl}, {name: hidden_cos}]",
     "curriculum": "[{name: curriculum, steps_per_stage: 4}]",
 }
+ZERO3 = [
+    "deepspeed.zero_stage=3",
+    "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+]
 
 
-def _run(tmp_path, name, extra):
-    args = [
+def _quick(tmp_path, name, extra):
+    return [
         *QUICK,
         f"train.max_steps={STEPS}",
         "train.lr=3e-3",
-        "deepspeed.zero_stage=3",
-        "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+        *ZERO3,
         f"run.output_dir={tmp_path}",
         f"run.name={name}",
         *extra,
     ]
-    result = run_cli(args, launcher=deepspeed_launcher(2))
-    assert result.returncode == 0, result.stderr[-4000:]
-    run_dir = tmp_path / name
-    return read_log(run_dir), json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_loss_trains_under_zero3(tmp_path, name):
-    log, summary = _run(tmp_path, name, [f"loss={OBJECTIVES[name]}"])
-    assert summary["zero3_local_fraction"] < 0.6
-    assert summary["student_eval"]["loss"] < summary["student_eval_start"]["loss"]
-    if name != "curriculum":  # the curriculum's loss changes meaning when it switches stage
-        assert log[STEPS]["loss"] < log[1]["loss"]
-
-
-def test_gradient_balancing_trains_under_zero3(tmp_path):
-    log, summary = _run(
-        tmp_path, "balance", ["loss=[{name: fkl}, {name: ce, weight: 0.5}]", "balance={normalize: task}"]
-    )
-    assert summary["student_eval"]["loss"] < summary["student_eval_start"]["loss"]
-    assert log[STEPS]["loss"] < log[1]["loss"]
-
-
-def test_chat_data_trains_under_zero3(tmp_path):
-    """Answer-only targets give each rank its own number of trained positions; the partitioned head is still
-    gathered as often on every rank (before, the ranks' chunk counts differed and the run hung)."""
-    args = [
+def _chat(tmp_path):
+    """Answer-only targets give each rank its own number of trained positions; the partitioned head must
+    still be gathered as often on every rank (before, the ranks' chunk counts differed and the run hung)."""
+    return [
         "--config",
         str(REPO / "configs" / "tiny" / "chat_distill.yaml"),
         "student.path=embedded",
@@ -75,13 +57,41 @@ def test_chat_data_trains_under_zero3(tmp_path):
         "train.save_every=0",
         "train.export=false",
         "train.progress=false",
-        "deepspeed.zero_stage=3",
-        "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+        *ZERO3,
         f"run.output_dir={tmp_path}",
         "run.name=chat",
     ]
-    result = run_cli(args, timeout=420, launcher=deepspeed_launcher(2))
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((tmp_path / "chat" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero3")
+    spec = {name: _quick(tmp, name, [f"loss={loss}"]) for name, loss in OBJECTIVES.items()}
+    spec["balance"] = _quick(
+        tmp, "balance", ["loss=[{name: fkl}, {name: ce, weight: 0.5}]", "balance={normalize: task}"]
+    )
+    spec["chat"] = _chat(tmp)
+    return run_in_turn(tmp, spec)
+
+
+def _improved(run: dict, name: str) -> None:
+    assert "error" not in run, run.get("error")
+    summary = run["summary"]
     assert summary["zero3_local_fraction"] < 0.6
     assert summary["student_eval"]["loss"] < summary["student_eval_start"]["loss"]
+    if name not in ("curriculum", "chat"):  # the curriculum's loss changes meaning when it switches stage
+        log = run["log"]
+        assert log[max(log)]["loss"] < log[1]["loss"]
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_loss_trains_under_zero3(runs, name):
+    _improved(runs[name], name)
+
+
+def test_gradient_balancing_trains_under_zero3(runs):
+    _improved(runs["balance"], "balance")
+
+
+def test_chat_data_trains_under_zero3(runs):
+    _improved(runs["chat"], "chat")
