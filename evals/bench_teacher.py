@@ -101,7 +101,7 @@ def main() -> int:
     from llmdistill.teachers import vllm_cache as vc
     from llmdistill.teachers import vllm_cache_build as build
     from llmdistill.teachers.prompts import score_batch
-    from llmdistill.teachers.vllm_server import VLLMServerTeacher
+    from llmdistill.teachers.vllm_server import VLLMServerTeacher, check_servers
 
     port = args.port or free_port()
     overrides = [
@@ -154,6 +154,7 @@ def main() -> int:
     try:
         if not args.url:
             _, pid, start_s = start_server(overrides, port)
+        check_servers(cfg, plan.teacher_tok)  # a --url server of another model fails here, in one line
         source = VLLMServerTeacher(cfg)
         tps, secs = timed(source.signal, work)
         results["vllm server"] = {"tokens_per_s": tps, "seconds": secs, "startup_s": start_s}
