@@ -60,5 +60,11 @@ def run_in_turn(tmp_path: Path, runs: dict[str, list[str]], timeout: int = 900) 
     return out
 
 
+def summary(run: dict) -> dict:
+    """A run's summary.json, once it is known to have finished."""
+    assert "error" not in run, run["error"]
+    return run["summary"]
+
+
 if __name__ == "__main__":
     sys.exit(_run_all(Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])))

@@ -5,10 +5,10 @@ template on its side, another template on the SentencePiece student's, ALM on th
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import REPO, deepspeed_launcher, run_cli
+from conftest import REPO
+
+from .runs_in_turn import run_in_turn, summary
 
 pytestmark = pytest.mark.slow
 
@@ -25,43 +25,45 @@ SHORT = [
 ]
 
 
-def test_chat_distillation_lowers_the_students_answer_only_loss(tmp_path):
-    args = ["--config", CHAT_DISTILL, f"run.output_dir={tmp_path}", "run.name=chat", *SHORT]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both runs in one launch (runs_in_turn.py)."""
+    tmp = tmp_path_factory.mktemp("chat")
+    chat = ["--config", CHAT_DISTILL, f"run.output_dir={tmp}", "run.name=chat", *SHORT]
     # The base teacher has no chat template: it reads the chats with the chat teacher's (same) tokenizer.
-    args += [
+    chat += [
         "student.path=embedded",
         "student.tokenizer=embedded:chat",
         "train.max_steps=30",
         "train.lr=1.0e-3",
     ]
-    result = run_cli(args, timeout=900, launcher=deepspeed_launcher(2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "chat" / "summary.json").read_text())
-    start, end, teacher = (summary[k]["loss"] for k in ("student_eval_start", "student_eval", "teacher_eval"))
-    print(f"\nanswer-only held-out loss: student {start:.4f} -> {end:.4f}, chat teacher {teacher:.4f}")
-    assert summary["world_size"] == 2
-    # The validation set is chat data: these figures count answer tokens only.
-    assert teacher < start  # the chat teacher answers better than the student it starts from
-    assert end < start - 0.1 * (start - teacher)
-
-
-def test_cross_tokenizer_chat_run(tmp_path):
-    template = tmp_path / "sp_template.jinja"
+    template = tmp / "sp_template.jinja"
     template.write_text(
         "{{ bos_token }}{% for m in messages %}### {{ m.role }}:\n{{ m.content }}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}### assistant:\n{% endif %}"
     )
-    args = [
-        "--config", str(REPO / "configs" / "tiny" / "alm.yaml"), f"run.output_dir={tmp_path}", "run.name=x",
+    cross = [
+        "--config", str(REPO / "configs" / "tiny" / "alm.yaml"), f"run.output_dir={tmp}", "run.name=x",
         "teacher.path=embedded:chat", f"data.chat_template={template}",
         "data.train={path: 'embedded:chat-validation', format: messages}",
         "data.validation={path: 'embedded:chat-test', format: messages, max_documents: 64}",
         *SHORT, "train.max_steps=20", "train.lr=3.0e-3",
     ]  # fmt: skip
-    result = run_cli(args, timeout=900, launcher=deepspeed_launcher(2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "x" / "summary.json").read_text())
-    logs = [json.loads(line) for line in (tmp_path / "x" / "logs.jsonl").read_text().splitlines()]
-    alm = [r["loss/alm"] for r in logs if "loss/alm" in r]
+    return run_in_turn(tmp, {"chat": chat, "x": cross})
+
+
+def test_chat_distillation_lowers_the_students_answer_only_loss(runs):
+    chat = summary(runs["chat"])
+    start, end, teacher = (chat[k]["loss"] for k in ("student_eval_start", "student_eval", "teacher_eval"))
+    print(f"\nanswer-only held-out loss: student {start:.4f} -> {end:.4f}, chat teacher {teacher:.4f}")
+    assert chat["world_size"] == 2
+    # The validation set is chat data: these figures count answer tokens only.
+    assert teacher < start  # the chat teacher answers better than the student it starts from
+    assert end < start - 0.1 * (start - teacher)
+
+
+def test_cross_tokenizer_chat_run(runs):
+    finished = summary(runs["x"])
+    alm = [r["loss/alm"] for r in runs["x"]["log"].values() if "loss/alm" in r]
     assert len(alm) == 20 and all(v > 0 for v in alm)  # every step had answer chunks to match
-    assert summary["student_eval"]["loss"] < summary["student_eval_start"]["loss"]
+    assert finished["student_eval"]["loss"] < finished["student_eval_start"]["loss"]
