@@ -77,10 +77,11 @@ class RunLog:
                 self.tb.add_scalar(k, v, step)
         self.trackers.log(step, scalars)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the files and the trackers' runs (`failed`: marked failed); again, it does nothing."""
         if self.rank == 0 and self.file is not None:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
-            self.trackers.finish()
+            self.trackers.finish(failed)
             self.file = self.tb = None

@@ -3,7 +3,8 @@ RunLog itself). `train.report_to` names them; each package is imported only when
 
 One small adapter per tracker: `start(params, run_dir, name, previous)` opens its run (or reopens the one
 `previous` identifies, after a resume) with the run's parameters and returns what identifies it,
-`log(step, scalars)` logs one record, `finish()` closes the run. `Trackers` fans out to them on rank 0.
+`log(step, scalars)` logs one record, `finish(failed)` closes the run (marked failed where the tracker
+has such a state). `Trackers` fans out to them on rank 0.
 
 A resumed run continues the same tracker run. None of these trackers can delete logged points, so the steps
 it already holds are skipped instead of logged twice: run_dir/trackers/<tracker>.json keeps the run's id
@@ -54,8 +55,8 @@ class Wandb:
     def log(self, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MLflow:
@@ -92,8 +93,8 @@ class MLflow:
         metrics = [Metric(re.sub(r"[^\w./\- :]", "_", k), float(v), now, step) for k, v in scalars.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def finish(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def finish(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class Trackio:
@@ -119,8 +120,8 @@ class Trackio:
     def log(self, step: int, scalars: dict) -> None:
         self.trackio.log(scalars, step=step)
 
-    def finish(self) -> None:
-        self.trackio.finish()
+    def finish(self, failed: bool = False) -> None:
+        self.trackio.finish()  # trackio keeps no run status
 
 
 ADAPTERS = {"wandb": Wandb, "mlflow": MLflow, "trackio": Trackio}
@@ -141,7 +142,7 @@ class Trackers:
             try:
                 run = adapter.start(params, run_dir, name, previous.get("run", {}))
             except Exception as err:
-                self.finish()
+                self.finish(failed=True)
                 raise TrackerError(f"train.report_to: {tracker} failed to start: {one_line(err)}") from err
             self.active[tracker] = adapter
             self.state[tracker] = {"run": run, "held": previous.get("held", {}) if previous else {}}
@@ -167,11 +168,12 @@ class Trackers:
             self.state[tracker]["held"].update(dict.fromkeys(fresh, step))
             self._save(tracker)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """Close every tracker's run; `failed`: the training run failed, and its tracker runs say so."""
         for tracker, adapter in list(self.active.items()):
             del self.active[tracker]
             try:
-                adapter.finish()
+                adapter.finish(failed)
             except Exception as err:
                 log.warning(f"{tracker} failed to finish its run: {one_line(err)}")
 

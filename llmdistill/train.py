@@ -9,6 +9,7 @@ llmdistill.runlog.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -186,6 +187,11 @@ class Trainer:
         # Preemption signals are honoured from the start: one that arrives while the models load stops the
         # run after its first step.
         self.stop = StopRequest()
+        self.runlog, self._source_open = None, False
+        with self._closed_on_failure():
+            self._set_up(cfg)
+
+    def _set_up(self, cfg: Config) -> None:
         self.phases = {"config": since_process_start()}  # where a run's time goes outside its steps
         rank = int(os.environ.get("RANK", "0"))
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
@@ -556,42 +562,58 @@ class Trainer:
             self.teacher_source.close()
             self._source_open = False
 
-    def close(self) -> None:
-        """Release the teacher source and the log, and give the preemption signals back."""
+    def close(self, failed: bool = False) -> None:
+        """Release the log and the teacher source, and give the preemption signals back; the trackers'
+        runs end as failed when `failed`. Closing again, or a trainer only partly built, is fine."""
+        if self.runlog is not None:
+            self.runlog.close(failed)
         self.close_teacher()
-        self.runlog.close()
         self.stop.restore()
         self._hf_ds_config = None
+
+    @contextlib.contextmanager
+    def _closed_on_failure(self):
+        """A setup or run that raises closes the trainer first, so that the process (a notebook, a test
+        session) gets its signal handlers back and the trackers mark the run failed instead of running."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.close(failed=True)
+            except Exception as err:  # the failure being raised is the one to report
+                log.warning(f"closing after a failure also failed: {err}")
+            raise
 
     # ------------------------------------------------------------------------------------------ the run
 
     def run(self) -> dict:
         """Resume, evaluate, train to `max_steps` (or a preemption), evaluate, export, report; the summary."""
         cfg = self.cfg
-        self.resume()
-        # Cross-tokenizer batches: the teacher reads other token ids than the student's targets, so its
-        # per-token figures here would be meaningless; it is only evaluated on a shared tokenizer.
-        if self.teacher is not None and self.held_out and "teacher_input_ids" not in self.held_out[0]:
-            self.summary["teacher_eval"] = self.evaluate_teacher()
-        if self.held_out and self.step == 0:
-            self.summary["student_eval_start"] = self._log_eval()
-        self.mark("eval_start")
-        self._train_loop()
-        self.mark("train")
-        if self.held_out:
-            self.summary["student_eval"] = self._log_eval()
-        self.mark("eval_end")
-        if cfg.train.export and "stopped_early" not in self.summary:
-            self.export()
-        self.mark("export")
-        self.close_teacher()  # before the final lm-eval, which may need the memory a teacher holds
-        if cfg.eval is not None and cfg.eval.at_end and "student_dir" in self.summary:
-            if self.rank == 0:
-                report = run_eval(cfg)
-                self.summary["lm_eval"] = report["output_dir"]
-                self.runlog.write(self.step, tensorboard_scalars(report, prefix="lm_eval"))
-            barrier()
-        self.close()
+        with self._closed_on_failure():
+            self.resume()
+            # Cross-tokenizer batches: the teacher reads other token ids than the student's targets, so its
+            # per-token figures here would be meaningless; it is only evaluated on a shared tokenizer.
+            if self.teacher is not None and self.held_out and "teacher_input_ids" not in self.held_out[0]:
+                self.summary["teacher_eval"] = self.evaluate_teacher()
+            if self.held_out and self.step == 0:
+                self.summary["student_eval_start"] = self._log_eval()
+            self.mark("eval_start")
+            self._train_loop()
+            self.mark("train")
+            if self.held_out:
+                self.summary["student_eval"] = self._log_eval()
+            self.mark("eval_end")
+            if cfg.train.export and "stopped_early" not in self.summary:
+                self.export()
+            self.mark("export")
+            self.close_teacher()  # before the final lm-eval, which may need the memory a teacher holds
+            if cfg.eval is not None and cfg.eval.at_end and "student_dir" in self.summary:
+                if self.rank == 0:
+                    report = run_eval(cfg)
+                    self.summary["lm_eval"] = report["output_dir"]
+                    self.runlog.write(self.step, tensorboard_scalars(report, prefix="lm_eval"))
+                barrier()
+            self.close()
         self.mark("end")
         self.summary["phases"] = self.phases
         log.info(f"time since start: {phase_breakdown(self.phases)}")

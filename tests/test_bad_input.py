@@ -6,6 +6,7 @@ per row); a few run the real command line end to end.
 
 import json
 import shutil
+import signal
 import time
 
 import pytest
@@ -197,8 +198,10 @@ def _check_refused(code, err, words, out):
 @pytest.mark.parametrize("overrides, words", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_bad_input_is_refused_before_anything_loads(overrides, words, inputs, tmp_path, capsys):
     words = words.replace("{inputs}", str(inputs))
+    handler = signal.getsignal(signal.SIGTERM)
     code = main(_args(overrides, inputs, tmp_path))
     _check_refused(code, capsys.readouterr().err, words, tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the trainer's preemption handler is given back
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import QUICK, read_log, run_cli
+from conftest import QUICK, nan_teacher, read_log, run_cli
 
 from llmdistill import trackers
 from llmdistill.config import ConfigError, load_config
@@ -52,7 +52,7 @@ class Recorder:
     """A tracker that keeps what it is given; with `fail_at`, it raises from that step on."""
 
     def __init__(self, fail_at=None):
-        self.started, self.logged, self.finished, self.fail_at = [], [], False, fail_at
+        self.started, self.logged, self.finished, self.fail_at = [], [], None, fail_at
 
     def start(self, params, run_dir, name, previous):
         self.started.append(previous)
@@ -63,8 +63,8 @@ class Recorder:
             raise ConnectionError(f"tracker gone\nat step {step}")
         self.logged.append((step, dict(scalars)))
 
-    def finish(self):
-        self.finished = True
+    def finish(self, failed=False):
+        self.finished = "failed" if failed else "finished"
 
 
 def test_a_tracker_failing_mid_run_warns_once_and_the_others_go_on(tmp_path, monkeypatch, caplog):
@@ -76,8 +76,8 @@ def test_a_tracker_failing_mid_run_warns_once_and_the_others_go_on(tmp_path, mon
         for step in range(1, 5):
             fan.log(step, {"loss": 1.0 / step})
         fan.finish()
-    assert [s for s, _ in good.logged] == [1, 2, 3, 4] and good.finished
-    assert [s for s, _ in bad.logged] == [1] and not bad.finished
+    assert [s for s, _ in good.logged] == [1, 2, 3, 4] and good.finished == "finished"
+    assert [s for s, _ in bad.logged] == [1] and bad.finished is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("bad failed at step 2"), warnings
     assert "\n" not in warnings[0]
@@ -369,6 +369,28 @@ def test_mlflow_resume_continues_the_same_run_and_logs_no_step_twice(mlflow_serv
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [s for s, _ in _history(client, run_id, "loss")] == [1, 2, 3]
     assert [s for s, _ in _history(client, run_id, "eval/loss")] == [0, 3]
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_ends_its_mlflow_run_as_failed_and_gives_the_signals_back(
+    mlflow_server, tmp_path, one_rank, monkeypatch
+):
+    """Every loss NaN (a NaN teacher): the run stops with TrainingStopped, and the MLflow run it opened says
+    FAILED (not RUNNING forever); the process has its own SIGTERM handler back."""
+    from mlflow.tracking import MlflowClient
+
+    from llmdistill.train import Trainer, TrainingStopped
+
+    uri, _ = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    overrides = [f"teacher.path={nan_teacher(tmp_path)}", "train.max_skipped_steps=2", "run.name=failed"]
+    cfg = load_config(None, [*TRAIN, f"run.output_dir={tmp_path}", "train.report_to=[mlflow]", *overrides])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped):
+        Trainer(cfg).run()
+    assert signal.getsignal(signal.SIGTERM) is before
+    run_id = _tracker_state(tmp_path / "failed", "mlflow")["run"]["run_id"]
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
 
 
 @pytest.mark.slow
