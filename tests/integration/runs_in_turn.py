@@ -67,4 +67,4 @@ def summary(run: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(_run_all(Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])))
+    _run_all(Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]))
