@@ -290,6 +290,33 @@ def test_divergences_finite_with_zero_probability_teacher():
         assert torch.isfinite(value) and torch.isfinite(grad).all(), name
 
 
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_sure_top_k_teacher_has_a_bucket_at_fp32_resolution_not_zero(name, temperature):
+    # Where the teacher is sure, its fp32 top-k log-probs (vLLM's) sum to exactly 1: the bucket would be 0 and
+    # its log -1e4, which charged a reverse KL 1e4 per unit of the student's mass outside the top-k.
+    hidden, weight, teacher, batch = make_case(seed=21)
+    teacher[..., 0] += 60.0
+    signal = sparse_of(teacher)
+    assert (torch.logsumexp(signal.topk_logprobs, -1) == 0).all()
+    student, h, _ = student_of(hidden, weight)
+    value, _ = get_loss(name)(student, signal, batch, temperature=temperature, tail="bucket")
+    (grad,) = torch.autograd.grad(value, [h])
+
+    h64 = hidden.double().requires_grad_(True)
+    q_full = torch.softmax(h64 @ weight.double().T / temperature, -1)
+    top_p, ids = torch.softmax(teacher.double(), -1).topk(K, dim=-1)
+    q_top = q_full.gather(-1, ids)
+    q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    p = torch.cat([top_p, torch.full_like(top_p[..., :1], torch.finfo(torch.float32).eps)], -1)
+    p = p ** (1 / temperature)
+    p = p / p.sum(-1, keepdim=True)
+    ref = ref_rows(name, p, q)[batch["targets"] != -100].mean() * temperature**2
+    (ref_grad,) = torch.autograd.grad(ref, [h64])
+    torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
 # --- properties ---
 
 

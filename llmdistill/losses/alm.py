@@ -343,7 +343,7 @@ def uld(
     t_first, t_has = _chunk_first_rows(t_chunk, width)
     both = s_has & t_has
     if not bool(both.any()):
-        return student.hidden.sum() * 0.0, {"uld/positions": 0.0}
+        return student.hidden.sum() * 0.0, {"uld/positions_per_seq": 0.0}
     s_rows, t_rows = s_first[both], t_first[both]
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
     if signal.logits is not None:

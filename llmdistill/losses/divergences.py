@@ -63,6 +63,11 @@ log = logging.getLogger(__name__)
 # finite (0) where a probability is zero, and a reverse KL against a zero teacher probability is large but not
 # inf.
 LOGP_FLOOR = -1e4
+# A top-k teacher's bucket is 1 - sum(top-k probabilities) of fp32 log-probabilities (a vLLM server's; a
+# cache's are coarser still), so a remainder below fp32's resolution is rounding noise, and exactly 0 wherever
+# the teacher is sure (vLLM's log-prob is then 0.0). Taken at face value, log 0 would charge a reverse KL
+# -LOGP_FLOOR per unit of the student's tail mass; the bucket is floored at that resolution instead.
+TAIL_LOGP_FLOOR = math.log(torch.finfo(torch.float32).eps)
 # Auto chunk size: the rows whose [rows, V] fp32 logits take this many bytes (a chunk's work holds about 3
 # such buffers at its peak); with the Triton kernels (kernels.py) a chunk holds about 3 [rows, V] buffers in
 # the logits' dtype instead, so bf16 gets twice the rows, and fewer, larger head matmuls (on an H200 at
@@ -405,6 +410,13 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def teacher_tail(logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(logprobs))) [rows, 1]: a top-k teacher's mass outside its K ids (the bucket), at least
+    TAIL_LOGP_FLOOR."""
+    rest = log1mexp(torch.logsumexp(logprobs.double(), dim=-1, keepdim=True))
+    return rest.clamp_(min=TAIL_LOGP_FLOOR).to(logprobs.dtype)
+
+
 def sparse_ids(signal: TeacherSignal, rows: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = signal.topk_ids.reshape(-1, signal.topk_ids.shape[-1]).index_select(0, rows).long()
     logprobs = signal.topk_logprobs.reshape(-1, signal.topk_logprobs.shape[-1]).index_select(0, rows).float()
@@ -625,8 +637,9 @@ def sparse_divergence(signal: TeacherSignal, temperature: float, tail: str, dive
                 log_p = F.log_softmax(logprobs / temperature, dim=-1)
             if tail == "bucket":
                 log_q = torch.cat([log_top, log_rest], dim=-1)
-                teacher_rest = log1mexp(torch.logsumexp(logprobs, dim=-1, keepdim=True))
-                log_p = F.log_softmax(torch.cat([logprobs, teacher_rest], dim=-1) / temperature, dim=-1)
+                log_p = F.log_softmax(
+                    torch.cat([logprobs, teacher_tail(logprobs)], dim=-1) / temperature, dim=-1
+                )
             rows_value, g = divergence(log_p.clamp_(min=LOGP_FLOOR), log_q, grad_scale is not None)
             if grad_scale is None:
                 return rows_value.sum(), None

@@ -39,10 +39,10 @@ from llmdistill.losses.divergences import (
     check_sparse_ids,
     check_tail,
     fused_head_loss,
-    log1mexp,
     shared_vocab,
     sparse_ids,
     teacher_logit_rows,
+    teacher_tail,
     teacher_vocab,
 )
 from llmdistill.losses.registry import register
@@ -140,8 +140,9 @@ def sinkhorn_loss(
             ids, logprobs = sparse_ids(signal, rows, s.shape[-1])
             q = F.softmax(s / temperature, dim=-1)
             if tail == "bucket":
-                rest = log1mexp(torch.logsumexp(logprobs, dim=-1, keepdim=True))
-                teacher = F.softmax(torch.cat([logprobs, rest], dim=-1) / temperature, dim=-1)
+                teacher = F.softmax(
+                    torch.cat([logprobs, teacher_tail(logprobs)], dim=-1) / temperature, dim=-1
+                )
                 cost = l1_cost_sparse(q, ids, teacher[:, :-1], teacher[:, -1])
             else:
                 cost = l1_cost_sparse(q, ids, F.softmax(logprobs / temperature, dim=-1), None)
