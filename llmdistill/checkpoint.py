@@ -162,6 +162,19 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
+def set_aside_checkpoints(root: Path) -> Path | None:
+    """Move an earlier run's checkpoints out of a run that starts over (`train.resume: never`), to
+    `checkpoints.before-<time>` beside them; returns where, or None when there were none.
+
+    Left in place they would outnumber this run's lower steps: pruning would delete the new checkpoints, and
+    the next `resume: auto` would continue the abandoned run. Moved rather than deleted: nothing is lost."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    aside = root.with_name(f"{root.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    root.rename(aside)
+    return aside
+
+
 def read_marker(path: Path) -> dict:
     return json.loads((path / COMPLETE).read_text())
 
@@ -284,8 +297,14 @@ def check_run_config(cfg: Config, run_dir: Path) -> None:
         return
     try:
         old = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError as err:
+        raise LLMDistillError(
+            f"{saved} is not valid YAML ({str(err).splitlines()[0]}): restore it, or use train.resume=never "
+            "to start over or run.overwrite_config=true to continue under this config"
+        ) from None
+    try:
         old = config_from_dict(old).model_dump(mode="json")  # defaults filled in, as in the new one
-    except (yaml.YAMLError, LLMDistillError):
+    except LLMDistillError:
         old = old if isinstance(old, dict) else {}
     changes = config_changes(old, cfg.model_dump(mode="json"))
     if changes:

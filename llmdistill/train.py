@@ -34,6 +34,7 @@ from llmdistill.checkpoint import (
     load_checkpoint,
     read_marker,
     save_checkpoint,
+    set_aside_checkpoints,
     write_config,
 )
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
@@ -230,6 +231,8 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             truncate_log(self.run_dir / "logs.jsonl", start)
+            if cfg.train.resume == "never" and (aside := set_aside_checkpoints(self.ckpt_root)) is not None:
+                log.warning(f"train.resume=never: the earlier run's checkpoints moved to {aside}")
         # The trackers start before any weights load, so one that cannot start fails in seconds.
         self.runlog = RunLog(
             self.run_dir,

@@ -12,6 +12,7 @@ from conftest import QUICK, read_log, run_cli
 
 from llmdistill.checkpoint import COMPLETE, complete_checkpoints, damage, prune_checkpoints
 from llmdistill.cli import main
+from llmdistill.distributed import free_port
 
 RUN = [*QUICK, "train.max_steps=4", "train.save_every=2", "deepspeed.zero_stage=1", "run.name=run"]
 UMASK = 0o027  # not the usual 022, so a fixed 0644 would be caught
@@ -127,6 +128,36 @@ def test_a_refused_command_leaves_config_yaml_as_it_was(run_dir, capsys):
     assert code == 2 and "has checkpoints of a run with another config" in err
     assert "differs in loss.0.name, train.lr" in err and "run.overwrite_config=true" in err, err
     assert (run_dir / "config.yaml").read_bytes() == saved
+
+
+def test_a_run_that_starts_over_sets_the_earlier_checkpoints_aside(run_dir):
+    # Left among the new ones, the earlier steps 2 and 4 would outnumber this run's step 2 (pruned at once
+    # with keep 1) and be what the next resume: auto continues.
+    before = read_log(run_dir)
+    out = f"run.output_dir={run_dir.parent}"
+    assert (
+        main(["train", *RUN, out, "train.resume=never", "train.max_steps=2", "train.keep_checkpoints=1"]) == 0
+    )
+    assert _checkpoints(run_dir) == ["step_00000002"]
+    marker = json.loads((run_dir / "checkpoints" / "step_00000002" / COMPLETE).read_text())
+    assert marker["time"] > before[4]["time"]
+    (aside,) = run_dir.glob("checkpoints.before-*")
+    assert [p.name for p in complete_checkpoints(aside)] == ["step_00000002", "step_00000004"]
+    assert all(damage(p) is None for p in complete_checkpoints(aside))
+    # The next segment continues the new run, not the earlier one.
+    # (in a subprocess: this process's store still holds MASTER_PORT)
+    env = {"MASTER_PORT": str(free_port())}
+    result = run_cli(["train", *RUN, out, "train.max_steps=3", "train.keep_checkpoints=1"], env=env)
+    assert result.returncode == 0 and "resumed from" in result.stderr, result.stderr[-3000:]
+    assert _checkpoints(run_dir) == ["step_00000003"] and sorted(read_log(run_dir)) == [1, 2, 3]
+
+
+def test_a_run_directory_whose_config_is_not_yaml_is_refused_by_name(run_dir, capsys):
+    (run_dir / "config.yaml").write_text("run: {name: [unclosed\n")
+    assert main(["train", *RUN, f"run.output_dir={run_dir.parent}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'config.yaml'} is not valid YAML" in err and "Traceback" not in err, err
+    assert _checkpoints(run_dir) == ["step_00000002", "step_00000004"]
 
 
 def test_a_checkpoint_of_another_student_shape_is_refused_before_loading(run_dir, capsys):
