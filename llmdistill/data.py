@@ -916,10 +916,11 @@ def micro_batch_indices(
             f"dataset has {num_samples} sequences, fewer than one global batch "
             f"({micro_batch} x {world_size} ranks)"
         )
-    position = start
+    position, order, order_epoch = start, None, None
     while True:
         epoch, step = divmod(position, per_epoch)
-        order = epoch_order(num_samples, seed, epoch)
+        if epoch != order_epoch:  # drawn once per epoch: a permutation of 10M sequences takes ~0.25 s
+            order, order_epoch = epoch_order(num_samples, seed, epoch), epoch
         first = (step * world_size + rank) * micro_batch
         yield order[first : first + micro_batch].tolist()
         position += 1

@@ -56,6 +56,14 @@ def test_sampler_shards_ranks_and_resumes_exactly():
     assert r0[per_epoch] != r0[0]  # a new epoch reshuffles
 
 
+def test_sampler_draws_one_permutation_per_epoch(monkeypatch):
+    # A permutation of 10M sequences takes ~0.25 s: drawn per micro-batch, it would stall every step.
+    drawn = []
+    monkeypatch.setattr(data, "epoch_order", lambda n, seed, epoch: drawn.append(epoch) or torch.arange(n))
+    list(itertools.islice(data.micro_batch_indices(50, 4, 2, 0, seed=3, start=4), 10))
+    assert drawn == [0, 1, 2]  # micro-batches 4-13, 6 per epoch (the old code drew one for each)
+
+
 def test_bytes_of_targets_counts_the_predicted_text(embedded_tokenizer):
     text = "def f(x):\n    return x  # ünïcode\n"
     ids = embedded_tokenizer(text)["input_ids"]
