@@ -382,7 +382,8 @@ def aligned_dataset(
     """`pack_aligned` over a `datasets.Dataset` of texts (cached by `datasets`), the teacher columns padded to
     the longest window's teacher length (at most `max_teacher_len`), in torch format."""
     tables = (token_bytes_table(student_tok), token_bytes_table(teacher_tok))
-    packed = texts.map(
+    packed = data.cached_map(
+        texts,
         lambda b: pack_aligned(b["text"], student_tok, teacher_tok, seq_len, tables),
         batched=True,
         batch_size=2000,
@@ -397,7 +398,7 @@ def _pad_packed(packed, teacher_tok, name: str, seq_len: int, max_teacher_len: i
     longest = max(len(ids) for ids in packed["teacher_input_ids"])
     length = min(longest, max_teacher_len) if max_teacher_len else longest
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id or 0
-    packed = packed.map(pad_teacher, fn_kwargs={"length": length, "pad_id": pad})
+    packed = data.cached_map(packed, pad_teacher, fn_kwargs={"length": length, "pad_id": pad})
     packed.set_format("torch")
     return packed
 
@@ -568,7 +569,8 @@ def aligned_chat_dataset(
     """`pack_aligned_chats` over a `datasets.Dataset` with a `messages` column (cached by `datasets`), the
     teacher columns padded as in `aligned_dataset`, in torch format."""
     tables = (token_bytes_table(student_tok), token_bytes_table(teacher_tok))
-    packed = conversations.map(
+    packed = data.cached_map(
+        conversations,
         lambda b, idx: pack_aligned_chats(
             b["messages"], student_tok, teacher_tok, templates, data_cfg, name, idx[0], tables
         ),

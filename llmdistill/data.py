@@ -46,6 +46,12 @@ _SKIP_DIRS = {
     "pydoc_data",
 }
 _MAX_FILE_BYTES = 256_000
+# The code that turns rows into sequences, as part of every cached map's key: `datasets` keys a map by its
+# function and what that closes over, not by the code of the module functions it calls, so an upgraded
+# llmdistill would otherwise read back sequences its predecessor built.
+DATA_CODE = hashlib.sha256(
+    b"".join(Path(__file__).with_name(name).read_bytes() for name in ("data.py", "align.py"))
+).hexdigest()[:16]
 
 
 # -------------------------------------------------------------------------------------------- embedded corpus
@@ -274,6 +280,9 @@ def load_rows(spec: DatasetSpec):
         args = dict(path=builder, data_files=files)
     else:  # a directory laid out for load_dataset (split files, configs in its README), or a hub name
         args = dict(path=spec.path, name=spec.name, revision=spec.revision)
+    if local and builder == "text":
+        # A .txt file is one document, newlines kept (datasets' default makes every line a document).
+        args["sample_by"] = "document"
     try:
         ds = datasets.load_dataset(**args, split=spec.split, streaming=spec.streaming)
     except Exception as err:  # datasets raises many kinds; the user needs the name and the reason
@@ -295,7 +304,22 @@ def load_rows(spec: DatasetSpec):
                 raise LLMDistillError(f"dataset {spec.path}: no field {field!r} (fields: {columns})")
     if not spec.streaming and len(ds) == 0:
         raise LLMDistillError(f"dataset {spec.path} is empty")
+    if spec.format == "text" and not spec.streaming:
+        _check_text_column(ds, spec)
     return ds.select_columns(fields) if columns is not None else ds
+
+
+def _check_text_column(ds, spec: DatasetSpec) -> None:
+    """Every document a string: a null or a number fails here naming its row, not inside the tokenizer."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = ds.with_format("arrow")[spec.text_field]
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise LLMDistillError(f"dataset {spec.path}: field {spec.text_field!r} holds {column.type}, not text")
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise LLMDistillError(f"{_where(spec, row)}: {spec.text_field} is missing (null)")
 
 
 def load_texts(spec: DatasetSpec):
@@ -597,15 +621,34 @@ def _document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in encoded]
 
 
+def cached_map(rows, function, **kwargs):
+    """`rows.map(function, **kwargs)`, cached by `datasets` under a key that also holds DATA_CODE."""
+    from datasets.fingerprint import Hasher
+
+    key = Hasher.hash([rows._fingerprint, function, kwargs, DATA_CODE])
+    return rows.map(function, new_fingerprint=key, **kwargs)
+
+
+def _packed_documents(tokenized, seq_len: int) -> Iterator[dict[str, list[int]]]:
+    yield from document_sequences((row["ids"] for row in tokenized), seq_len)
+
+
 def tokenize_and_pack(texts, tokenizer, seq_len: int, name: str):
-    """Tokenized, packed dataset (cached by `datasets`), in torch format."""
-    tokenized = texts.map(
+    """Tokenized, packed dataset (cached by `datasets`), in torch format: the documents packed in one pass,
+    as a stream of them is (no tail dropped but the last)."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    tokenized = cached_map(
+        texts,
         lambda b: {"ids": _document_ids(tokenizer, b["text"])},
         batched=True,
         remove_columns=texts.column_names,
     )
-    packed = tokenized.map(
-        lambda b: pack_documents(b["ids"], seq_len), batched=True, batch_size=2000, remove_columns=["ids"]
+    packed = datasets.Dataset.from_generator(
+        _packed_documents,
+        gen_kwargs={"tokenized": tokenized, "seq_len": seq_len},
+        fingerprint=Hasher.hash([tokenized._fingerprint, seq_len, DATA_CODE]),
     )
     if len(packed) == 0:
         raise LLMDistillError(f"dataset {name} has fewer than {seq_len + 1} tokens: nothing to train on")
@@ -651,7 +694,8 @@ def packed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, pack_text
         if data_cfg.pack:
             return tokenize_and_pack(texts, tokenizer, seq_len, name)
         pad = _pad_id(tokenizer)
-        packed = texts.map(
+        packed = cached_map(
+            texts,
             lambda b: _columns(
                 sample_sequences(_text_samples(tokenizer, b["text"], seq_len), seq_len, pad, False)
             ),
@@ -667,7 +711,8 @@ def packed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, pack_text
                     "data.chat: true (each side renders them with its chat template)"
                 )
             turns_of = row_turns(spec, data_cfg)
-            conversations = rows.map(
+            conversations = cached_map(
+                rows,
                 lambda b, idx: {
                     "messages": [turns_of({k: v[j] for k, v in b.items()}, i) for j, i in enumerate(idx)]
                 },
@@ -687,10 +732,13 @@ def packed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, pack_text
                 out["status"].append(status)
             return out
 
-        encoded = rows.map(encode_batch, batched=True, with_indices=True, remove_columns=rows.column_names)
+        encoded = cached_map(
+            rows, encode_batch, batched=True, with_indices=True, remove_columns=rows.column_names
+        )
         log_counts(name, encoded["status"], data_cfg)
         pad = _pad_id(tokenizer)
-        packed = encoded.map(
+        packed = cached_map(
+            encoded,
             lambda b: _columns(
                 sample_sequences(
                     (
@@ -793,6 +841,8 @@ def _stream_epoch(rows, spec: DatasetSpec, data_cfg: DataConfig, tokenizer) -> I
             for field in _row_fields(spec):
                 if field not in row:
                     raise LLMDistillError(f"{_where(spec, i)}: no field {field!r} (fields: {list(row)})")
+            if spec.format == "text" and not isinstance(row[spec.text_field], str):
+                raise LLMDistillError(f"{_where(spec, i)}: {spec.text_field} is missing or not a string")
             yield i, row
 
     if spec.format == "text":

@@ -80,11 +80,67 @@ def test_tokenize_and_pack_local_jsonl(tmp_path, embedded_tokenizer):
     assert len(packed) > 3 and packed[0]["input_ids"].shape == (16,)
 
 
+def test_packing_in_memory_spans_every_document_as_a_stream_does(tmp_path, embedded_tokenizer):
+    # 2500 short documents at a long seq_len: packed in batches of documents, each batch's tail was dropped
+    # (fewer sequences than the stream's, most of them different).
+    path = _write_jsonl(tmp_path / "short.jsonl", [{"text": f"x{i} = {i}\n"} for i in range(2500)])
+    data_cfg = DataConfig(seq_len=300)
+    in_memory = data.build_dataset(DatasetSpec(path=path), data_cfg, embedded_tokenizer, 0)
+    total = sum(
+        len(ids) for ids in data._document_ids(embedded_tokenizer, [f"x{i} = {i}\n" for i in range(2500)])
+    )
+    assert len(in_memory) == (total - 1) // 300
+    streamed = data.build_dataset(DatasetSpec(path=path, streaming=True), data_cfg, embedded_tokenizer, 0)
+    for a, b in zip(streamed.head(len(in_memory)), in_memory, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "position_ids", "targets"))
+
+
+def test_a_txt_file_is_one_document_with_its_newlines(tmp_path, embedded_tokenizer):
+    (tmp_path / "a.txt").write_text("def add(a, b):\n    return a + b\n")
+    (tmp_path / "b.txt").write_text("def sub(a, b):\n    return a - b\n")
+    texts = data.load_texts(DatasetSpec(path=str(tmp_path)))
+    assert sorted(texts["text"]) == [
+        "def add(a, b):\n    return a + b\n",
+        "def sub(a, b):\n    return a - b\n",
+    ]
+    packed = data.tokenize_and_pack(texts, embedded_tokenizer, seq_len=8, name=str(tmp_path))
+    restarts = sum(int((row["position_ids"][1:] == 0).sum()) for row in packed)
+    assert restarts <= 1  # within a sequence, positions restart only where the second file starts
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_null_text_names_its_row(tmp_path, embedded_tokenizer, streaming):
+    path = _write_jsonl(tmp_path / "docs.jsonl", [{"text": "x = 1\n"}, {"text": None}])
+    with pytest.raises(LLMDistillError, match=r"docs.jsonl row 2: text is missing"):
+        ds = data.build_dataset(
+            DatasetSpec(path=path, streaming=streaming), DataConfig(seq_len=16), embedded_tokenizer, 0
+        )
+        ds.head(10) if streaming else None
+
+
+def test_a_new_version_of_the_data_code_builds_its_sequences_anew(tmp_path, embedded_tokenizer, monkeypatch):
+    # datasets keys a cached map by its function and closure, not by the module code that function calls.
+    path = _write_jsonl(tmp_path / "docs.jsonl", [{"text": "x = 1\n" * 40}])
+    build = lambda: data.build_dataset(DatasetSpec(path=path), DataConfig(seq_len=16), embedded_tokenizer, 0)  # noqa: E731
+    before = build()[:]["targets"]
+    original = data.document_sequences
+
+    def trains_nothing(docs, seq_len):
+        for sequence in original(docs, seq_len):
+            yield sequence | {"targets": [IGNORE_INDEX] * seq_len}
+
+    monkeypatch.setattr(data, "document_sequences", trains_nothing)
+    monkeypatch.setattr(data, "DATA_CODE", "a later version")
+    after = build()[:]["targets"]
+    assert (before != IGNORE_INDEX).any() and (after == IGNORE_INDEX).all()
+
+
 @pytest.mark.parametrize(
     "content, field, message",
     [
         ("", "text", "is empty"),
         ('{"body": "x"}\n', "text", "no field 'text'"),
+        ('{"text": 3}\n', "text", "field 'text' holds int64, not text"),
     ],
 )
 def test_bad_datasets_are_named(tmp_path, content, field, message):
