@@ -401,12 +401,14 @@ def _common_prefix(a: str, b: str) -> int:
 
 class AnswerSpan(NamedTuple):
     """Where an assistant turn lies in the rendered conversation, in characters: its answer text is
-    [start, answer_end), its trained span [start, end) (the end-of-turn marker included)."""
+    [start, answer_end), its trained span [start, end) (the end-of-turn marker included), and the text the
+    turn's own render shares with the conversation ends at turn_end."""
 
     turn: int  # index of the turn in the conversation
     start: int
     answer_end: int
     end: int
+    turn_end: int
 
 
 def assistant_spans(
@@ -434,7 +436,8 @@ def assistant_spans(
                 continue
             # Common prefixes, not equality: a template may end a conversation differently from a turn
             # followed by more turns (a final EOS), and only the part shared with the full text counts.
-            start = _common_prefix(render(messages[:k], True), full)
+            # (a conversation may open with the assistant: there is no turn before it to render)
+            start = _common_prefix(render(messages[:k], True), full) if k else 0
             turn_end = _common_prefix(render(messages[: k + 1], False), full)
             answer = full.find(content, start, turn_end)
             if answer < 0 and only_last and k != answers[-1]:
@@ -445,21 +448,30 @@ def assistant_spans(
                     "conversation (it rewrites earlier turns?); try data.train_on=last"
                 )
             answer_end = answer + len(content)
-            spans.append(
-                AnswerSpan(k, answer, answer_end, answer_end + len(full[answer_end:turn_end].rstrip()))
-            )
-    except TemplateError as err:
+            end = answer_end + len(full[answer_end:turn_end].rstrip())
+            spans.append(AnswerSpan(k, answer, answer_end, end, turn_end))
+    except (TemplateError, ValueError) as err:  # transformers raises ValueError for a conversation it refuses
         raise LLMDistillError(f"{where}: the chat template failed: {err}") from None
     return full, spans
 
 
 def _span_mask(offsets: list[tuple[int, int]], spans: list[AnswerSpan]) -> list[int]:
     mask = [0] * len(offsets)
-    for _, start, _, end in spans:
+    for span in spans:
         for i, (a, b) in enumerate(offsets):
-            if a < end and b > start:
+            if a < span.end and b > span.start:
                 mask[i] = 1
     return mask
+
+
+def _ended_within_its_turn(span: AnswerSpan, text: str, offsets: list[tuple[int, int]]) -> AnswerSpan:
+    """`span` ending before a token that reaches past its turn's shared text: where the turn's own render
+    and the conversation part inside a token (Phi-3 ends a conversation with EOS, `<|endoftext|>`, where
+    the next turn writes `<|user|>`), the shared characters `<|` are the start of the next turn's header."""
+    for a, b in offsets:
+        if a < span.end and b > span.turn_end:
+            return span._replace(end=span.answer_end + len(text[span.answer_end : a].rstrip()))
+    return span
 
 
 def _tokens_before(offsets: list[tuple[int, int]], end: int) -> int:
@@ -475,6 +487,7 @@ def encode_conversation(
     text, spans = assistant_spans(turns, tokenizer, template, where, data_cfg.train_on == "last")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    spans = [_ended_within_its_turn(span, text, offsets) for span in spans]
     status = KEPT
     if len(ids) > seq_len:
         # "turns": cut after the last assistant turn (its end marker included) that ends within seq_len.

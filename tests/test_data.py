@@ -224,6 +224,32 @@ def test_messages_train_every_assistant_answer_and_its_end_marker(tmp_path, embe
     )
 
 
+# Phi-3-style: an end-of-turn marker, and EOS after the last turn, which shares "<|" with the next header.
+PHI3 = (
+    "{% for m in messages %}{{ '<|' + m.role + '|>\n' + m.content + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_a_turn_ends_at_its_marker_where_the_last_turn_differs_inside_a_token(tmp_path, embedded_tokenizer):
+    tokenizer = copy.deepcopy(embedded_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    ds = _build(tmp_path, tokenizer, [{"messages": CHAT[1:]}], format="messages", chat_template=PHI3)
+    # The first answer trained up to its marker, not into the next turn's "<|user|>".
+    assert _trained_runs(tokenizer, ds[0])[0] == A1 + "<|end|>"
+    trained = {tokenizer.convert_ids_to_tokens(int(t)) for t in ds[0]["targets"] if t != IGNORE_INDEX}
+    assert "<|user|>" not in trained
+
+
+def test_a_conversation_may_open_with_the_assistant(tmp_path, embedded_tokenizer):
+    greeting = [{"role": "assistant", "content": "Hello, what shall we write?"}, *CHAT[1:]]
+    ds = _build(
+        tmp_path, embedded_tokenizer, [{"messages": greeting}], format="messages", chat_template=CHATML
+    )
+    runs = _trained_runs(embedded_tokenizer, ds[0])
+    assert runs == ["Hello, what shall we write?<|im_end|>", A1 + "<|im_end|>", A2 + "<|im_end|>"]
+
+
 def test_messages_train_on_last(tmp_path, embedded_tokenizer):
     ds = _build(
         tmp_path,
