@@ -528,10 +528,10 @@ def row_encoder(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, seq_len: int
     template = None
     if spec.format == "messages" or data_cfg.chat:
         template = chat_template(data_cfg, tokenizer)
-        if not tokenizer.is_fast:
-            raise LLMDistillError(
-                "chat data needs a fast tokenizer (its character offsets locate the answers)"
-            )
+    if not tokenizer.is_fast:
+        raise LLMDistillError(
+            f"{spec.format} data needs a fast tokenizer (its character offsets locate the answers)"
+        )
     eos = tokenizer.eos_token_id
     turns_of = row_turns(spec, data_cfg)
 
@@ -543,14 +543,23 @@ def row_encoder(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, seq_len: int
             )
             return ids, _span_mask(offsets, spans), status
         prompt, completion = turns
-        # Tokenized apart, so no token straddles prompt and completion; EOS teaches the model to stop.
-        head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            tail = [*tail, eos]
-        if len(head) + len(tail) > seq_len:
+        # Tokenized together, as the model reads them (apart, a SentencePiece tokenizer would start the
+        # completion with a word-start space the text does not have); the tokens reaching into the completion
+        # are trained, then EOS, which teaches the model to stop. Data text is only text, as in documents.
+        enc = tokenizer(
+            prompt + completion,
+            add_special_tokens=True,
+            split_special_tokens=True,
+            return_offsets_mapping=True,
+        )
+        ids, mask = enc["input_ids"], [int(b > len(prompt)) for _, b in enc["offset_mapping"]]
+        if eos is not None and ids[-1:] == [eos]:  # a tokenizer that ends every text with EOS
+            mask[-1] = 1
+        elif eos is not None:
+            ids, mask = [*ids, eos], [*mask, 1]
+        if len(ids) > seq_len:
             return [], [], DROPPED
-        return head + tail, [0] * len(head) + [1] * len(tail), KEPT
+        return ids, mask, KEPT
 
     return encode
 

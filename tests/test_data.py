@@ -292,6 +292,28 @@ def test_prompt_completion_plain_and_as_chat(tmp_path, embedded_tokenizer):
     assert _trained_runs(embedded_tokenizer, chat) == [A1 + "<|im_end|>"]
 
 
+def test_prompt_and_completion_are_tokenized_as_the_model_reads_them(tmp_path):
+    from tokenizers import decoders, pre_tokenizers
+
+    from llmdistill.embedded import student_tokenizer
+    from llmdistill.models import load_tokenizer
+
+    # Llama-2/Mistral's SentencePiece setting: apart, the completion would start with a space it lacks.
+    tokenizer = load_tokenizer(str(student_tokenizer("sp-unigram")))
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tokenizer.backend_tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
+    prompt, completion = "# is this the end?\n", 'def is_end(tok):\n    return tok == "<|endoftext|>"'
+    rows = [{"prompt": prompt, "completion": completion}]
+    sample = _build(tmp_path, tokenizer, rows, format="prompt_completion")[0]
+    ids = [i for i in sample["input_ids"].tolist() if i != tokenizer.pad_token_id]
+    joint = tokenizer(prompt + completion, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids == joint
+    # the literal "<|endoftext|>" in the answer is text: the only EOS trained is the one that ends it
+    (trained,) = _trained_runs(tokenizer, sample)
+    assert trained.startswith("def is_end") and trained.endswith(tokenizer.eos_token)
+    assert int((sample["targets"] == tokenizer.eos_token_id).sum()) == 1
+
+
 def test_packed_conversations_do_not_attend_to_each_other(tmp_path, embedded_tokenizer, tiny_llama):
     rows = [
         {"messages": CHAT[1:3]},
