@@ -651,27 +651,43 @@ def cached_map(rows, function, **kwargs):
     return rows.map(function, new_fingerprint=key, **kwargs)
 
 
-def _packed_documents(tokenized, seq_len: int) -> Iterator[dict[str, list[int]]]:
-    yield from document_sequences((row["ids"] for row in tokenized), seq_len)
-
-
-def tokenize_and_pack(texts, tokenizer, seq_len: int, name: str):
-    """Tokenized, packed dataset (cached by `datasets`), in torch format: the documents packed in one pass,
-    as a stream of them is (no tail dropped but the last)."""
+def packed_in_one_pass(sequences, rows, **params):
+    """`datasets.Dataset.from_generator(sequences, rows, **params)`, cached under the key of `rows`, the
+    params and DATA_CODE: sequences packed across the whole source in one pass, as a stream of it is packed
+    (a batched map would start afresh every batch of rows)."""
     import datasets
     from datasets.fingerprint import Hasher
 
+    column = datasets.List(datasets.Value("int64"))
+    features = datasets.Features({k: column for k in ("input_ids", "position_ids", "targets")})
+    if next(sequences(rows, **params), None) is None:  # datasets cannot generate an empty split
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+    return datasets.Dataset.from_generator(
+        sequences,
+        features=features,
+        gen_kwargs={"rows": rows, **params},
+        fingerprint=Hasher.hash([rows._fingerprint, sequences, params, DATA_CODE]),
+    )
+
+
+def _document_sequences_of(rows, seq_len: int) -> Iterator[dict[str, list[int]]]:
+    yield from document_sequences((row["ids"] for row in rows), seq_len)
+
+
+def _sample_sequences_of(rows, seq_len: int, pad_id: int, pack: bool) -> Iterator[dict[str, list[int]]]:
+    samples = ((row["ids"], row["mask"]) for row in rows if row["status"] != DROPPED)
+    yield from sample_sequences(samples, seq_len, pad_id, pack)
+
+
+def tokenize_and_pack(texts, tokenizer, seq_len: int, name: str):
+    """Tokenized, packed dataset (cached by `datasets`), in torch format."""
     tokenized = cached_map(
         texts,
         lambda b: {"ids": _document_ids(tokenizer, b["text"])},
         batched=True,
         remove_columns=texts.column_names,
     )
-    packed = datasets.Dataset.from_generator(
-        _packed_documents,
-        gen_kwargs={"tokenized": tokenized, "seq_len": seq_len},
-        fingerprint=Hasher.hash([tokenized._fingerprint, seq_len, DATA_CODE]),
-    )
+    packed = packed_in_one_pass(_document_sequences_of, tokenized, seq_len=seq_len)
     if len(packed) == 0:
         raise LLMDistillError(f"dataset {name} has fewer than {seq_len + 1} tokens: nothing to train on")
     packed.set_format("torch")
@@ -759,23 +775,8 @@ def packed_dataset(spec: DatasetSpec, data_cfg: DataConfig, tokenizer, pack_text
         )
         log_counts(name, encoded["status"], data_cfg)
         pad = _pad_id(tokenizer)
-        packed = cached_map(
-            encoded,
-            lambda b: _columns(
-                sample_sequences(
-                    (
-                        (i, m)
-                        for i, m, s in zip(b["ids"], b["mask"], b["status"], strict=True)
-                        if s != DROPPED
-                    ),
-                    seq_len,
-                    pad,
-                    data_cfg.pack,
-                )
-            ),
-            batched=True,
-            batch_size=2000,
-            remove_columns=encoded.column_names,
+        packed = packed_in_one_pass(
+            _sample_sequences_of, encoded, seq_len=seq_len, pad_id=pad, pack=data_cfg.pack
         )
     if len(packed) == 0:
         raise LLMDistillError(
@@ -888,7 +889,6 @@ def _stream_epoch(rows, spec: DatasetSpec, data_cfg: DataConfig, tokenizer) -> I
                 if status != DROPPED:
                     yield ids, mask
 
-        # Unlike the in-memory packing, which starts afresh every 2000 rows, a stream packs continuously.
         sequences = sample_sequences(samples(), seq_len, pad, data_cfg.pack)
     for s in sequences:
         yield {k: torch.tensor(v) for k, v in s.items()}

@@ -241,6 +241,23 @@ def test_a_turn_ends_at_its_marker_where_the_last_turn_differs_inside_a_token(tm
     assert "<|user|>" not in trained
 
 
+def test_conversations_are_packed_in_memory_as_in_a_stream(tmp_path, embedded_tokenizer):
+    # 2100 conversations: packed in batches of 2000 rows, the sequence at the batch's end was cut short.
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(2100)
+    ]
+    path = _write_jsonl(tmp_path / "chats.jsonl", rows)
+    data_cfg = DataConfig(seq_len=320, chat_template=CHATML)  # (row 2000 then falls inside a sequence)
+    spec = {"path": path, "format": "messages"}
+    in_memory = data.build_dataset(DatasetSpec(**spec), data_cfg, embedded_tokenizer, 0)
+    streamed = data.build_dataset(DatasetSpec(**spec, streaming=True), data_cfg, embedded_tokenizer, 0)
+    for a, b in zip(streamed.head(len(in_memory)), in_memory, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "position_ids", "targets"))
+    # and no more of them: the stream's next sequence starts its second pass
+    assert torch.equal(streamed.head(len(in_memory) + 1)[-1]["input_ids"], in_memory[0]["input_ids"])
+
+
 def test_a_conversation_may_open_with_the_assistant(tmp_path, embedded_tokenizer):
     greeting = [{"role": "assistant", "content": "Hello, what shall we write?"}, *CHAT[1:]]
     ds = _build(
