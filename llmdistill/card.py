@@ -232,9 +232,15 @@ def _teacher_signal(cfg: dict) -> str:
     if source == "vllm_cache":
         return f"the teacher's top-{t['cache']['top_k']} log-probabilities, precomputed with vLLM"
     if source == "on_policy":
+        # A config.yaml written before on_policy.scorer existed scored on the vLLM servers.
+        scorer = (
+            f"top-{t['server']['top_k']} log-probabilities from a vLLM server"
+            if t["on_policy"].get("scorer", "vllm_server") == "vllm_server"
+            else "full logits, run in the training processes"
+        )
         return (
             f"on-policy: {t['on_policy']['fraction']:.0%} of the batches are the student's own samples, "
-            f"scored by the teacher (top-{t['server']['top_k']}, vLLM)"
+            f"scored by the teacher ({scorer})"
         )
     return "none"
 

@@ -253,11 +253,17 @@ RESUMABLE_CHANGES = (
     "train.export",
     "train.max_skipped_steps",
     "data.num_workers",
-    "teacher.urls",
-    "teacher.timeout",
-    "teacher.retries",
-    "teacher.backoff",
-    "teacher.prefetch",
+    # Where the vLLM servers are and how they are waited for (the teacher's, and the student rollout servers'
+    # of on_policy's vllm_server generator): a resumed run may find them on other nodes.
+    "teacher.server.urls",
+    "teacher.server.timeout",
+    "teacher.server.retries",
+    "teacher.server.backoff",
+    "teacher.server.prefetch",
+    "teacher.on_policy.server.urls",
+    "teacher.on_policy.server.timeout",
+    "teacher.on_policy.server.retries",
+    "teacher.on_policy.server.backoff",
     "eval",
     "derive",
 )

@@ -95,7 +95,7 @@ def cmd_build_tasks(args) -> None:
 
 
 def cmd_cache_teacher(args) -> None:
-    """Score the training set once with vLLM's offline engine and write the teacher cache (teacher.cache_dir).
+    """Score the training set once with vLLM's offline engine and write the teacher cache (teacher.cache.dir).
 
     Shards already on disk are kept, so an interrupted build resumes; a directory built for another teacher,
     tokenizer, K or dataset is refused unless --overwrite. Train from it with teacher.source=vllm_cache.
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where to write it (default: the directory the task YAMLs read)")
     p.add_argument("--force", action="store_true", help="rebuild even if the data is up to date")
     p.set_defaults(fn=cmd_build_tasks)
-    p = sub.add_parser("cache-teacher", help="score the training set once with vLLM into teacher.cache_dir")
+    p = sub.add_parser("cache-teacher", help="score the training set once with vLLM into teacher.cache.dir")
     _config_args(p, required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a cache built for another run")
     p.set_defaults(fn=cmd_cache_teacher)

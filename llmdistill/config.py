@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -370,6 +371,9 @@ class DeepSpeedConfig(Section):
     offload_param: bool = False
     # A DeepSpeed JSON to start from; the fields above and `extra` are applied on top of it.
     config_file: str | None = None
+    # More DeepSpeed keys, merged last; not those the fields of this config set (OWNED_DEEPSPEED_KEYS).
+    # zero_optimization, bf16 and fp16 are checked with DeepSpeed's own models; DeepSpeed ignores other keys
+    # it does not know.
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -494,7 +498,8 @@ class EvalConfig(Section):
     max_length: int | None = Field(None, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    # Extra keyword arguments for the backend (HFLM or lm-eval's VLLM), e.g. {tensor_parallel_size: 2}.
+    # Extra keyword arguments for the backend: vllm, lm-eval's VLLM arguments ({tensor_parallel_size: 2});
+    # hf, trust_remote_code, attn_implementation and HFLM's options for a loaded model; others are refused.
     model_args: dict[str, Any] = Field(default_factory=dict)
     # More directories of task YAMLs (evals/tasks is always included).
     include_paths: list[str] = Field(default_factory=list)
@@ -538,12 +543,44 @@ class Config(Section):
             raise ValueError("train.compile: not supported with deepspeed.zero_stage=3 (use ZeRO 0-2)")
         if self.teacher.source == "vllm_cache" and not self.teacher.cache.dir:
             raise ValueError("teacher.cache.dir: needed when teacher.source is 'vllm_cache'")
+        b = self.balance
+        if b is not None and b.normalize == "task" and not {t.name for t in self.loss} & set(b.task_terms):
+            raise ValueError(
+                f"balance.normalize=task: no loss term is one of balance.task_terms={b.task_terms}"
+            )
         return self
 
 
-def _parse_value(text: str) -> Any:
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: `1e-2` and `5E+3` (no dot) are numbers.
+
+    PyYAML implements YAML 1.1, where a float needs a dot and a signed exponent, so `1e-2` is the string
+    "1e-2". A typed field converts it, but a loss parameter (an untyped value) would reach the loss as a
+    string and fail at the first forward."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    # The forms YAML 1.1 leaves as strings: an exponent without a dot before it, or without a sign.
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as plain data, the way config files and override values are read."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
+def _parse_value(key: str, text: str) -> Any:
     # YAML gives numbers, booleans, null and lists for free: `train.lr=3e-4`, `train.betas=[0.9,0.99]`.
-    return yaml.safe_load(text) if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError as err:
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+        raise ConfigError(f"override {key}: {text!r} is not valid YAML ({problem})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -565,9 +602,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {key}: {part} is not a section")
         last = parts[-1]
         if isinstance(node, list):
-            node[_list_index(key, last, node)] = _parse_value(value)
+            node[_list_index(key, last, node)] = _parse_value(key, value)
         else:
-            node[last] = _parse_value(value)
+            node[last] = _parse_value(key, value)
     return raw
 
 
@@ -577,10 +614,15 @@ def _list_index(key: str, part: str, node: list) -> int:
     return int(part)
 
 
-def _format_error(err: ValidationError) -> str:
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "config"
+
+
+def _format_error(err: ValidationError, name=_dotted) -> str:
+    """Each error as `<name(its location)>: <what is wrong>`, all in one line."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
+        where = name(e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key")
         else:
@@ -604,7 +646,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
@@ -616,15 +658,50 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+# DeepSpeed keys that our own fields set, and those fields: `deepspeed.extra` may not set them. The trainer
+# reads the fields too (the batch size for its data, the ZeRO stage to build the models, the dtype for the
+# weights, its own AdamW and schedule, which DeepSpeed would silently prefer to an `optimizer` or `scheduler`
+# key), so DeepSpeed's copy would disagree with the run.
+OWNED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch_size and train.grad_accum (times the ranks)",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "bf16.enabled": "train.dtype",
+    "fp16.enabled": "train.dtype",
+    "optimizer": "train.lr, train.betas and train.weight_decay",
+    "scheduler": "train.lr, train.warmup_steps and train.min_lr_ratio",
+}
+
+
+# The sections of the DeepSpeed JSON that our fields write into and a base file or `extra` may extend, each
+# checked by the function DeepSpeed itself reads it with (deepspeed.runtime: zero.config, precision_config).
+DEEPSPEED_SECTIONS = ("zero_optimization", "bf16", "fp16")
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run: the optional base file, then our fields, then `deepspeed.extra`."""
+    """The DeepSpeed JSON for this run: the optional base file, then our fields, then `deepspeed.extra`.
+
+    Refused with one line: a base file that is missing or not a JSON object, `extra` keys our fields own
+    (OWNED_DEEPSPEED_KEYS), and ZeRO or mixed-precision settings DeepSpeed's own config models reject (a
+    misspelt key), which DeepSpeed would otherwise raise only once the models are loaded."""
     ds = cfg.deepspeed
     base: dict = {}
     if ds.config_file:
-        p = Path(ds.config_file)
-        if not p.is_file():
-            raise ConfigError(f"deepspeed.config_file not found: {p}")
-        base = json.loads(p.read_text())
+        base = _deepspeed_file(Path(ds.config_file))
+    owned = [key for key in OWNED_DEEPSPEED_KEYS if _has_key(ds.extra, key)]
+    if owned:
+        raise ConfigError(
+            "; ".join(f"deepspeed.extra.{key}: use {OWNED_DEEPSPEED_KEYS[key]} instead" for key in owned)
+        )
+    for source, where in (
+        (base, f"deepspeed.config_file {ds.config_file}: "),
+        (ds.extra, "deepspeed.extra."),
+    ):
+        for section in DEEPSPEED_SECTIONS:
+            if section in source and not isinstance(source[section], dict):
+                raise ConfigError(f"{where}{section}: must be a mapping (got {source[section]!r})")
     t = cfg.train
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage == 3:
@@ -649,7 +726,86 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(out, ds.extra)
+    out = _deep_merge(out, ds.extra)
+    _check_deepspeed_sections(out, ds.extra, ds.config_file)
+    return out
+
+
+def check_device(device: str, field: str) -> None:
+    """Refuse, naming `field`, a device this machine does not have (before a model is moved there)."""
+    import torch  # imported here: a config is read by commands that never load torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"{field}={device!r} is not a device (cpu, cuda, cuda:N, mps, ...)") from None
+    if kind.type == "cpu":
+        return
+    module = getattr(torch, kind.type, None)
+    has_any = module is not None and hasattr(module, "device_count") and module.is_available()
+    count = module.device_count() if has_any else 0
+    if count == 0 or (kind.index is not None and kind.index >= count):
+        raise ConfigError(f"{field}={device}: this machine has {count} {kind.type} device(s)")
+
+
+def check_train_device(cfg: Config) -> None:
+    """Refuse a train.device or train.dtype this machine cannot run, asking torch and DeepSpeed's accelerator
+    (the one the engine will use): without the check the first fails in the process group's setup (NCCL) and
+    the second once the models are loaded (DeepSpeed's engine)."""
+    if cfg.train.device != "auto":
+        check_device(cfg.train.device, "train.device")
+    supported = {"float16": "is_fp16_supported", "bfloat16": "is_bf16_supported"}.get(cfg.train.dtype)
+    if supported is not None:
+        from deepspeed.accelerator import get_accelerator  # imported here: deepspeed takes seconds to import
+
+        accelerator = get_accelerator()
+        if not getattr(accelerator, supported)():
+            raise ConfigError(
+                f"train.dtype={cfg.train.dtype}: DeepSpeed's {accelerator.device_name()} accelerator does "
+                "not support it here (use float32, or a 16-bit type this device supports)"
+            )
+
+
+def _deepspeed_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file not found: {path}")
+    try:
+        base = json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise ConfigError(f"deepspeed.config_file {path} is not valid JSON: {err}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object at the top level")
+    return base
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _check_deepspeed_sections(out: dict, extra: dict, config_file: str | None) -> None:
+    """Validate the merged ZeRO and mixed-precision sections with the functions DeepSpeed reads them with."""
+    # Imported here: deepspeed takes seconds to import; the commands that get here are about to run it anyway.
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    readers = {"zero_optimization": get_zero_config, "bf16": get_bfloat16_config, "fp16": get_float16_config}
+    for section in DEEPSPEED_SECTIONS:
+        try:
+            readers[section](out)
+        except ValidationError as err:
+            # Named where the key came from: `extra` when it set that key, else the base file (the keys our
+            # fields set are valid).
+            def name(loc, section=section):
+                from_extra = config_file is None or (loc and loc[0] in extra.get(section, {}))
+                origin = "deepspeed.extra." if from_extra else f"deepspeed.config_file {config_file}: "
+                return origin + _dotted((section, *loc))
+
+            raise ConfigError(_format_error(err, name)) from None
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

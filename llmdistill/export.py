@@ -7,10 +7,12 @@ kept in memory. Nothing but the student is written.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from llmdistill import models
 from llmdistill.config import Config, LLMDistillError
@@ -64,11 +66,18 @@ def probe_logits(model, probe: dict, device) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def write_student(cfg: Config, state: dict, config, tokenizer, out_dir: Path, card: dict, masks) -> Path:
-    """The student from its gathered state: LoRA merged, derivation's masks re-imposed, saved as HF files."""
+def write_student(
+    cfg: Config, state: dict, config, tokenizer, out_dir: Path, card: dict, masks, generation_config=None
+) -> Path:
+    """The student from its gathered state: LoRA merged, derivation's masks re-imposed, saved as HF files
+    with `generation_config` (the training student's: its path's, or the teacher's for from_teacher)."""
     model = models.state_to_model(state, config, cfg.student.peft)
     if masks is not None:
         apply_masks(model, masks)  # a LoRA update is dense: the merge would undo derivation's masks
+    if generation_config is not None:
+        # The model rebuilt from its config has a generation config made from the config alone: no extra
+        # EOS ids, no sampling defaults.
+        model.generation_config = copy.deepcopy(generation_config)
     extra = (masks,) if masks is not None else ()
     return models.save_student(model, tokenizer, out_dir, cfg.student.dtype, card, extra)
 
@@ -79,7 +88,12 @@ def check_export(out_dir: Path, probe: dict, expected: torch.Tensor, tolerance: 
     Raises LLMDistillError past `tolerance` (relative to the logit scale), or when the top-1 token differs at
     a position where the engine's top-1 leads its runner-up by more than twice the tolerated difference.
     """
-    exported = models.load_model(str(out_dir), "float32")
+    # The reload runs on the CPU: under eager for a model that soft-caps its attention logits (Gemma-2),
+    # since sdpa drops the cap.
+    softcapped = getattr(AutoConfig.from_pretrained(out_dir), "attn_logit_softcapping", None) is not None
+    exported = models.load_model(
+        str(out_dir), "float32", attn_implementation="eager" if softcapped else "sdpa"
+    )
     got = probe_logits(exported, probe, "cpu")
     diff = (got - expected).abs()
     max_abs = diff.max().item()
@@ -111,8 +125,8 @@ def export(engine, cfg: Config, tokenizer, run_dir: Path, rank: int, probe_batch
         expected = probe_logits(student, probe, device)
     figures, failure = {}, ""
     if rank == 0:
-        config = student.get_base_model().config if cfg.student.peft is not None else student.config
-        write_student(cfg, state, config, tokenizer, out_dir, card, masks)
+        base = student.get_base_model() if cfg.student.peft is not None else student
+        write_student(cfg, state, base.config, tokenizer, out_dir, card, masks, base.generation_config)
         if probe is not None:
             try:
                 figures = check_export(out_dir, probe, expected, export_tolerance(cfg))

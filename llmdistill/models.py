@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.utils import (
+    is_flash_attn_2_available,
+    is_flash_attn_3_available,
+    is_torch_flex_attn_available,
+)
 
 from llmdistill.config import LLMDistillError, PeftConfig
 from llmdistill.embedded import EMBEDDED_MODELS, STUDENT_TOKENIZERS, student_tokenizer
@@ -92,24 +99,61 @@ def model_from_config(config, dtype: str = "float32", attn_implementation: str =
     )
 
 
+# The attention kernels a machine may lack: how transformers tells, and what they need.
+OPTIONAL_KERNELS = {
+    "flash_attention_2": (is_flash_attn_2_available, "the flash-attn package and a CUDA GPU"),
+    "flash_attention_3": (is_flash_attn_3_available, "flash-attn 3 (flash_attn_interface) and a Hopper GPU"),
+    "flex_attention": (is_torch_flex_attn_available, "torch >= 2.5"),
+}
+# The kernels through which transformers applies a model's attn_logit_softcapping (Gemma-2): eager and
+# flex_attention cap the scores themselves, flash kernels get `softcap` where their function takes it (see
+# flash_kernel_takes_softcap); its sdpa path passes the cap nowhere, so the scores go uncapped.
+SOFTCAP_KERNELS = ("eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 def check_attn_implementation(name: str, field: str) -> None:
     """Refuse an attention kernel this machine cannot run, naming the config field, before weights load."""
-    from transformers.utils import (
-        is_flash_attn_2_available,
-        is_flash_attn_3_available,
-        is_torch_flex_attn_available,
-    )
+    if name in OPTIONAL_KERNELS and not OPTIONAL_KERNELS[name][0]():
+        raise LLMDistillError(f"{field}={name} needs {OPTIONAL_KERNELS[name][1]}, which this machine lacks")
 
-    available = {
-        "flash_attention_2": (is_flash_attn_2_available, "the flash-attn package and a CUDA GPU"),
-        "flash_attention_3": (
-            is_flash_attn_3_available,
-            "flash-attn 3 (flash_attn_interface) and a Hopper GPU",
-        ),
-        "flex_attention": (is_torch_flex_attn_available, "torch >= 2.5"),
-    }
-    if name in available and not available[name][0]():
-        raise LLMDistillError(f"{field}={name} needs {available[name][1]}, which this machine lacks")
+
+def flash_kernel_takes_softcap(name: str) -> bool:
+    """Whether the flash kernel transformers runs for `name` takes a `softcap` argument (flash-attn >= 2.6):
+    transformers passes the cap to the varlen function (the one packed batches use) only if it does."""
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+    (_, varlen, *_), _ = lazy_import_flash_attention(name)
+    return varlen is not None and "softcap" in inspect.signature(varlen).parameters
+
+
+def check_attn_softcapping(name: str, field: str, config) -> None:
+    """Refuse an attention kernel that would silently skip the model's attention-logit soft-capping
+    (`attn_logit_softcapping`, Gemma-2), naming the config field; needs only the config."""
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if cap is None:
+        return
+    if name not in SOFTCAP_KERNELS:
+        raise LLMDistillError(
+            f"{field}={name} ignores the model's attn_logit_softcapping={cap} (transformers' {name} path "
+            "drops it): use eager or flex_attention"
+        )
+    # A flash kernel this machine lacks is refused by check_attn_implementation before weights load.
+    if name.startswith("flash_attention") and OPTIONAL_KERNELS[name][0]():
+        if not flash_kernel_takes_softcap(name):
+            raise LLMDistillError(
+                f"{field}={name}: the installed flash kernel takes no softcap, so it would ignore the "
+                f"model's attn_logit_softcapping={cap}: upgrade flash-attn (>= 2.6) or use eager or "
+                "flex_attention"
+            )
+
+
+def generation_config_of(path: str):
+    """The generation config saved beside the model at `path` (EOS ids, sampling defaults), or None if it has
+    none (or the hub cannot be reached)."""
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def liger_patches(model_type: str, field: str = "train.liger"):
@@ -145,22 +189,39 @@ def apply_liger(model, field: str = "train.liger") -> None:
 
 
 def config_with_overrides(base_config, overrides: dict):
+    """The teacher's config with `overrides` (student.from_teacher). A new num_hidden_layers takes the
+    teacher's per-layer attention pattern (`layer_types`: Qwen2/3, Gemma-2/3) along: cut to the new depth, or
+    repeated from its start when deeper, unless `layer_types` is overridden too."""
     raw = base_config.to_dict()
     unknown = sorted(k for k in overrides if k not in raw)
     if unknown:
         raise LLMDistillError(f"student.from_teacher: {unknown} are not fields of the teacher's config")
+    layers = overrides.get("num_hidden_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
+        pattern = raw.get("layer_types")
+        if pattern and "layer_types" not in overrides:
+            raw["layer_types"] = [pattern[i % len(pattern)] for i in range(layers)]
+        if raw.get("max_window_layers") is not None and "max_window_layers" not in overrides:
+            # Qwen2/3: the layers below this index never slide; there are no more of them than layers.
+            raw["max_window_layers"] = min(raw["max_window_layers"], layers)
     raw.update(overrides)
-    return AutoConfig.for_model(**raw)
+    return _config_for_model(raw.pop("model_type"), raw, "student.from_teacher")
 
 
 def config_from_dict(raw: dict):
     raw = dict(raw)
     if "model_type" not in raw:
         raise LLMDistillError("student.config: needs a model_type (e.g. llama, qwen2, mistral)")
+    return _config_for_model(raw.pop("model_type"), raw, "student.config")
+
+
+def _config_for_model(model_type: str, fields: dict, field: str):
+    """transformers' config of `model_type`; one that its validators refuse is one line naming `field`."""
     try:
-        return AutoConfig.for_model(raw.pop("model_type"), **raw)
-    except ValueError as err:
-        raise LLMDistillError(f"student.config: {err}") from None
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        # huggingface_hub's validation errors span lines ("Class validation error ...:\n    ValueError: ...")
+        raise LLMDistillError(f"{field}: {' '.join(str(err).split())}") from None
 
 
 def count_parameters(model) -> int:
@@ -220,14 +281,14 @@ def wrap_peft(model, cfg: PeftConfig):
     return get_peft_model(model, lora)
 
 
-def empty_model(config, dtype: str = "float32"):
+def empty_model(config, dtype: str = "float32", attn_implementation: str = "sdpa"):
     """A model of `config` whose weights are left uninitialised, for a whole state dict to fill
     (load_whole_state): a random init would only be overwritten, and takes minutes for a model of billions of
     parameters on a CPU. Buffers computed from the config (rotary frequencies) are built as usual, and tied
     weights are tied, as transformers' own init would: PEFT, finding a config that says "tied" over weights
     that are not, sets tie_word_embeddings=False on the config it shares with the caller."""
     with no_init_weights():
-        model = model_from_config(config, dtype)
+        model = model_from_config(config, dtype, attn_implementation)
     model.tie_weights()
     return model
 

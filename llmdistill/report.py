@@ -55,11 +55,11 @@ class Run:
         return self.summary.get("steps", 0) * self.tokens_per_step
 
 
-def read_run(run_dir: str | Path) -> Run:
+def read_run(run_dir: str | Path, logs: bool = False) -> Run:
     """A finished run's config, summary and lm-eval report; a directory that is not one is a one-line
-    error."""
+    error. `logs`: its logs.jsonl must be there too (for the learning curves; a model card does without)."""
     run_dir = Path(run_dir)
-    for needed in ("config.yaml", "summary.json"):
+    for needed in ("config.yaml", "summary.json", *(["logs.jsonl"] if logs else [])):
         if not (run_dir / needed).is_file():
             raise LLMDistillError(f"{run_dir} is not a finished run directory: no {needed}")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -291,7 +291,7 @@ def plot_curves(curves: list[Curves], path: str | Path, panels=RUN_PANELS) -> Pa
 
 def report_runs(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path]:
     """The table of the runs (also written to out_dir/runs.md) and their curves in out_dir/curves.png."""
-    runs = [read_run(d) for d in run_dirs]
+    runs = [read_run(d, logs=True) for d in run_dirs]
     names = [r.name for r in runs]
     # Two runs of the same name (runs/a, other/a) are told apart by their parent directory's name.
     for run in runs:

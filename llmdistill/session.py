@@ -16,7 +16,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from llmdistill import data, models
 from llmdistill.align import aligned_chat_dataset, aligned_dataset, space_token_mask
-from llmdistill.config import Config, LLMDistillError, deepspeed_config
+from llmdistill.config import Config, LLMDistillError, check_train_device, deepspeed_config
 from llmdistill.losses import get_loss
 from llmdistill.losses.registry import check_terms
 from llmdistill.teachers import check_teacher_source
@@ -40,13 +40,15 @@ class Plan:
 def preflight(cfg: Config) -> Plan:
     """Every check that needs no weights and no process group: bad input fails in a second with one line.
 
-    Checked here: the config's loss terms (names, parameters, no cross-tokenizer term beside per-position
-    ones), the DeepSpeed settings, the teacher's and student's paths, configs, weight files' headers and
-    tokenizers, vocabularies, sequence length, PEFT target modules, and every data source (found, UTF-8,
-    loadable, not empty, its fields present).
+    Checked here: the config's loss terms (names, parameters and their values, no cross-tokenizer term beside
+    per-position ones), the DeepSpeed settings, the device and dtype, the teacher's and student's paths,
+    configs, weight files' headers and tokenizers, vocabularies, a top-k signal's k against the teacher's
+    vocabulary, sequence length, attention kernels that would skip a model's soft-capping, PEFT target
+    modules, and every data source (found, UTF-8, loadable, not empty, its fields present).
     """
     check_terms(cfg.loss)
     deepspeed_config(cfg, 1)  # refuses inconsistent ZeRO settings and a missing config_file
+    check_train_device(cfg)
     terms = [get_loss(t.name) for t in cfg.loss]
     needs = frozenset().union(*(t.needs for t in terms))
     cross_tokenizer = any(t.cross_tokenizer for t in terms)
@@ -57,6 +59,11 @@ def preflight(cfg: Config) -> Plan:
         teacher_tok = _tokenizer(teacher_path, cfg.teacher.trust_remote_code, "teacher.path")
         if cfg.teacher.source == "hf" and needs & {"teacher", "teacher_hidden"}:
             _check_weight_files(teacher_path, "teacher.path")
+        check_top_k(cfg, teacher_config)
+        if loads_teacher(cfg, needs):
+            models.check_attn_softcapping(
+                cfg.teacher.attn_implementation, "teacher.attn_implementation", teacher_config
+            )
     elif needs & {"teacher", "teacher_hidden"}:
         raise LLMDistillError(
             f"loss: {[t.name for t in cfg.loss]} needs a teacher, but teacher.source is 'none'"
@@ -71,6 +78,9 @@ def preflight(cfg: Config) -> Plan:
         student_config = models.config_with_overrides(teacher_config, cfg.student.from_teacher)
     else:
         student_config = models.config_from_dict(cfg.student.config)
+    models.check_attn_softcapping(
+        cfg.student.attn_implementation, "student.attn_implementation", student_config
+    )
     tokenizer_path = cfg.student.tokenizer or student_path or teacher_path
     if tokenizer_path is None:
         raise LLMDistillError("student.tokenizer: needed when there is no teacher to take it from")
@@ -92,6 +102,28 @@ def preflight(cfg: Config) -> Plan:
         _check_peft_targets(cfg, student_config)
     check_data_sources(cfg, student_tok)
     return Plan(teacher_path, student_path, teacher_tok, student_tok, teacher_config, student_config, needs)
+
+
+def loads_teacher(cfg: Config, needs: frozenset[str]) -> bool:
+    """Whether the run loads the teacher's weights in its own process: an in-process source that the
+    objective uses (the other sources need only its tokenizer and config)."""
+    return cfg.teacher.scores_in_process and bool(needs & {"teacher", "teacher_hidden"})
+
+
+def check_top_k(cfg: Config, teacher_config) -> None:
+    """A top-k signal asks for at most the teacher's vocabulary: the entries past it would be fillers (id 0,
+    log-prob -1e4) that the losses score as real tokens."""
+    fields = []
+    if cfg.teacher.reads_teacher_server:
+        fields.append(("teacher.server.top_k", cfg.teacher.server.top_k))
+    if cfg.teacher.source == "vllm_cache" or cfg.teacher.cache.dir is not None:  # the reader, or the builder
+        fields.append(("teacher.cache.top_k", cfg.teacher.cache.top_k))
+    for field, k in fields:
+        if k > teacher_config.vocab_size:
+            raise LLMDistillError(
+                f"{field}={k} is larger than the teacher's vocabulary ({teacher_config.vocab_size} tokens, "
+                "its config's vocab_size)"
+            )
 
 
 def _model_config(path: str, trust_remote_code: bool, field: str):
@@ -165,15 +197,17 @@ def build_models(cfg: Config, plan: Plan, ds_config: dict):
         student = models.model_from_config(
             plan.student_config, cfg.student.dtype, cfg.student.attn_implementation
         )
+        if cfg.student.from_teacher is not None and plan.teacher_path is not None:
+            # A student made from the teacher's config takes its stop tokens and sampling defaults too (the
+            # export writes them): a model built from a config rebuilds them from the config alone.
+            generation_config = models.generation_config_of(plan.teacher_path)
+            if generation_config is not None:
+                student.generation_config = generation_config
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     teacher = None
     # Only an in-process teacher that the objective uses is loaded; the other sources need only its
     # tokenizer and config.
-    if (
-        plan.teacher_path is not None
-        and cfg.teacher.scores_in_process
-        and plan.needs & {"teacher", "teacher_hidden"}
-    ):
+    if plan.teacher_path is not None and loads_teacher(cfg, plan.needs):
         teacher = models.load_model(
             plan.teacher_path,
             cfg.teacher.dtype,

@@ -58,26 +58,49 @@ class StudentOutput:
     """The student's forward, stopped before the LM head so losses can apply the head chunk by chunk.
 
     `head` is the model's output-embedding module itself: calling it inside the engine's forward lets ZeRO-3
-    gather its partitioned weight, so a loss never needs the full [B, T, V] logits at once.
+    gather its partitioned weight, so a loss never needs the full [B, T, V] logits at once. The model's
+    logits are `logits_of(hidden)`: the head, then `logit_softcap` where the model soft-caps after its head
+    (Gemma-2/3's final_logit_softcapping); whoever applies the head applies the cap too.
     """
 
     hidden: torch.Tensor  # [B, T, H], after the final norm
     head: Callable[[torch.Tensor], torch.Tensor]
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, embeddings first
+    logit_softcap: float | None = None
     _logits: torch.Tensor | None = None
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for final hidden states `hidden` [..., H], differentiable."""
+        return softcap(self.head(hidden), self.logit_softcap)
 
     def logits(self) -> torch.Tensor:
         """All logits at once: for losses and tests where [B, T, V] is affordable."""
         if self._logits is None:
-            self._logits = self.head(self.hidden)
+            self._logits = self.logits_of(self.hidden)
         return self._logits
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap), in the order of operations HF's Gemma-2/3 forward uses (so the values are
+    the model's own, to the bit); the logits themselves when cap is None."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def logit_softcap(model) -> float | None:
+    """The soft-cap an HF causal LM applies to its logits after its head: the `final_logit_softcapping` its
+    own forward reads (Gemma-2, Gemma-3 and their kind; None or absent elsewhere)."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
 
 
 def forward_to_head(model, batch: dict, hidden_states: bool = False) -> StudentOutput:
     """Run an HF causal LM's decoder on a packed batch and stop before its LM head.
 
     position_ids restart at each packed document and no attention_mask is passed: HF builds a block-causal
-    mask. The head is called later, chunk by chunk, by whoever reads the output (a loss, a held-out NLL).
+    mask. The head (and the model's logit soft-cap, if any) is applied later, chunk by chunk, by whoever reads
+    the output (a loss, a held-out NLL).
     """
     out = model.get_decoder()(
         input_ids=batch["input_ids"],
@@ -86,7 +109,9 @@ def forward_to_head(model, batch: dict, hidden_states: bool = False) -> StudentO
         use_cache=False,
         **packed_attention_kwargs(model, batch["position_ids"]),
     )
-    return StudentOutput(out.last_hidden_state, model.get_output_embeddings(), out.hidden_states)
+    return StudentOutput(
+        out.last_hidden_state, model.get_output_embeddings(), out.hidden_states, logit_softcap(model)
+    )
 
 
 def packed_attention_kwargs(model, position_ids: torch.Tensor) -> dict:

@@ -40,7 +40,13 @@ from llmdistill.checkpoint import (
 from llmdistill.config import Config, LLMDistillError, deepspeed_config
 from llmdistill.derive.masks import MASK_FILE, mask_gradients
 from llmdistill.distributed import all_reduce_sum, barrier, first_reason, init_distributed
-from llmdistill.evaluate import evaluate_models, run_eval, task_manager, tensorboard_scalars
+from llmdistill.evaluate import (
+    eval_settings,
+    evaluate_models,
+    run_eval,
+    set_up_training_eval,
+    tensorboard_scalars,
+)
 from llmdistill.export import export
 from llmdistill.hub import check_can_push, push_student
 from llmdistill.losses import Objective
@@ -200,9 +206,10 @@ class Trainer:
         # the config, its files and data sources, the run directory, the checkpoint to resume from, the data.
         self.plan = preflight(cfg)
         check_teacher_ready(cfg, self.plan)
+        # lm-eval's tasks and teacher, found now: an eval section that cannot run fails here, not after hours.
+        self.lm_eval_tasks = self.lm_eval_teacher = None
         if cfg.eval is not None and (cfg.eval.every or cfg.eval.at_end):
-            e = cfg.eval
-            task_manager(e.tasks, e.include_paths, e.include_defaults)  # unknown task names fail now
+            self.lm_eval_tasks, self.lm_eval_teacher = set_up_training_eval(cfg)
         if cfg.train.push_to_hub is not None:  # hours of training should not end in "no token"
             check_can_push(cfg.train.push_to_hub.repo_id)
         self.mark("preflight")
@@ -539,20 +546,18 @@ class Trainer:
         evaluates meanwhile."""
         import deepspeed  # lazy: importing deepspeed is slow, and it is loaded by now anyway
 
-        e, plan = self.cfg.eval, self.plan
+        e = self.cfg.eval
         params = [p for p in self.student.parameters() if hasattr(p, "ds_id")]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
             if self.rank == 0:
-                subset = dict(
-                    limit=e.every_limit, max_length=e.max_length, batch_size=e.batch_size, device=e.device
-                )
-                if reference is None and e.teacher and plan.teacher_path is not None:
-                    teacher = plan.teacher_path if e.teacher is True else e.teacher
-                    reference = evaluate_models({"teacher": teacher}, e.tasks, **subset)
+                # The end-of-run eval's settings on a subset; the student is scored in memory, as it trains.
+                subset = dict(eval_settings(self.cfg), limit=e.every_limit, manager=self.lm_eval_tasks)
+                if reference is None and self.lm_eval_teacher is not None:
+                    reference = evaluate_models({"teacher": self.lm_eval_teacher}, e.tasks, **subset)
                 report = evaluate_models(
                     {"student": self.student},
                     e.tasks,
-                    tokenizer=plan.student_tok,
+                    tokenizer=self.plan.student_tok,
                     reference=reference,
                     **subset,
                 )
@@ -612,7 +617,7 @@ class Trainer:
             self.close_teacher()  # before the final lm-eval, which may need the memory a teacher holds
             if cfg.eval is not None and cfg.eval.at_end and "student_dir" in self.summary:
                 if self.rank == 0:
-                    report = run_eval(cfg)
+                    report = run_eval(cfg, self.lm_eval_tasks)
                     self.summary["lm_eval"] = report["output_dir"]
                     self.runlog.write(self.step, tensorboard_scalars(report, prefix="lm_eval"))
                 barrier()

@@ -127,6 +127,19 @@ def softcapped_gemma2():
     return Gemma2ForCausalLM(config).eval()
 
 
+def is_config_field(key: str) -> bool:
+    """Whether a dotted key (`teacher.server.urls`, `eval`) names a field of the config, the optional sections
+    included."""
+    from llmdistill.config import Config, DeriveConfig, DeriveTarget, EvalConfig
+
+    node = Config(eval=EvalConfig(), derive=DeriveConfig(target=DeriveTarget())).model_dump(mode="json")
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def markdown_tables(text: str) -> dict[str, dict[str, list[str]]]:
     """Every markdown table of `text`: {first header cell: {first cell of a row: the row's other cells}}."""
     tables, current = {}, None

@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+import torch
 from conftest import QUICK, run_cli
 
 from llmdistill.cli import main
@@ -49,6 +50,22 @@ def inputs(tmp_path_factory):
     (damaged / "COMPLETE").write_text(
         json.dumps({"step": 2, "consumed_micro_batches": 2, "files": {"mp_rank_00_model_states.pt": [9, ""]}})
     )
+    # A tiny Gemma-2 (soft-capped attention logits) on the embedded teacher's tokenizer.
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    gemma2 = Gemma2Config(
+        vocab_size=2048,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=128,
+    )
+    Gemma2ForCausalLM(gemma2).save_pretrained(tmp / "gemma2_teacher")
+    for f in EMBEDDED_TEACHER.glob("tokenizer*"):
+        shutil.copy(f, tmp / "gemma2_teacher" / f.name)
     other_shape = tmp / "other_shape_checkpoint"
     other_shape.mkdir()
     (other_shape / "COMPLETE").write_text(
@@ -78,6 +95,22 @@ ROWS = [
     ("uld_with_hidden_mse", ["loss=[{name: uld}, {name: hidden_mse}]"], MIXED + " ['hidden_mse']"),
     ("alm_with_sinkhorn", ["loss=[{name: alm}, {name: ce}, {name: sinkhorn}]"], MIXED + " ['sinkhorn']"),
     ("unknown_loss_param", ["loss=[{name: fkl, beta: 0.5}]"], "loss.0 (fkl): unknown parameter(s) ['beta']"),
+    ("balance_without_a_task_term", ["balance={normalize: task}"], "balance.normalize=task: no loss term is"),
+    ("zero_temperature", ["loss=[{name: fkl, temperature: 0}]"], "loss.0.temperature (fkl): Input should be"),
+    ("alm_divergence", ["loss=[{name: alm, divergence: kl}]"], "loss.0.divergence (alm): Input should be"),
+    # the machine
+    *(
+        []
+        if torch.cuda.is_available()
+        else [
+            (
+                "cuda_without_a_gpu",
+                ["train.device=cuda"],
+                "train.device=cuda: this machine has 0 cuda device(s)",
+            ),
+            ("fp16_on_a_cpu", ["train.dtype=float16"], "train.dtype=float16: DeepSpeed's cpu accelerator"),
+        ]
+    ),
     (
         "no_teacher_for_fkl",
         [
@@ -120,6 +153,31 @@ ROWS = [
         ],
         "teacher.on_policy.server.urls: no student server answers at http://127.0.0.1:9",
     ),
+    (
+        "server_top_k_above_the_vocabulary",  # the embedded teacher has 2048 tokens
+        [
+            "teacher.source=vllm_server",
+            "teacher.server.urls=[http://127.0.0.1:9]",
+            "teacher.server.retries=0",
+            "teacher.server.top_k=4096",
+        ],
+        "teacher.server.top_k=4096 is larger than the teacher's vocabulary (2048 tokens",
+    ),
+    (
+        "on_policy_top_k_above_the_vocabulary",
+        [
+            "teacher.source=on_policy",
+            "teacher.server.urls=[http://127.0.0.1:9]",
+            "teacher.server.retries=0",
+            "teacher.server.top_k=2049",
+        ],
+        "teacher.server.top_k=2049 is larger than the teacher's vocabulary (2048 tokens",
+    ),
+    (
+        "cache_top_k_above_the_vocabulary",
+        ["teacher.source=vllm_cache", "teacher.cache.dir={inputs}/no_cache", "teacher.cache.top_k=4096"],
+        "teacher.cache.top_k=4096 is larger than the teacher's vocabulary (2048 tokens",
+    ),
     # DeepSpeed
     ("offload_param_stage1", ["deepspeed.offload_param=true"], "offload_param needs deepspeed.zero_stage=3"),
     ("missing_ds_file", ["deepspeed.config_file={inputs}/ds.json"], "deepspeed.config_file not found"),
@@ -139,6 +197,26 @@ ROWS = [
         "tokenizers differ (teacher: 2048 tokens, student: ",
     ),
     ("seq_len_above_teacher", ["data.seq_len=4096"], "data.seq_len=4096 is above the teacher's maximum"),
+    (
+        "softcapped_teacher_under_sdpa",  # transformers' sdpa path drops Gemma-2's attention soft-capping
+        ["teacher.path={inputs}/gemma2_teacher"],
+        "teacher.attn_implementation=sdpa ignores the model's attn_logit_softcapping=50.0",
+    ),
+    (
+        "softcapped_student_under_sdpa",
+        ["teacher.path={inputs}/gemma2_teacher", "teacher.attn_implementation=eager"],
+        "student.attn_implementation=sdpa ignores the model's attn_logit_softcapping=50.0",
+    ),
+    (
+        "from_teacher_layer_types_of_another_depth",
+        [
+            "teacher.path={inputs}/gemma2_teacher",
+            "teacher.attn_implementation=eager",
+            "student.attn_implementation=eager",
+            "student.from_teacher={num_hidden_layers: 3, layer_types: [full_attention]}",
+        ],
+        "student.from_teacher: Class validation error for validator 'validate_layer_type': ValueError:",
+    ),
     ("peft_matches_nothing", ["student.peft={target_modules: [nothing]}"], "student.peft.target_modules"),
     (
         "unknown_eval_task",

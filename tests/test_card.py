@@ -139,3 +139,25 @@ def test_card_of_a_run_without_a_student_is_a_one_line_error(finished_runs, tmp_
         f"error: {run}: no exported student in {run / 'student'} (train.export was off, or the run stopped "
         "before the end)"
     ]
+
+
+@pytest.mark.parametrize(
+    "scorer, signal",
+    [
+        ("vllm_server", "scored by the teacher (top-20 log-probabilities from a vLLM server)"),
+        ("hf", "scored by the teacher (full logits, run in the training processes)"),
+    ],
+)
+def test_card_says_who_scored_an_on_policy_run(scorer, signal, tmp_path):
+    from llmdistill.config import config_from_dict, save_config
+    from llmdistill.embedded import EMBEDDED_TEACHER
+
+    run = tmp_path / "on_policy"
+    (run / "student").mkdir(parents=True)
+    shutil.copy(EMBEDDED_TEACHER / "config.json", run / "student" / "config.json")
+    (run / "summary.json").write_text("{}")
+    cfg = config_from_dict({"teacher": {"source": "on_policy", "on_policy": {"scorer": scorer}}})
+    save_config(cfg, run / "config.yaml")
+    text = ModelCard.load(write_model_card(run)).text
+    line = next(line for line in text.splitlines() if "**Teacher signal**" in line)
+    assert line.endswith(f"50% of the batches are the student's own samples, {signal}.")

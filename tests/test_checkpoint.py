@@ -1,6 +1,6 @@
 """Checkpoints checked before they are trusted, a run directory's config kept by refused commands, and the
 files a run writes honouring the umask. One real short training (two checkpoints) is shared; each test
-works on its own copy of the run directory."""
+works on its own copy of the run directory (the config comparison needs none: configs alone)."""
 
 import json
 import os
@@ -8,10 +8,20 @@ import shutil
 import stat
 
 import pytest
-from conftest import QUICK, read_log, run_cli
+from conftest import QUICK, is_config_field, read_log, run_cli
 
-from llmdistill.checkpoint import COMPLETE, complete_checkpoints, damage, prune_checkpoints
+from llmdistill.checkpoint import (
+    COMPLETE,
+    RESUMABLE_CHANGES,
+    check_run_config,
+    complete_checkpoints,
+    config_changes,
+    damage,
+    prune_checkpoints,
+    write_config,
+)
 from llmdistill.cli import main
+from llmdistill.config import LLMDistillError, load_config
 from llmdistill.distributed import free_port
 
 RUN = [*QUICK, "train.max_steps=4", "train.save_every=2", "deepspeed.zero_stage=1", "run.name=run"]
@@ -173,3 +183,52 @@ def test_the_marker_records_the_run_so_far(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     assert 0 < marker["train_seconds"] <= summary["train_seconds"]
     assert summary["tokens_per_s"] == pytest.approx(marker["tokens"] / summary["train_seconds"])
+
+
+def test_every_resumable_setting_is_a_config_field():
+    """A key that moved (teacher.urls -> teacher.server.urls) would leave RESUMABLE_CHANGES naming nothing."""
+    assert [key for key in RESUMABLE_CHANGES if not is_config_field(key)] == []
+
+
+# The settings README ("Checkpoints and resume") says may change between the segments of a run.
+README_RESUMABLE = [
+    "train.max_steps=9",
+    "train.resume=elsewhere/checkpoints/step_00000002",
+    "train.progress=false",
+    "train.log_every=3",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.save_every=2",
+    "train.keep_checkpoints=5",
+    "train.export=false",
+    "train.max_skipped_steps=3",
+    "data.num_workers=2",
+    "teacher.server.urls=[http://10.0.0.1:8000, http://10.0.0.2:8000]",
+    "teacher.server.timeout=120",
+    "teacher.server.retries=9",
+    "teacher.server.backoff=2.5",
+    "teacher.server.prefetch=4",
+    "teacher.on_policy.server.urls=[http://10.0.0.3:8001]",
+    "teacher.on_policy.server.timeout=600",
+    "teacher.on_policy.server.retries=1",
+    "teacher.on_policy.server.backoff=0.5",
+    "eval={tasks: [llmdistill_code_bpb], limit: 5}",
+    "derive={target: {num_layers: 1}}",
+]
+
+
+def test_settings_that_may_change_between_segments_keep_the_checkpoints_resumable(tmp_path):
+    run_dir = tmp_path / "run"
+    write_config(load_config(None, ["teacher.source=on_policy"]), run_dir)
+    (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000002" / COMPLETE).write_text("{}")
+    for change in README_RESUMABLE:
+        check_run_config(load_config(None, ["teacher.source=on_policy", change]), run_dir)
+    check_run_config(load_config(None, ["teacher.source=on_policy", *README_RESUMABLE]), run_dir)
+    old = load_config(None, ["teacher.source=on_policy"]).model_dump(mode="json")
+    new = load_config(None, ["teacher.source=on_policy", *README_RESUMABLE]).model_dump(mode="json")
+    assert config_changes(old, new) == []
+    with pytest.raises(LLMDistillError, match=r"this one differs in teacher\.server\.top_k, train\.lr\)"):
+        check_run_config(
+            load_config(None, ["teacher.source=on_policy", "train.lr=0.1", "teacher.server.top_k=5"]), run_dir
+        )

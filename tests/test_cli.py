@@ -5,15 +5,16 @@ front door itself adds. The installed wheel is tested in test_package.py.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, nan_teacher
+from conftest import QUICK, is_config_field, nan_teacher
 
 from llmdistill import cli
-from llmdistill.config import load_config
+from llmdistill.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,3 +116,15 @@ def test_launch_scripts_are_the_cli(shim, tmp_path):
     )
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().endswith("config file not found: no_such.yaml")
+
+
+def test_help_and_docstrings_name_config_fields_that_exist():
+    """Config keys named in the commands' help and docstrings (teacher.cache.dir, not the old
+    teacher.cache_dir) are fields of the config."""
+    texts = [fn.__doc__ or "" for name, fn in vars(cli).items() if name.startswith("cmd_")]
+    (commands,) = [a for a in cli.build_parser()._actions if a.choices and "train" in a.choices]
+    texts += [sub.format_help() for sub in commands.choices.values()]
+    sections = "|".join(Config.model_fields)
+    keys = {k for text in texts for k in re.findall(rf"\b(?:{sections})(?:\.[a-z_0-9]+)+", text)}
+    assert "teacher.cache.dir" in keys
+    assert [key for key in sorted(keys) if not is_config_field(key)] == []

@@ -181,6 +181,36 @@ def test_dropping_layers_equals_removing_them_by_hand(family):
         assert len(set(student.config.layer_types)) == 2
 
 
+def test_a_pruned_student_runs_under_the_teachers_attention_kernel():
+    """The candidates' held-out loss runs on students built here: under sdpa they would drop the attention
+    soft-capping that the teacher's eager kernel applies (Gemma-2; Gemma-3 has the field but never caps)."""
+    from transformers import AutoModelForCausalLM
+
+    sdpa = tiny_model("gemma2")
+    with torch.no_grad():  # attention logits far past the cap (5.0), as a trained model's reach Gemma's 50
+        for layer in sdpa.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    teacher = AutoModelForCausalLM.from_config(copy.deepcopy(sdpa.config), attn_implementation="eager").eval()
+    teacher.load_state_dict(sdpa.state_dict())
+    student = build_student(teacher, identity_plan(teacher.config))
+    assert student.config._attn_implementation == "eager"
+    batch = random_batches()[0]
+    assert (logits(sdpa, batch) - logits(teacher, batch)).abs().max() > 1e-4  # the cap matters here
+    torch.testing.assert_close(logits(student, batch), logits(teacher, batch), atol=1e-5, rtol=0)
+
+
+def test_a_pruned_student_keeps_the_teachers_generation_config():
+    teacher = tiny_model("qwen3", eos_token_id=5)
+    teacher.generation_config.eos_token_id = [5, 7]  # a chat model's extra end-of-turn token
+    teacher.generation_config.do_sample = True
+    teacher.generation_config.temperature = 0.6
+    teacher.generation_config.top_p = 0.95
+    plan = random_plan(teacher.config, resolve_shape(teacher.config, {"num_layers": 2}), seed=0)
+    student = build_student(teacher, plan)
+    assert student.generation_config.to_dict() == teacher.generation_config.to_dict()
+    assert student.generation_config is not teacher.generation_config
+
+
 def test_select_layers_contiguous_and_independent():
     scores = torch.tensor([5.0, 1.0, 0.5, 4.0, 0.2, 6.0])
     assert select_layers(scores, 4, "independent") == [0, 1, 3, 5]
@@ -552,6 +582,9 @@ def teacher_dir(tmp_path_factory):
     texts += [p.read_text() for p in sorted(Path(subprocess.__file__).parent.glob("c*.py"))[:10]]
     tokenizer = train_bpe_tokenizer(iter(texts), VOCAB)
     model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    model.generation_config.eos_token_id = [0, 3]  # more stop tokens and sampling defaults than its config
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 0.6
     model.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     corpus = root / "corpus.jsonl"
@@ -559,11 +592,11 @@ def teacher_dir(tmp_path_factory):
     return root
 
 
-def derive_config(root: Path, derive: dict, name: str, teacher: str = "teacher"):
+def derive_config(root: Path, derive: dict, name: str, teacher: str = "teacher", attn: str = "sdpa"):
     return config_from_dict(
         {
             "run": {"name": name, "output_dir": str(root / "runs")},
-            "teacher": {"path": str(root / teacher)},
+            "teacher": {"path": str(root / teacher), "attn_implementation": attn},
             "data": {
                 "train": {"path": str(root / "corpus.jsonl")},
                 "validation": {"path": str(root / "corpus.jsonl")},
@@ -615,6 +648,10 @@ def test_derive_student_writes_a_plain_hf_checkpoint(teacher_dir):
         AutoTokenizer.from_pretrained(out).get_vocab()
         == AutoTokenizer.from_pretrained(teacher_dir / "teacher").get_vocab()
     )
+    # The teacher's stop tokens and sampling defaults, which its config alone does not hold.
+    teacher_generation = json.loads((teacher_dir / "teacher" / "generation_config.json").read_text())
+    assert teacher_generation["eos_token_id"] == [0, 3]
+    assert json.loads((out / "generation_config.json").read_text()) == teacher_generation
     masks = load_masks(out)
     params = dict(student.named_parameters())
     assert all((params[n][~m] == 0).all() for n, m in masks.items())
@@ -639,6 +676,8 @@ def test_derive_student_on_other_families(teacher_dir, family):
         },
         f"derive-{family}",
         teacher=family,
+        # Gemma's attention soft-capping: transformers' sdpa would drop it (refused below)
+        attn="eager" if family.startswith("gemma") else "sdpa",
     )
     out = derive_student(cfg)
     record = json.loads((out / "derivation.json").read_text())
@@ -653,6 +692,36 @@ def test_derive_student_on_other_families(teacher_dir, family):
     torch.testing.assert_close(
         logits(student, batch), logits(build_student(teacher, plan), batch), atol=1e-5, rtol=0
     )
+
+
+def test_derive_loads_the_teacher_under_its_kernel_and_refuses_one_that_drops_softcapping(
+    teacher_dir, monkeypatch
+):
+    import llmdistill.derive as derive
+
+    teacher = tiny_model("gemma2", vocab_size=VOCAB)
+    teacher.save_pretrained(teacher_dir / "gemma2-kernel")
+    for f in (teacher_dir / "teacher").glob("tokenizer*"):
+        (teacher_dir / "gemma2-kernel" / f.name).write_bytes(f.read_bytes())
+    derive_cfg = {"target": {"num_layers": 3}, "depth_methods": ["block_importance"], "plots": False}
+    loaded = []
+
+    def load_model(path, dtype="float32", trust_remote_code=False, attn_implementation="sdpa"):
+        loaded.append(attn_implementation)
+        return real_load_model(path, dtype, trust_remote_code, attn_implementation)
+
+    real_load_model = derive.load_model
+    monkeypatch.setattr(derive, "load_model", load_model)
+    cfg = derive_config(teacher_dir, derive_cfg, "gemma2-sdpa", teacher="gemma2-kernel")
+    with pytest.raises(
+        LLMDistillError,
+        match=r"^teacher\.attn_implementation=sdpa ignores the model's attn_logit_softcapping",
+    ):
+        derive_student(cfg)
+    assert loaded == []  # refused before any weights load
+    cfg = derive_config(teacher_dir, derive_cfg, "gemma2-eager", teacher="gemma2-kernel", attn="eager")
+    derive_student(cfg)
+    assert loaded == ["eager"]
 
 
 def test_derive_student_search_ranks_candidates(teacher_dir):
@@ -785,3 +854,33 @@ def test_importance_beats_random_on_the_trained_teacher():
     ]
     print(f"shape {shape}: importance {ours:.3f}, random {[round(r, 3) for r in randoms]}")
     assert ours < min(randoms), (shape, ours, randoms)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_held_out_loss_and_perplexity_scores_use_the_soft_capped_logits(family):
+    """Gemma-2/3 soft-cap their logits after the head (final_logit_softcapping); derive's NLL applies the
+    head itself, so it must cap too: held_out_loss and each perplexity score are those of the model's own
+    logits."""
+    import torch.nn.functional as F
+
+    model = tiny_model(family)
+    with torch.no_grad():  # logits of a trained model's size, so that the cap of 3 bites
+        model.model.norm.weight.add_(6.0)
+    batches = random_batches()
+
+    def reference_loss():
+        nll = sum(
+            F.cross_entropy(logits(model, b).reshape(-1, VOCAB), b["targets"].reshape(-1), reduction="sum")
+            for b in batches
+        )
+        return float(nll) / sum(b["targets"].numel() for b in batches)
+
+    base = reference_loss()
+    assert held_out_loss(model, batches) == pytest.approx(base, rel=1e-5)
+    expected = []
+    for i in range(model.config.num_hidden_layers):
+        with layers_skipped(model, {i}):
+            expected.append(reference_loss() - base)
+    torch.testing.assert_close(
+        perplexity_scores(model, batches), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-5
+    )

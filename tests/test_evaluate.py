@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import QUICK
 
 from llmdistill import cli
-from llmdistill.config import LLMDistillError
+from llmdistill.config import LLMDistillError, load_config
 from llmdistill.evaluate import (
     BUILD_COMMAND,
     LOCAL_TASKS,
@@ -23,11 +24,13 @@ from llmdistill.evaluate import (
     build_task_data,
     check_task_data,
     evaluate_models,
+    make_lm,
     resolve_model_dir,
     task_data_dir,
     tensorboard_scalars,
 )
 from llmdistill.models import EMBEDDED_TEACHER, load_tokenizer
+from llmdistill.train import train
 from llmdistill.vllm_env import offline_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,3 +272,98 @@ def test_task_yamls_read_the_directory_we_build(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMDISTILL_CACHE", str(tmp_path))
     assert utils.resolve_data_file("code_bpb.jsonl") == task_data_dir() / "code_bpb.jsonl"
     assert task_data_dir().parent == tmp_path
+
+
+# ------------------------------------------------------------------------------- lm-eval in a training run
+
+QUICK_RUN = ["train", *QUICK, "train.max_steps=2"]
+
+
+def _absent_cuda_device() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+
+
+@pytest.mark.parametrize(
+    "section, overrides, words",
+    [
+        ("teacher: {tmp}/missing", [], ["eval.teacher: model path not found"]),
+        ("students: [{tmp}/missing]", [], ["eval.students[0]: model path not found"]),
+        (f"device: {_absent_cuda_device()}", [], ["eval.device=cuda:"]),
+        ("model_args: {trust_remote_kode: true}", [], ["eval.model_args: ['trust_remote_kode']"]),
+        ("every: 1, at_end: false, backend: vllm", [], ["eval.backend=vllm", "eval.every=1"]),
+        ("at_end: true", ["train.export=false"], ["eval.at_end", "train.export"]),
+    ],
+    ids=["missing_teacher", "missing_student", "absent_device", "model_args_typo", "vllm_every", "no_export"],
+)
+def test_training_refuses_an_eval_section_that_would_fail_later(section, overrides, words, tmp_path, capsys):
+    """Each of these used to fail (or be skipped, or be ignored) only after the whole run had trained."""
+    section = "eval={" + section.replace("{tmp}", str(tmp_path)) + f", tasks: [{BPB}]}}"
+    code = cli.main([*QUICK_RUN, f"run.output_dir={tmp_path}", "run.name=bad", *overrides, section])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert all(w in errors[0] for w in words), errors[0]
+    assert not (tmp_path / "bad").exists()  # refused before the run directory, let alone weights
+
+
+def test_evals_during_training_use_the_eval_section(tmp_path, monkeypatch, one_rank):
+    """The periodic eval reads its tasks from eval.include_paths, resolves eval.teacher (`embedded`), and runs
+    lm-eval with the same settings as the eval at the end: num_fewshot, bootstrap_iters, run.seed, HF
+    model_args, and eval.dtype for the teacher it loads."""
+    import lm_eval
+    import torch
+
+    build_task_data()  # the task below reads the local bpb task's data file
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    yaml = (TASKS_DIR / "code_bpb.yaml").read_text()
+    yaml = yaml.replace(f"task: {BPB}", "task: my_bpb").replace("tag: llmdistill_code", "tag: my_tag")
+    (tasks / "my_bpb.yaml").write_text(yaml)
+    (tasks / "utils.py").write_text((TASKS_DIR / "utils.py").read_text())
+    calls = []
+    real = lm_eval.simple_evaluate
+
+    def recording_simple_evaluate(model, **kwargs):
+        calls.append((model, kwargs))
+        return real(model=model, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recording_simple_evaluate)
+    eval_section = (
+        f"eval={{every: 1, at_end: false, teacher: embedded, tasks: [my_bpb], include_paths: [{tasks}], "
+        "every_limit: 2, num_fewshot: 0, bootstrap_iters: 0, dtype: bfloat16, "
+        "model_args: {logits_cache: false}}"
+    )
+    args = [*QUICK, "train.max_steps=2", "train.export=false", "run.seed=3", f"run.output_dir={tmp_path}"]
+    # train(), not cli.main: the CLI would leave the process group that later in-process tests share.
+    train(load_config(None, [*args, "run.name=ev", eval_section]))
+
+    # step 1 only (the last step has no periodic eval): the teacher once, then the student
+    (teacher_lm, teacher_kw), (student_lm, student_kw) = calls
+    for kwargs in (teacher_kw, student_kw):
+        assert kwargs["tasks"] == ["my_bpb"] and kwargs["limit"] == 2 and kwargs["num_fewshot"] == 0
+        assert kwargs["bootstrap_iters"] == 0 and kwargs["random_seed"] == 3
+    assert teacher_lm.logits_cache is False and student_lm.logits_cache is False
+    assert teacher_lm.model.dtype == torch.bfloat16  # eval.dtype: the teacher; the student is as it trains
+    records = [json.loads(line) for line in (tmp_path / "ev" / "logs.jsonl").read_text().splitlines()]
+    (logged,) = [r for r in records if "lm_eval/my_bpb/bits_per_byte/student" in r]
+    assert logged["step"] == 1 and "lm_eval/my_bpb/bits_per_byte/teacher" in logged
+
+
+def test_hf_model_args_take_effect_or_are_refused(capsys):
+    """HFLM is handed a loaded model, so it would drop any argument meant for loading one: those we load with
+    are passed to the loading, HFLM's own options to HFLM, and anything else is refused by name."""
+    lm = make_lm(str(EMBEDDED_TEACHER), model_args={"attn_implementation": "eager", "logits_cache": False})
+    assert lm.model.config._attn_implementation == "eager" and lm.logits_cache is False
+    with pytest.raises(LLMDistillError, match=r"eval.model_args: \['trust_remote_kode'\] have no effect"):
+        make_lm(str(EMBEDDED_TEACHER), model_args={"trust_remote_kode": True})
+
+    config = str(REPO / "configs" / "tiny" / "eval.yaml")
+    for model_args, words in [
+        ("{max_length: 64}", "set eval.max_length instead"),
+        ("{attn_implementation: eagr}", "eval.model_args.attn_implementation='eagr'"),
+    ]:
+        args = ["eval", "--config", config, "eval.students=[]", f"eval.model_args={model_args}"]
+        assert cli.main(args) == 2
+        assert words in capsys.readouterr().err

@@ -140,10 +140,13 @@ def test_a_target_outside_the_vocabulary_gives_a_nan_loss_not_a_wild_read(device
     assert value.isnan()
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcapped"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["eager", "recompute"])
-def test_an_objective_through_the_kernels_trains_as_through_torch(device, monkeypatch, recompute):
+def test_an_objective_through_the_kernels_trains_as_through_torch(device, monkeypatch, recompute, softcap):
     """fkl + ce in one fused head pass, the teacher as hidden states + head: the loss and the gradients of
-    the student's hidden states and head weight are those of the torch path."""
+    the student's hidden states and head weight are those of the torch path, also for a student whose
+    logits are soft-capped after its head (the kernels see the capped logits, the cap's chain rule is
+    outside them)."""
     g = torch.Generator().manual_seed(2)
     batch_size, seq, hidden_size, vocab = 2, 7, 16, 4111
     hidden = torch.randn(batch_size, seq, hidden_size, generator=g).to(device)
@@ -160,7 +163,9 @@ def test_an_objective_through_the_kernels_trains_as_through_torch(device, monkey
         head.weight.data.copy_(weight)
         h = hidden.clone().requires_grad_(True)
         # A head that is not an nn.Linear takes the recompute path (as a ZeRO-3 or PEFT head does).
-        student = StudentOutput(hidden=h, head=torch.nn.Sequential(head) if recompute else head)
+        student = StudentOutput(
+            hidden=h, head=torch.nn.Sequential(head) if recompute else head, logit_softcap=softcap
+        )
         terms = [get_loss("fkl").head_term(student, signal, batch, temperature=2.0, chunk_size=5)]
         terms.append(get_loss("ce").head_term(student, signal, batch, chunk_size=5))
         total, values = divergences.fused_head_terms(student, batch, terms, [1.0, 0.5])

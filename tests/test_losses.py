@@ -392,9 +392,10 @@ def test_registry_errors():
         get_loss("nope")
     with pytest.raises(ConfigError, match="unknown parameter"):
         Objective([LossTerm(name="fkl", temprature=2.0)])
-    with pytest.raises(ConfigError, match="tail"):
-        hidden, weight, teacher, batch = make_case()
-        get_loss("fkl")(student_of(hidden, weight)[0], sparse_of(teacher), batch, tail="drop")
+    with pytest.raises(
+        ConfigError, match=r"loss\.0\.tail \(fkl\): Input should be 'bucket' or 'renormalize'"
+    ):
+        Objective([LossTerm(name="fkl", tail="drop")])
 
 
 def test_non_finite_names_step_and_batch():
@@ -703,6 +704,82 @@ def test_head_signal_refuses_a_model_whose_logits_are_not_its_head(softcapped_ge
         head_signal(softcapped_gemma2, input_ids, torch.arange(6)[None])
 
 
+def softcapped_case(model, seed):
+    """A packed batch for the tiny soft-capped Gemma-2 (one document per row, some targets skipped) and a
+    random full-vocabulary teacher."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (2, 9), generator=g)
+    targets = input_ids.roll(-1, 1)
+    targets[:, -1] = targets[0, 2] = -100
+    batch = {"input_ids": input_ids, "position_ids": torch.arange(9).repeat(2, 1), "targets": targets}
+    return batch, TeacherSignal(logits=torch.randn(2, 9, vocab, generator=g) * 2)
+
+
+def test_a_softcapped_student_has_the_logits_its_model_produces(softcapped_gemma2):
+    """forward_to_head stops before Gemma-2's head and its soft-cap; the logits it gives back (what alm and
+    uld read) are model(...).logits, capped."""
+    from llmdistill.signal import forward_to_head
+
+    batch, _ = softcapped_case(softcapped_gemma2, seed=40)
+    with torch.no_grad():
+        student = forward_to_head(softcapped_gemma2, batch)
+        expected = softcapped_gemma2(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(student.logits(), expected)
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [
+        [LossTerm(name="ce", chunk_size=4)],
+        [LossTerm(name="fkl", temperature=2.0, chunk_size=4)],
+        [LossTerm(name="fkl", chunk_size=4), LossTerm(name="ce", weight=0.3, chunk_size=4)],
+    ],
+    ids=["ce", "fkl", "fkl+ce"],
+)
+@pytest.mark.parametrize("path", ["eager", "recompute", "balanced"])
+def test_a_softcapped_student_trains_on_the_logits_its_model_produces(softcapped_gemma2, terms, path):
+    """Gemma-2 soft-caps its logits after the head (cap * tanh(z / cap)). The fused losses apply the head
+    themselves, so they must cap too: value and gradients of every parameter equal those of the same loss
+    on model(...).logits, on the eager and recompute paths, and through balancing (which sees the terms
+    through a proxy student; with no rescaling or projection it is the plain sum)."""
+    import dataclasses
+
+    from llmdistill.signal import forward_to_head
+
+    model = softcapped_gemma2
+    batch, signal = softcapped_case(model, seed=41)
+    params = list(model.parameters())
+    student = forward_to_head(model, batch)
+    if path == "recompute":
+        student = dataclasses.replace(student, head=WrappedHead(student.head))
+    balance = {"normalize": "none", "project": False} if path == "balanced" else None
+    value, _ = Objective(terms, balance=balance)(student, signal, batch)
+    grads = torch.autograd.grad(value, params)
+
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.double()
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = batch["targets"].reshape(-1)
+    teacher = signal.logits.reshape(logits.shape)[targets != -100].double()
+    expected = 0.0
+    for term in terms:
+        if term.name == "ce":
+            loss = F.cross_entropy(logits, targets)
+        else:
+            temperature = term.params.get("temperature", 1.0)
+            log_q = F.log_softmax(logits[targets != -100] / temperature, -1)
+            log_p = F.log_softmax(teacher / temperature, -1)
+            loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+        expected = expected + term.weight * loss
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    names = [name for name, _ in model.named_parameters()]
+    for name, ours, reference in zip(names, grads, torch.autograd.grad(expected, params), strict=True):
+        scale = float(reference.abs().max())
+        torch.testing.assert_close(
+            ours, reference, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
 # --- several head terms in one pass of the head ---
 
 SHARED = {
@@ -815,3 +892,69 @@ def test_a_module_head_is_called_as_often_whatever_the_valid_positions(valid, gr
         torch.testing.assert_close(a, b)
     if valid == 0:
         assert float(results[0][0]) == 0.0
+
+
+def test_loss_parameter_values_are_checked_against_the_signature(monkeypatch):
+    """check_terms (preflight, and the Objective) refuses a value the loss's signature refuses, naming
+    loss.N.<parameter>: a wrong type for any loss, a range or a choice where the signature states one
+    (Annotated with pydantic constraints, a Literal)."""
+    from typing import Annotated, Literal
+
+    from pydantic import Field
+
+    from llmdistill.losses import registry
+
+    with pytest.raises(
+        ConfigError, match=re.escape("loss.1.temperature (fkl): Input should be a valid number")
+    ):
+        registry.check_terms([LossTerm(name="ce"), LossTerm(name="fkl", temperature="hot")])
+    with pytest.raises(
+        ConfigError, match=re.escape("loss.0.iterations (sinkhorn): Input should be a valid int")
+    ):
+        Objective([LossTerm(name="sinkhorn", iterations=2.5)])
+
+    def constrained(student, signal, batch, temperature=1.0, tail="bucket"):
+        raise AssertionError("never called: the values are checked without a forward")
+
+    # Set as objects: this module's `from __future__ import annotations` would make them strings of names that
+    # are local to this test.
+    constrained.__annotations__ = {
+        "temperature": Annotated[float, Field(gt=0)],
+        "tail": Literal["bucket", "renormalize"],
+    }
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register("constrained", needs={"teacher"})(constrained)
+    with pytest.raises(ConfigError) as err:
+        registry.check_terms([LossTerm(name="constrained", temperature=0)])
+    assert str(err.value) == "loss.0.temperature (constrained): Input should be greater than 0 (got 0)"
+    with pytest.raises(ConfigError) as err:
+        registry.check_terms([LossTerm(name="fkl"), LossTerm(name="constrained", tail="drop")])
+    assert (
+        str(err.value) == "loss.1.tail (constrained): Input should be 'bucket' or 'renormalize' (got 'drop')"
+    )
+    registry.check_terms([LossTerm(name="constrained", temperature=0.5, tail="renormalize")])
+
+
+@pytest.mark.parametrize(
+    "term, words",
+    [
+        (
+            {"name": "fkl", "temperature": 0},
+            "loss.0.temperature (fkl): Input should be greater than 0",
+        ),
+        ({"name": "ce", "label_smoothing": 2.0}, "loss.0.label_smoothing (ce): Input should be less than 1"),
+        ({"name": "jsd", "beta": 1.5}, "loss.0.beta (jsd): Input should be less than or equal to 1"),
+        ({"name": "skew_rkl", "alpha": 1.0}, "loss.0.alpha (skew_rkl): Input should be less than 1"),
+        (
+            {"name": "sinkhorn", "group_size": 1},
+            "loss.0.group_size (sinkhorn): Input should be greater",
+        ),
+        ({"name": "tvd", "chunk_size": 0}, "loss.0.chunk_size (tvd): Input should be greater than 0"),
+    ],
+)
+def test_out_of_range_loss_parameters_are_refused_before_a_forward(term, words):
+    from llmdistill.losses.registry import check_terms
+
+    with pytest.raises(ConfigError) as err:
+        check_terms([LossTerm(**term)])
+    assert str(err.value).startswith(words)

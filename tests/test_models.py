@@ -91,3 +91,90 @@ def test_a_state_missing_a_weight_is_refused_by_name(tiny_llama):
     del state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(RuntimeError, match=r"missing \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
         models.load_whole_state(models.empty_model(tiny_llama.config), state)
+
+
+def _sliding_config(model_type: str, layers: int = 4):
+    """A small config of a family whose layers have attention types: Qwen3 with its first 2 layers full and
+    the rest sliding, Gemma-2 alternating sliding and full."""
+    from transformers import AutoConfig
+
+    extra = {"use_sliding_window": True, "max_window_layers": 2} if model_type == "qwen3" else {}
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=8,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "model_type, layers, want_types, want_max_window",
+    [
+        ("qwen3", 3, ["full", "full", "sliding"], 2),
+        ("qwen3", 1, ["full"], 1),
+        ("qwen3", 6, ["full", "full", "sliding", "sliding", "full", "full"], 2),
+        ("gemma2", 3, ["sliding", "full", "sliding"], None),
+        ("gemma2", 6, ["sliding", "full"] * 3, None),
+    ],
+)
+def test_a_new_depth_from_the_teacher_cuts_or_repeats_its_layer_types(
+    model_type, layers, want_types, want_max_window
+):
+    teacher = _sliding_config(model_type)
+    student = models.config_with_overrides(teacher, {"num_hidden_layers": layers})
+    assert student.num_hidden_layers == layers
+    assert student.layer_types == [f"{t}_attention" for t in want_types]
+    assert getattr(student, "max_window_layers", None) == want_max_window
+    # The teacher's own types, given with the depth, are taken as they are.
+    given = ["full_attention"] * layers
+    assert (
+        models.config_with_overrides(teacher, {"num_hidden_layers": layers, "layer_types": given}).layer_types
+        == given
+    )
+
+
+def test_a_config_transformers_refuses_is_one_line_naming_the_field():
+    teacher = _sliding_config("gemma2")
+    overrides = {"num_hidden_layers": 3, "layer_types": ["full_attention"]}
+    with pytest.raises(LLMDistillError, match=r"^student\.from_teacher: .*`num_hidden_layers` \(3\)") as err:
+        models.config_with_overrides(teacher, overrides)
+    assert "\n" not in str(err.value)
+    with pytest.raises(LLMDistillError, match=r"^student\.from_teacher: .*num_hidden_layers") as err:
+        models.config_with_overrides(teacher, {"num_hidden_layers": "two"})
+    assert "\n" not in str(err.value)
+    raw = {**teacher.to_dict(), "num_hidden_layers": 3}  # student.config: the same list, left unchanged
+    with pytest.raises(LLMDistillError, match=r"^student\.config: .*`num_hidden_layers` \(3\)") as err:
+        models.config_from_dict(raw)
+    assert "\n" not in str(err.value)
+
+
+def test_an_attention_kernel_that_drops_the_softcapping_is_refused_by_field(monkeypatch):
+    gemma2 = _sliding_config("gemma2")
+    assert gemma2.attn_logit_softcapping == 50.0  # Gemma-2's default
+    with pytest.raises(
+        LLMDistillError,
+        match=r"^student\.attn_implementation=sdpa ignores the model's attn_logit_softcapping=50\.0 .*eager",
+    ):
+        models.check_attn_softcapping("sdpa", "student.attn_implementation", gemma2)
+    for kernel in ("eager", "flex_attention"):
+        models.check_attn_softcapping(kernel, "student.attn_implementation", gemma2)
+    uncapped = gemma2.__class__(**{**gemma2.to_dict(), "attn_logit_softcapping": None})
+    models.check_attn_softcapping("sdpa", "teacher.attn_implementation", uncapped)
+    models.check_attn_softcapping("sdpa", "teacher.attn_implementation", _sliding_config("qwen3"))
+
+    # A flash kernel gets the cap only where its function takes it (flash-attn >= 2.6).
+    available = (lambda: True, "")
+    monkeypatch.setitem(models.OPTIONAL_KERNELS, "flash_attention_2", available)
+    monkeypatch.setattr(models, "flash_kernel_takes_softcap", lambda name: True)
+    models.check_attn_softcapping("flash_attention_2", "teacher.attn_implementation", gemma2)
+    monkeypatch.setattr(models, "flash_kernel_takes_softcap", lambda name: False)
+    with pytest.raises(
+        LLMDistillError, match=r"^teacher\.attn_implementation=flash_attention_2: .*no softcap"
+    ):
+        models.check_attn_softcapping("flash_attention_2", "teacher.attn_implementation", gemma2)

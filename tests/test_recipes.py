@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from llmdistill import models
 from llmdistill.config import load_config
 from llmdistill.derive import derive_output
 from llmdistill.derive.prune import check_supported, parameter_shapes, resolve_shape, shape_parameters
@@ -29,7 +30,7 @@ DISTIL = sorted(
     p for p in RECIPES.glob("*.yaml") if p not in DERIVE and "student" in yaml.safe_load(p.read_text())
 )
 # The teacher keys recipes may use: they stay stable while the teacher section is restructured.
-TEACHER_KEYS = {"source", "path", "dtype", "trust_remote_code", "hidden_states"}
+TEACHER_KEYS = {"source", "path", "dtype", "trust_remote_code", "hidden_states", "attn_implementation"}
 
 # Hub name -> (model_type, the config.json fields that size the model, parameters on the model card).
 TEACHERS = {
@@ -189,6 +190,20 @@ def test_the_cross_tokenizer_recipe_crosses_tokenizers():
         student_teacher = load_config(source).teacher.path
         # the student keeps its own teacher's vocabulary: a different tokenizer from the one teaching it
         assert TEACHERS[student_teacher][1]["vocab_size"] != TEACHERS[cfg.teacher.path][1]["vocab_size"]
+
+
+@pytest.mark.parametrize("path", [*DERIVE, *DISTIL], ids=lambda p: p.name)
+def test_recipes_run_their_models_under_kernels_that_keep_their_soft_capping(path):
+    """Gemma-2 soft-caps its attention logits, which transformers' sdpa drops: derivation and preflight refuse
+    sdpa for it, so a recipe names a kernel that applies the cap, for its teacher and for its student (a
+    derived student keeps its teacher's config)."""
+    cfg = load_config(path)
+    teacher = teacher_config(cfg.teacher.path)
+    models.check_attn_softcapping(cfg.teacher.attn_implementation, "teacher.attn_implementation", teacher)
+    if path in DISTIL:
+        source = next(p for p in DERIVE if str(derive_output(load_config(p))) == cfg.student.path)
+        student = teacher_config(load_config(source).teacher.path)
+        models.check_attn_softcapping(cfg.student.attn_implementation, "student.attn_implementation", student)
 
 
 @pytest.mark.parametrize("hub_name", sorted(TEACHERS))

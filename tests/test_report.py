@@ -92,3 +92,18 @@ def test_runs_of_the_same_name_are_told_apart_and_a_non_run_is_one_line(finished
     assert (
         result.stderr.strip() == f"error: {tmp_path / 'out'} is not a finished run directory: no config.yaml"
     )
+
+
+def test_a_run_without_logs_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    from llmdistill.cli import main
+    from llmdistill.config import Config, save_config
+
+    run = tmp_path / "nologs"
+    run.mkdir()
+    save_config(Config(), run / "config.yaml")
+    (run / "summary.json").write_text(json.dumps({"steps": 1, "world_size": 1}))
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {run} is not a finished run directory: no logs.jsonl"
+    assert not (tmp_path / "out").exists()
+    assert read_run(run).summary["steps"] == 1  # a model card needs no logs

@@ -51,6 +51,8 @@ from llmdistill.derive.prune import (
 from llmdistill.derive.search import feasible_shapes, pick_candidates, rank_candidates
 from llmdistill.distributed import init_distributed
 from llmdistill.models import (
+    check_attn_implementation,
+    check_attn_softcapping,
     check_sequence_length,
     honour_umask,
     load_model,
@@ -134,15 +136,20 @@ def derive_student(cfg: Config, candidate_score: Callable | None = None) -> Path
     if cfg.teacher.path is None:
         raise LLMDistillError("derive needs a teacher: set teacher.path")
     teacher_path = resolve_model_path(cfg.teacher.path, "teacher.path")
-    if dcfg.search is None:  # a bad target fails on the config alone, before any weights are read
-        tconf = AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
-        check_supported(tconf)
+    # What fails on the config alone fails before any weights are read: the architecture, the attention
+    # kernel (the scores and the candidates' held-out loss run under it), a bad target.
+    tconf = AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
+    check_supported(tconf)
+    attn = cfg.teacher.attn_implementation
+    check_attn_implementation(attn, "teacher.attn_implementation")
+    check_attn_softcapping(attn, "teacher.attn_implementation", tconf)
+    if dcfg.search is None:
         resolve_shape(tconf, dcfg.target.model_dump() if dcfg.target else None)
-    # Scores are accumulated in float64 whatever the teacher's dtype; the student keeps the teacher's dtype.
-    teacher = load_model(teacher_path, cfg.teacher.dtype, cfg.teacher.trust_remote_code).to(device)
+    # Scores are accumulated in float64 whatever the teacher's dtype; the student keeps the teacher's dtype
+    # and its attention kernel.
+    teacher = load_model(teacher_path, cfg.teacher.dtype, cfg.teacher.trust_remote_code, attn).to(device)
     teacher.eval()
     tconf = teacher.config
-    check_supported(tconf)
     named_shapes = parameter_shapes(teacher)
     for name in named_shapes:
         axes_of(name)  # any parameter outside the known layout is an error before any work is done

@@ -389,7 +389,9 @@ def student_config(config, shape: dict):
 
 
 def build_student(teacher, plan: dict):
-    """A new HF model of the plan's shape holding the teacher's kept weights (teacher is not modified)."""
+    """A new HF model of the plan's shape holding the teacher's kept weights (teacher is not modified), under
+    the teacher's attention kernel and with its generation config (EOS ids, sampling defaults), which a model
+    built from a config would otherwise rebuild from the config alone."""
 
     config = student_config(teacher.config, plan["shape"])
     layer_types = getattr(teacher.config, "layer_types", None)
@@ -399,6 +401,10 @@ def build_student(teacher, plan: dict):
         # Qwen2/3: the layers below this index never slide; keep the same teacher layers non-sliding
         config.max_window_layers = sum(1 for i in plan["layers"] if i < teacher.config.max_window_layers)
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[teacher.dtype]
-    student = empty_model(config, dtype)
+    # The held-out loss that ranks candidates must see what the teacher's kernel computes (Gemma-2's attention
+    # soft-capping is dropped by sdpa, kept by eager).
+    student = empty_model(config, dtype, teacher.config._attn_implementation)
     load_whole_state(student, prune_state_dict(teacher.state_dict(), teacher.config, plan))
+    if teacher.generation_config is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)
     return student.to(teacher.device)

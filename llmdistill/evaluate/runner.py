@@ -11,9 +11,9 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from llmdistill.config import Config, EvalConfig, LLMDistillError
+from llmdistill.config import AttnImplementation, Config, EvalConfig, LLMDistillError, check_device
 from llmdistill.evaluate.report import fractions_of_reference, primary_metrics, write_report
 from llmdistill.evaluate.task_data import (
     LOCAL_TAG,
@@ -77,15 +77,24 @@ def _model_name(path: str, taken: set[str]) -> str:
     return name
 
 
+def teacher_model_dir(cfg: Config) -> str | None:
+    """The model eval.teacher names, resolved (true: teacher.path); None when eval.teacher is false."""
+    ev = cfg.eval or EvalConfig()
+    if not ev.teacher:
+        return None
+    teacher = ev.teacher if isinstance(ev.teacher, str) else cfg.teacher.path
+    if teacher is None:
+        raise LLMDistillError("eval.teacher: no teacher path (teacher.path is null); set eval.teacher")
+    return resolve_model_dir(teacher, "eval.teacher")
+
+
 def models_from_config(cfg: Config) -> dict[str, str]:
     """{name: model dir} for the teacher (unless eval.teacher is false) and the students, in report order."""
     ev = cfg.eval or EvalConfig()
     models: dict[str, str] = {}
-    if ev.teacher:
-        teacher = ev.teacher if isinstance(ev.teacher, str) else cfg.teacher.path
-        if teacher is None:
-            raise LLMDistillError("eval.teacher: no teacher path (teacher.path is null); set eval.teacher")
-        models["teacher"] = resolve_model_dir(teacher, "eval.teacher")
+    teacher = teacher_model_dir(cfg)
+    if teacher is not None:
+        models["teacher"] = teacher
     students = ev.students
     if not students and (cfg.run.dir / "student" / "config.json").exists():
         students = [str(cfg.run.dir)]  # default: this run's exported student
@@ -151,6 +160,39 @@ def _lm_eval_vllm_class():
     return VLLM
 
 
+# HFLM's own options that still act on a model handed to it loaded (the HF backend always does that): any
+# other HFLM argument, and any extra keyword, would only reach `from_pretrained`: lm-eval drops it silently.
+HF_LM_OPTIONS = (
+    "truncation",
+    "logits_cache",
+    "softmax_dtype",
+    "mixed_precision_dtype",
+    "add_bos_token",
+    "prefix_token_id",
+    "think_end_token",
+    "enable_thinking",
+    "chat_template_args",
+)
+# What llmdistill.models.load_model takes besides the dtype, for the model directories the eval loads itself.
+HF_LOAD_OPTIONS = ("trust_remote_code", "attn_implementation")
+
+
+def hf_model_args(model_args: dict | None) -> tuple[dict, dict]:
+    """eval.model_args on the HF backend, split into (HFLM options, model loading options); a key that would
+    have no effect there is an error naming it, since lm-eval itself would ignore it."""
+    model_args = dict(model_args or {})
+    unknown = sorted(k for k in model_args if k not in HF_LM_OPTIONS + HF_LOAD_OPTIONS)
+    if unknown:
+        own = [k for k in unknown if k in EvalConfig.model_fields]
+        hint = f"; set {', '.join(f'eval.{k}' for k in own)} instead" if own else ""
+        raise LLMDistillError(
+            f"eval.model_args: {unknown} have no effect on the hf backend, which takes "
+            f"{sorted(HF_LM_OPTIONS + HF_LOAD_OPTIONS)}{hint}"
+        )
+    lm_options = {k: v for k, v in model_args.items() if k in HF_LM_OPTIONS}
+    return lm_options, {k: v for k, v in model_args.items() if k in HF_LOAD_OPTIONS}
+
+
 def make_lm(
     model: Any,
     backend: str = "hf",
@@ -161,7 +203,10 @@ def make_lm(
     device: str = "cpu",
     model_args: dict | None = None,
 ):
-    """An lm-eval LM: `model` is a model dir (either backend) or, for hf, a loaded model (needs tokenizer)."""
+    """An lm-eval LM: `model` is a model dir (either backend) or, for hf, a loaded model (needs tokenizer).
+
+    model_args: for vllm, lm-eval's VLLM arguments; for hf, see `hf_model_args` (the loading options apply to
+    a model dir only: a loaded model keeps how it was loaded)."""
     model_args = dict(model_args or {})
     if backend == "vllm":
         if not isinstance(model, str):
@@ -178,9 +223,10 @@ def make_lm(
 
     from llmdistill.models import load_model, load_tokenizer
 
+    lm_options, load_options = hf_model_args(model_args)
     if isinstance(model, str):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, dtype).to(device)
+        tokenizer = tokenizer or load_tokenizer(model, load_options.get("trust_remote_code", False))
+        model = load_model(model, dtype, **load_options).to(device)
     elif tokenizer is None:
         raise LLMDistillError("evaluate_models: a model object needs its tokenizer (tokenizer=...)")
     return HFLM(
@@ -189,7 +235,7 @@ def make_lm(
         batch_size=batch_size,
         max_length=max_length,
         device=device,
-        **model_args,
+        **lm_options,
     )
 
 
@@ -330,29 +376,87 @@ def _metrics(out: dict) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def run_eval(cfg: Config) -> dict:
-    """`llmdistill eval`: models and tasks of cfg.eval, report in eval.output_dir (or <run dir>/eval)."""
+# ------------------------------------------------------------------------------------------ from a config
+
+
+def eval_settings(cfg: Config) -> dict:
+    """`evaluate_models`' keyword arguments that cfg.eval sets, but for the limit (eval.limit at the end,
+    eval.every_limit during training): built in this one place, so `llmdistill eval`, the end of a training
+    run and the evals during it score models the same way."""
     ev = cfg.eval or EvalConfig()
-    models = models_from_config(cfg)
-    if expand_local(ev.tasks):
-        build_task_data()
-    manager = task_manager(ev.tasks, ev.include_paths, ev.include_defaults)
-    output_dir = Path(ev.output_dir) if ev.output_dir else cfg.run.dir / "eval"
-    report = evaluate_models(
-        models,
-        ev.tasks,
+    return dict(
         backend=ev.backend,
-        limit=ev.limit,
         batch_size=ev.batch_size,
         max_length=ev.max_length,
         dtype=ev.dtype,
         device=ev.device,
         num_fewshot=ev.num_fewshot,
+        include_paths=ev.include_paths,
+        include_defaults=ev.include_defaults,
         model_args=ev.model_args,
         bootstrap_iters=ev.bootstrap_iters,
         seed=cfg.run.seed,
-        output_dir=output_dir,
-        manager=manager,
+    )
+
+
+def check_eval_settings(cfg: Config) -> None:
+    """Refuse, naming the field, the settings that would otherwise fail (or be ignored) only once a model
+    loads: HF model_args without effect, an attention kernel or a device this machine lacks."""
+    from llmdistill.models import check_attn_implementation
+
+    ev = cfg.eval or EvalConfig()
+    if ev.backend == "hf":  # vLLM places the model itself, and checks its own arguments
+        _, load_options = hf_model_args(ev.model_args)
+        if "attn_implementation" in load_options:
+            attn, known = load_options["attn_implementation"], get_args(AttnImplementation)
+            if attn not in known:
+                raise LLMDistillError(f"eval.model_args.attn_implementation={attn!r}: one of {list(known)}")
+            check_attn_implementation(attn, "eval.model_args.attn_implementation")
+        check_device(ev.device, "eval.device")
+
+
+def set_up_training_eval(cfg: Config) -> tuple[Any, str | None]:
+    """Before a training run loads its models: refuse, naming the fields, an eval section that would fail
+    during or after the training; returns the TaskManager and the teacher's model dir (None: no teacher) that
+    the evals during the run use."""
+    ev = cfg.eval
+    manager = task_manager(ev.tasks, ev.include_paths, ev.include_defaults)  # unknown task names
+    if ev.every and ev.backend != "hf":
+        raise LLMDistillError(
+            f"eval.backend={ev.backend} cannot score the training student in memory (eval.every={ev.every}); "
+            f"set eval.backend=hf, or eval.every=0 to use {ev.backend} at the end only"
+        )
+    if ev.at_end and not cfg.train.export:
+        raise LLMDistillError(
+            "eval.at_end=true needs train.export=true (the eval at the end scores the exported student); "
+            "set eval.at_end=false or train.export=true"
+        )
+    check_eval_settings(cfg)
+    teacher = teacher_model_dir(cfg)
+    if ev.at_end:
+        own = {cfg.run.dir.resolve(), (cfg.run.dir / "student").resolve()}  # exported only at the end
+        for i, student in enumerate(ev.students):
+            if Path(student).expanduser().resolve() not in own:
+                resolve_model_dir(student, f"eval.students[{i}]")
+    if expand_local(ev.tasks):
+        build_task_data()  # the evals during the run read it too, not only the one at the end
+    return manager, teacher
+
+
+def run_eval(cfg: Config, manager=None) -> dict:
+    """`llmdistill eval`: models and tasks of cfg.eval, report in eval.output_dir (or <run dir>/eval).
+
+    manager: the TaskManager for eval.tasks when the caller has it already (indexing lm-eval's tasks is slow).
+    """
+    ev = cfg.eval or EvalConfig()
+    check_eval_settings(cfg)
+    models = models_from_config(cfg)
+    if expand_local(ev.tasks):
+        build_task_data()
+    manager = manager or task_manager(ev.tasks, ev.include_paths, ev.include_defaults)
+    output_dir = Path(ev.output_dir) if ev.output_dir else cfg.run.dir / "eval"
+    report = evaluate_models(
+        models, ev.tasks, limit=ev.limit, output_dir=output_dir, manager=manager, **eval_settings(cfg)
     )
     report["output_dir"] = str(output_dir)
     return report

@@ -61,7 +61,7 @@ class Objective(torch.nn.Module):
             else:
                 self.terms.append((key, term.weight, fn, params))
         self._names = names
-        self.balance = parse_balance(balance)
+        self.balance = parse_balance(balance, terms)
         # check_terms refused a cross-tokenizer term beside these, so every term that reads the teacher per
         # position is checked, whatever else the objective holds.
         if any(reads_teacher_per_position(get_loss(name)) for name in names):
@@ -117,7 +117,12 @@ class Objective(torch.nn.Module):
 
     def _balanced(self, student, signal, batch):
         leaf = student.hidden.detach().requires_grad_(True)
-        proxy = StudentOutput(hidden=leaf, head=student.head, hidden_states=student.hidden_states)
+        proxy = StudentOutput(
+            hidden=leaf,
+            head=student.head,
+            hidden_states=student.hidden_states,
+            logit_softcap=student.logit_softcap,
+        )
         total = 0.0
         values: dict[str, torch.Tensor] = {}
         extras: dict = {}

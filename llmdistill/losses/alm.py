@@ -43,16 +43,21 @@ two next-token distributions sorted by probability (L1 distance, the smaller voc
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from llmdistill.align import CHUNK_KINDS
 from llmdistill.config import ConfigError
-from llmdistill.losses.divergences import log1mexp
+from llmdistill.losses.divergences import Temperature, log1mexp
 from llmdistill.losses.registry import register
 from llmdistill.signal import StudentOutput, TeacherSignal
 
-DIVERGENCES = ("binary_kl", "binary_ce", "abs")
+# The parameters' rules, in the signatures (registry.check_params refuses a bad value before weights load).
+Divergence = Literal["binary_kl", "binary_ce", "abs"]
+Chunks = Literal[CHUNK_KINDS]
 # Keeps exp(l / tau) below 1, where log(1 - p) is finite (a chunk the model is certain of).
 EPSILON = 1e-6
 ROWS = 4096  # student positions whose logits are formed at once
@@ -73,8 +78,6 @@ def binarised_divergence(teacher_ll: torch.Tensor, student_ll: torch.Tensor, tem
 
 
 def _chunk_keys(chunks: str) -> tuple[str, str]:
-    if chunks not in CHUNK_KINDS:
-        raise ConfigError(f"alm/uld: chunks must be one of {CHUNK_KINDS}, got {chunks!r}")
     suffix = "chunks" if chunks == "unconstrained" else "space_chunks"
     return f"student_{suffix}", f"teacher_{suffix}"
 
@@ -102,7 +105,7 @@ def _student_target_logprobs(
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
 
     def block(h, t):
-        return torch.log_softmax(student.head(h).float(), -1).gather(1, t[:, None]).squeeze(1)
+        return torch.log_softmax(student.logits_of(h).float(), -1).gather(1, t[:, None]).squeeze(1)
 
     out = []
     for i in range(0, rows.numel(), ROWS):
@@ -147,19 +150,15 @@ def alm(
     student: StudentOutput,
     signal: TeacherSignal,
     batch: dict,
-    temperature: float = 100.0,
-    divergence: str = "binary_kl",
-    chunks: str = "unconstrained",
+    temperature: Temperature = 100.0,
+    divergence: Divergence = "binary_kl",
+    chunks: Chunks = "unconstrained",
     append_space: bool = False,
-    merge_by_space_prob: float | None = None,
+    merge_by_space_prob: Annotated[float, Field(gt=0, lt=1)] | None = None,
     student_space_tokens=None,
     teacher_space_tokens=None,
 ):
     """Approximate Likelihood Matching; see the module docstring."""
-    if divergence not in DIVERGENCES:
-        raise ConfigError(f"alm: divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if temperature <= 0:
-        raise ConfigError(f"alm: temperature must be > 0, got {temperature}")
     keys = _chunk_keys(chunks)
     _check_batch(batch, keys, "alm", signal)
     s_chunk, t_chunk = batch[keys[0]], batch[keys[1]]
@@ -221,8 +220,6 @@ def _space_masks(student_mask, teacher_mask, threshold):
             "run passes (session.loss_defaults); called directly, give student_space_tokens and "
             "teacher_space_tokens (align.space_token_mask)"
         )
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise ConfigError(f"alm: merge_by_space_prob is a probability in (0, 1), got {threshold}")
     return torch.as_tensor(student_mask, dtype=torch.bool), torch.as_tensor(teacher_mask, dtype=torch.bool)
 
 
@@ -244,7 +241,7 @@ def _student_space_logprobs(student: StudentOutput, rows: torch.Tensor, mask: to
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
 
     def block(h):
-        logits = student.head(h).float()
+        logits = student.logits_of(h).float()
         keep = _fit(mask.to(logits.device), logits.shape[-1])
         return torch.logsumexp(logits.masked_fill(~keep, float("-inf")), -1) - torch.logsumexp(logits, -1)
 
@@ -331,8 +328,8 @@ def uld(
     student: StudentOutput,
     signal: TeacherSignal,
     batch: dict,
-    temperature: float = 1.0,
-    chunks: str = "unconstrained",
+    temperature: Temperature = 1.0,
+    chunks: Chunks = "unconstrained",
 ):
     """Universal logit distillation on aligned chunk starts; see the module docstring."""
     keys = _chunk_keys(chunks)
@@ -355,7 +352,7 @@ def uld(
         t_sorted = torch.softmax(lp / temperature, -1).sort(-1, descending=True).values
 
     def block(h, t_sorted):
-        q = torch.softmax(student.head(h).float() / temperature, -1).sort(-1, descending=True).values
+        q = torch.softmax(student.logits_of(h).float() / temperature, -1).sort(-1, descending=True).values
         size = max(q.shape[-1], t_sorted.shape[-1])
         q = torch.nn.functional.pad(q, (0, size - q.shape[-1]))
         p = torch.nn.functional.pad(t_sorted, (0, size - t_sorted.shape[-1]))

@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import torch
 
-from llmdistill.config import BalanceConfig, ConfigError, config_from_dict
+from llmdistill.config import BalanceConfig, config_from_dict
 
 
-def parse_balance(balance) -> BalanceConfig | None:
-    """None (a plain weighted sum), the config's BalanceConfig, or a dict checked by that same schema."""
-    if balance is None or isinstance(balance, BalanceConfig):
-        return balance
-    return config_from_dict({"balance": dict(balance)}).balance
+def parse_balance(balance, terms) -> BalanceConfig | None:
+    """None (a plain weighted sum), the config's BalanceConfig, or a dict checked by that same schema, with
+    the objective's `terms` (the config's rules that tie the two, e.g. normalize=task needs a task term)."""
+    if balance is None:
+        return None
+    raw = balance.model_dump() if isinstance(balance, BalanceConfig) else dict(balance)
+    return config_from_dict({"balance": raw, "loss": [t.model_dump() for t in terms]}).balance
 
 
 def combine_gradients(
@@ -53,8 +55,6 @@ def combine_gradients(
     if spec.normalize != "none":
         if spec.normalize == "task":
             task = [v for n, v in zip(names, norms, strict=True) if n in spec.task_terms]
-            if not task:
-                raise ConfigError(f"balance.normalize=task but no term is one of {list(spec.task_terms)}")
             target = torch.stack(task).mean()
         else:
             target = torch.stack(norms).mean()

@@ -22,6 +22,9 @@ Peak extra memory is therefore a few [chunk, V] fp32 buffers plus the head weigh
 Several terms of an objective (`fkl` + `ce`, say) share one such pass (fused_head_terms): a chunk's gradient
 w.r.t. the logits is linear in the terms, so each chunk's logits are computed once and the terms' weighted
 gradients summed before the head matmuls, at the cost of one more [chunk, V] buffer (the sum) at the peak.
+A student whose model soft-caps its logits after the head (Gemma-2/3, StudentOutput.logit_softcap) is capped
+in the same pass, before the terms, and the summed gradient chained through the cap after them
+(_softcapped), so every term sees the model's own logits whichever path or kernel runs.
 
 Conventions (same for every divergence here):
 - p is the teacher, q the student, both at temperature T: softmax(logits / T). Values are averaged over the
@@ -46,10 +49,11 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from llmdistill.config import ConfigError
@@ -74,7 +78,11 @@ TAIL_LOGP_FLOOR = math.log(torch.finfo(torch.float32).eps)
 # 8192 x 4096 x 128256, 512 rows ran fkl 1.3x faster than 261). The `chunk_size` parameter of each loss
 # overrides it.
 CHUNK_BYTES = 128 << 20
-TAIL_MODES = ("bucket", "renormalize")
+# The parameters' rules, stated once in the signatures: llmdistill.losses.registry.check_params checks every
+# config value against them before any weights load (preflight, and the Objective), naming loss.N.<parameter>.
+Temperature = Annotated[float, Field(gt=0)]  # softmax(logits / T)
+Tail = Literal["bucket", "renormalize"]  # a top-k teacher's shared support (module docstring)
+ChunkSize = Annotated[int, Field(gt=0)] | None  # None: from the memory budget (CHUNK_BYTES)
 _logged: set[str] = set()
 
 
@@ -113,11 +121,6 @@ def shared_vocab(student_vocab: int, teacher_vocab: int) -> int:
     return small
 
 
-def check_tail(tail: str) -> None:
-    if tail not in TAIL_MODES:
-        raise ConfigError(f"tail must be one of {TAIL_MODES}, got {tail!r}")
-
-
 def _head_width(student: StudentOutput) -> int | None:
     width = getattr(student.head, "out_features", None)
     if width is None:
@@ -127,11 +130,6 @@ def _head_width(student: StudentOutput) -> int | None:
         )  # ZeRO-3 keeps the real shape
         width = shape[0] if shape is not None and len(shape) == 2 else None
     return width
-
-
-def check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and chunk_size <= 0:
-        raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
 
 
 def auto_chunk_size(vocab: int | None, positions: int, logit_bytes: int = 4) -> int:
@@ -214,6 +212,29 @@ def _chunk_terms(terms: list[HeadTerm], grad_scales: list[float]):
         return torch.stack(values), grad
 
     return chunk
+
+
+def _softcapped(chunk, cap: float):
+    """The chunk function for a head whose model soft-caps its logits (Gemma-2/3's final_logit_softcapping):
+    it takes the head's raw logits z, hands the terms the model's own logits cap * tanh(z / cap), and chains
+    their summed gradient back to z with d/dz = 1 - tanh(z / cap)^2 before the head matmuls. Every path
+    (eager, recompute, no-grad) and the kernels of kernels.py see only logits and their gradient, so the cap
+    lives here once for all the terms. It keeps tanh(z / cap) in the logits' dtype for the chain rule: one
+    more [chunk, V] buffer at the peak, for soft-capped students only."""
+
+    def chunk_of_capped(logits, rows, want_grad):
+        with torch.no_grad():
+            # A new buffer, never `logits` in place: the recompute path saves them for its backward.
+            t = (logits / cap).tanh_()
+            del logits
+            # The terms get the only reference to the capped logits (the chunk functions' convention).
+            values, grad = chunk(t * cap, rows, want_grad)
+            if grad is None:
+                return values, None
+            # 1 - tanh^2 from the rounded tanh, as autograd through the model's own forward computes it.
+            return values, grad.mul_(t.square_().neg_().add_(1.0))
+
+    return chunk_of_capped
 
 
 def _weighted(sums: torch.Tensor, scales: list[float], weights: list[float]):
@@ -331,7 +352,8 @@ def fused_head_terms(
       again in the backward's recomputation, and the head weight's gradient is accumulated once per backward;
       the chunk's gradient w.r.t. its logits is still the closed form (_LogitsLoss).
     `rows` given to value_and_grad are flat indices into [B*T]; it indexes the teacher with them itself, so no
-    gathered copy of the teacher outlives its chunk.
+    gathered copy of the teacher outlives its chunk. A student whose model soft-caps its logits
+    (`student.logit_softcap`) has every term see the capped logits, on every path (_softcapped).
     """
     index = valid_positions(batch)
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
@@ -349,6 +371,8 @@ def fused_head_terms(
     chunk_size = min(t.chunk_size or auto_chunk_size(t.vocab, positions, logit_bytes) for t in terms)
     scales = [t.factor / max(count, 1) for t in terms]
     chunk = _chunk_terms(terms, [scale * weight for scale, weight in zip(scales, weights, strict=True)])
+    if student.logit_softcap is not None:
+        chunk = _softcapped(chunk, student.logit_softcap)
     if not torch.is_grad_enabled():
         sums = 0.0
         for start in range(0, positions, chunk_size):
@@ -668,10 +692,6 @@ def _divergence_term(
 ) -> HeadTerm:
     if signal is None:
         raise ConfigError(f"loss {name} needs a teacher signal")
-    if temperature <= 0:
-        raise ConfigError(f"{name}: temperature must be > 0, got {temperature}")
-    check_tail(tail)
-    check_chunk_size(chunk_size)
     if signal.is_sparse:
         width = _head_width(student)
         if width is not None:
@@ -688,7 +708,12 @@ def _divergence_term(
 @register("fkl", needs={"teacher"})
 @head_loss
 def forward_kl(
-    student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
+    student,
+    signal,
+    batch,
+    temperature: Temperature = 1.0,
+    tail: Tail = "bucket",
+    chunk_size: ChunkSize = None,
 ):
     """Forward KL(teacher || student): mode-covering; the classic distillation loss."""
     return _divergence_term(student, signal, temperature, tail, chunk_size, fkl_grad, "fkl", ("fkl", 0.0))
@@ -697,7 +722,12 @@ def forward_kl(
 @register("rkl", needs={"teacher"})
 @head_loss
 def reverse_kl(
-    student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
+    student,
+    signal,
+    batch,
+    temperature: Temperature = 1.0,
+    tail: Tail = "bucket",
+    chunk_size: ChunkSize = None,
 ):
     """Reverse KL(student || teacher): mode-seeking (MiniLLM)."""
     return _divergence_term(student, signal, temperature, tail, chunk_size, rkl_grad, "rkl", ("rkl", 1.0))
@@ -709,14 +739,12 @@ def generalized_jsd(
     student,
     signal,
     batch,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    tail: str = "bucket",
-    chunk_size: int | None = None,
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    temperature: Temperature = 1.0,
+    tail: Tail = "bucket",
+    chunk_size: ChunkSize = None,
 ):
     """Generalized JSD(beta) in the TRL/GKD convention: beta=0 -> forward KL, beta=1 -> reverse KL."""
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"jsd: beta must be in [0, 1], got {beta}")
     kernel = {0.0: ("fkl", 0.0), 1.0: ("rkl", 1.0)}.get(beta, ("jsd", beta))
     return _divergence_term(student, signal, temperature, tail, chunk_size, jsd_grad(beta), "jsd", kernel)
 
@@ -727,14 +755,12 @@ def skew_forward_kl(
     student,
     signal,
     batch,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    tail: str = "bucket",
-    chunk_size: int | None = None,
+    alpha: Annotated[float, Field(ge=0, lt=1)] = 0.1,
+    temperature: Temperature = 1.0,
+    tail: Tail = "bucket",
+    chunk_size: ChunkSize = None,
 ):
     """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q)."""
-    if not 0.0 <= alpha < 1.0:
-        raise ConfigError(f"skew_fkl: alpha must be in [0, 1), got {alpha}")
     return _divergence_term(
         student,
         signal,
@@ -752,14 +778,12 @@ def skew_reverse_kl(
     student,
     signal,
     batch,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    tail: str = "bucket",
-    chunk_size: int | None = None,
+    alpha: Annotated[float, Field(ge=0, lt=1)] = 0.1,
+    temperature: Temperature = 1.0,
+    tail: Tail = "bucket",
+    chunk_size: ChunkSize = None,
 ):
     """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p)."""
-    if not 0.0 <= alpha < 1.0:
-        raise ConfigError(f"skew_rkl: alpha must be in [0, 1), got {alpha}")
     return _divergence_term(
         student,
         signal,
@@ -774,7 +798,12 @@ def skew_reverse_kl(
 @register("tvd", needs={"teacher"})
 @head_loss
 def total_variation(
-    student, signal, batch, temperature: float = 1.0, tail: str = "bucket", chunk_size: int | None = None
+    student,
+    signal,
+    batch,
+    temperature: Temperature = 1.0,
+    tail: Tail = "bucket",
+    chunk_size: ChunkSize = None,
 ):
     """Total variation distance 0.5 * sum |p - q|, in [0, 1] (times T^2)."""
     return _divergence_term(student, signal, temperature, tail, chunk_size, tvd_grad, "tvd")
@@ -786,13 +815,10 @@ def cross_entropy(
     student: StudentOutput,
     signal: TeacherSignal | None,
     batch: dict,
-    label_smoothing: float = 0.0,
-    chunk_size: int | None = None,
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+    chunk_size: ChunkSize = None,
 ):
     """Next-token cross-entropy on the data's targets (already shifted; -100 positions are skipped)."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ConfigError(f"ce: label_smoothing must be in [0, 1), got {label_smoothing}")
-    check_chunk_size(chunk_size)
     # The mean over targets is folded into the gradients in the forward (factor 1): no rescaling after.
     value_and_grad = _nll_value_and_grad(batch, label_smoothing)
     return HeadTerm(value_and_grad, 1.0, chunk_size, _head_width(student), fp32_free=True)
@@ -806,7 +832,6 @@ def summed_nll(
     The one held-out NLL: the `ce` loss's value, the trainer's held-out evaluation (student and teacher) and
     derivation's calibration and candidate losses; the head runs chunk by chunk (fused_head_loss).
     """
-    check_chunk_size(chunk_size)
     count = valid_positions(batch).numel()
     value_and_grad = _nll_value_and_grad(batch, label_smoothing)
     term = HeadTerm(value_and_grad, float(count), chunk_size, _head_width(student), fp32_free=True)

@@ -29,15 +29,18 @@ Implementation choices (ours):
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from llmdistill.config import ConfigError
 from llmdistill.losses.divergences import (
+    Tail,
+    Temperature,
     autograd_value_and_grad,
     check_sparse_ids,
-    check_tail,
     fused_head_loss,
     shared_vocab,
     sparse_ids,
@@ -114,18 +117,15 @@ def sinkhorn_loss(
     student,
     signal,
     batch,
-    epsilon: float = 0.1,
-    iterations: int = 20,
-    temperature: float = 1.0,
-    group_size: int = 64,
-    tail: str = "bucket",
+    epsilon: Annotated[float, Field(gt=0)] = 0.1,
+    iterations: Annotated[int, Field(gt=0)] = 20,
+    temperature: Temperature = 1.0,
+    group_size: Annotated[int, Field(gt=1)] = 64,
+    tail: Tail = "bucket",
 ):
     """SinKD batch-wise Sinkhorn distance between student and teacher distributions (see module docstring)."""
     if signal is None:
         raise ConfigError("loss sinkhorn needs a teacher signal")
-    if epsilon <= 0 or iterations <= 0 or temperature <= 0 or group_size <= 1:
-        raise ConfigError("sinkhorn: epsilon, iterations, temperature must be > 0 and group_size > 1")
-    check_tail(tail)
 
     def chunk_fn(logits, rows):
         s = logits.float()
