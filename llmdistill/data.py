@@ -953,7 +953,8 @@ def build_dataset(
 
 
 def bytes_of_targets(tokenizer, targets: torch.Tensor) -> int:
-    """UTF-8 bytes covered by the valid targets: the denominator of bits-per-byte, whatever the tokenizer."""
+    """UTF-8 bytes of the text the valid targets spell: the denominator of bits-per-byte, whatever the
+    tokenizer. A special token (EOS, `<|im_end|>`) is no text: it counts no bytes, not its spelling's."""
     total = 0
     for row in targets.tolist():
         run: list[int] = []
@@ -961,7 +962,7 @@ def bytes_of_targets(tokenizer, targets: torch.Tensor) -> int:
             if t != IGNORE_INDEX:
                 run.append(t)
             elif run:
-                total += len(tokenizer.decode(run).encode("utf-8"))
+                total += len(tokenizer.decode(run, skip_special_tokens=True).encode("utf-8"))
                 run = []
     return total
 

@@ -64,12 +64,16 @@ def test_sampler_draws_one_permutation_per_epoch(monkeypatch):
     assert drawn == [0, 1, 2]  # micro-batches 4-13, 6 per epoch (the old code drew one for each)
 
 
-def test_bytes_of_targets_counts_the_predicted_text(embedded_tokenizer):
+def test_bytes_of_targets_counts_the_text_the_targets_spell(embedded_tokenizer):
     text = "def f(x):\n    return x  # ünïcode\n"
     ids = embedded_tokenizer(text)["input_ids"]
     targets = torch.tensor([ids[1:] + [IGNORE_INDEX]])
     first = embedded_tokenizer.decode(ids[:1])
     assert data.bytes_of_targets(embedded_tokenizer, targets) == len(text.encode()) - len(first.encode())
+    # A document's end (EOS) and a chat turn's end marker are predicted, but are no text: 0 bytes, not the
+    # 13 of "<|endoftext|>" (which made a chat set's bits-per-byte 13% too low).
+    eos = torch.tensor([[*ids[1:], embedded_tokenizer.eos_token_id, IGNORE_INDEX]])
+    assert data.bytes_of_targets(embedded_tokenizer, eos) == len(text.encode()) - len(first.encode())
 
 
 def test_tokenize_and_pack_local_jsonl(tmp_path, embedded_tokenizer):
