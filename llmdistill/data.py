@@ -975,6 +975,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=g)
 
 
+def micro_batches_per_epoch(num_samples: int, micro_batch: int, world_size: int) -> int:
+    """Each rank's micro-batches in one pass over `num_samples` sequences (at least one, or an error)."""
+    per_epoch = num_samples // (micro_batch * world_size)
+    if per_epoch == 0:
+        raise LLMDistillError(
+            f"data.train: {num_samples} sequences, fewer than one global batch "
+            f"(train.micro_batch_size={micro_batch} x {world_size} ranks)"
+        )
+    return per_epoch
+
+
 def micro_batch_indices(
     num_samples: int, micro_batch: int, world_size: int, rank: int, seed: int, start: int = 0
 ) -> Iterator[list[int]]:
@@ -983,12 +994,7 @@ def micro_batch_indices(
     The position in the data is one integer (micro-batches consumed per rank), so a checkpoint can store it
     and a resumed run continues with exactly the next batch, without replaying the ones before it.
     """
-    per_epoch = num_samples // (micro_batch * world_size)
-    if per_epoch == 0:
-        raise LLMDistillError(
-            f"dataset has {num_samples} sequences, fewer than one global batch "
-            f"({micro_batch} x {world_size} ranks)"
-        )
+    per_epoch = micro_batches_per_epoch(num_samples, micro_batch, world_size)
     position, order, order_epoch = start, None, None
     while True:
         epoch, step = divmod(position, per_epoch)

@@ -179,16 +179,22 @@ def check_data_sources(cfg: Config, tokenizer) -> None:
                 data.load_rows(spec)
 
 
+def check_kernels(cfg: Config, plan: Plan) -> None:
+    """The attention kernels and liger-kernel patches a training run loads its models with exist on this
+    machine (not in preflight: the cache builder on a vLLM node never runs them)."""
+    models.check_attn_implementation(cfg.student.attn_implementation, "student.attn_implementation")
+    if loads_teacher(cfg, plan.needs):
+        models.check_attn_implementation(cfg.teacher.attn_implementation, "teacher.attn_implementation")
+    if cfg.train.liger:
+        models.liger_patches(plan.student_config.model_type)
+
+
 def build_models(cfg: Config, plan: Plan, ds_config: dict):
     """Teacher (or None) and student; checkpoints load under ZeRO-3 partitioned from the start.
 
     Returns the HfDeepSpeedConfig too: it must stay alive while models load, since transformers reads it to
     partition weights at load time.
     """
-    models.check_attn_implementation(cfg.student.attn_implementation, "student.attn_implementation")
-    models.check_attn_implementation(cfg.teacher.attn_implementation, "teacher.attn_implementation")
-    if cfg.train.liger:
-        models.liger_patches(plan.student_config.model_type)
     student = None
     if plan.student_path is None:
         # A random init is built before ZeRO-3's context exists, so it is the same under every stage

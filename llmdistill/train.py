@@ -52,7 +52,7 @@ from llmdistill.hub import check_can_push, push_student
 from llmdistill.losses import Objective
 from llmdistill.losses.divergences import summed_nll
 from llmdistill.runlog import RunLog, truncate_log
-from llmdistill.session import build_datasets, build_models, loss_defaults, preflight
+from llmdistill.session import build_datasets, build_models, check_kernels, loss_defaults, preflight
 from llmdistill.signal import StudentOutput, forward_to_head
 from llmdistill.teachers import TeacherUnavailable, build_teacher_source, check_teacher_ready
 from llmdistill.trackers import run_params
@@ -206,6 +206,7 @@ class Trainer:
         # the config, its files and data sources, the run directory, the checkpoint to resume from, the data.
         self.plan = preflight(cfg)
         check_teacher_ready(cfg, self.plan)
+        check_kernels(cfg, self.plan)
         # lm-eval's tasks and teacher, found now: an eval section that cannot run fails here, not after hours.
         self.lm_eval_tasks = self.lm_eval_teacher = None
         if cfg.eval is not None and (cfg.eval.every or cfg.eval.at_end):
@@ -232,6 +233,8 @@ class Trainer:
                 f"data.validation: {len(self.val_set)} sequences, fewer than one batch of "
                 f"train.micro_batch_size={cfg.train.micro_batch_size} on each of {self.world} ranks"
             )
+        if not isinstance(self.train_set, data.PackedStream):  # a stream's length is found as it is read
+            data.micro_batches_per_epoch(len(self.train_set), cfg.train.micro_batch_size, self.world)
         self.mark("held_out")
         # The log keeps what was written up to the step the run continues from (none when it starts over).
         start = read_marker(self.resume_point)["step"] if self.resume_point is not None else -1

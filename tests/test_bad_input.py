@@ -240,12 +240,30 @@ ROWS = [
     ("resume_half_written", ["train.resume={inputs}/half_checkpoint"], "is not a complete checkpoint"),
     ("resume_damaged", ["train.resume={inputs}/damaged_checkpoint"], "mp_rank_00_model_states.pt is missing"),
     ("resume_other_shape", ["train.resume={inputs}/other_shape_checkpoint"], "hidden_size 96 -> 128"),
+    # kernels this machine lacks (CI's CPU has neither flash-attn nor liger-kernel)
+    *(
+        []
+        if torch.cuda.is_available()
+        else [
+            (
+                "flash_attention_here",
+                ["student.attn_implementation=flash_attention_2"],
+                "needs the flash-attn",
+            ),
+            ("liger_here", ["train.liger=true"], "train.liger"),
+        ]
+    ),
 ]
 
 # Rows caught once the datasets are built (before the models): they need the process group of one rank.
 AFTER_DATA_BUILD = [
     ("too_few_tokens", ["data.train.path={inputs}/tiny.jsonl"], "has fewer than 65 tokens"),
     ("validation_below_one_batch", ["data.validation.path={inputs}/short.jsonl"], "fewer than one batch"),
+    (
+        "train_below_one_batch",
+        ["data.train.path={inputs}/short.jsonl"],
+        "data.train: 2 sequences, fewer than",
+    ),
 ]
 
 
