@@ -107,14 +107,14 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="session")
-def softcapped_gemma2():
-    """A tiny Gemma-2 whose logits are soft-capped after its head, so not its head applied to its states."""
+def tiny_gemma2(**config):
+    """A tiny random Gemma-2 on the embedded tokenizer's vocabulary (soft-capped attention logits by default;
+    `config` overrides its fields)."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma2Config(
+    fields = dict(
         vocab_size=2048,
         hidden_size=32,
         intermediate_size=64,
@@ -122,9 +122,15 @@ def softcapped_gemma2():
         num_attention_heads=1,
         num_key_value_heads=1,
         head_dim=32,
-        final_logit_softcapping=0.5,
+        max_position_embeddings=128,
     )
-    return Gemma2ForCausalLM(config).eval()
+    return Gemma2ForCausalLM(Gemma2Config(**fields | config)).eval()
+
+
+@pytest.fixture(scope="session")
+def softcapped_gemma2():
+    """A tiny Gemma-2 whose logits are soft-capped after its head, so not its head applied to its states."""
+    return tiny_gemma2(final_logit_softcapping=0.5)
 
 
 def is_config_field(key: str) -> bool:

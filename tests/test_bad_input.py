@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import QUICK, run_cli
+from conftest import QUICK, run_cli, tiny_gemma2
 
 from llmdistill.cli import main
 from llmdistill.data import train_bpe_tokenizer
@@ -51,19 +51,7 @@ def inputs(tmp_path_factory):
         json.dumps({"step": 2, "consumed_micro_batches": 2, "files": {"mp_rank_00_model_states.pt": [9, ""]}})
     )
     # A tiny Gemma-2 (soft-capped attention logits) on the embedded teacher's tokenizer.
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    gemma2 = Gemma2Config(
-        vocab_size=2048,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=128,
-    )
-    Gemma2ForCausalLM(gemma2).save_pretrained(tmp / "gemma2_teacher")
+    tiny_gemma2(num_hidden_layers=2).save_pretrained(tmp / "gemma2_teacher")
     for f in EMBEDDED_TEACHER.glob("tokenizer*"):
         shutil.copy(f, tmp / "gemma2_teacher" / f.name)
     other_shape = tmp / "other_shape_checkpoint"

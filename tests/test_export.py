@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_gemma2
 from safetensors.torch import load_file, save_file
 
 from llmdistill import models
@@ -44,20 +45,8 @@ def test_a_student_that_soft_caps_attention_is_checked_under_a_kernel_that_appli
 ):
     """A Gemma-2 student trained under eager (sdpa is refused for it) is reloaded for the check under a kernel
     that soft-caps its attention logits too: under sdpa the faithful export would differ."""
-    from transformers import AutoModelForCausalLM, Gemma2Config
-
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=2048,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        attn_logit_softcapping=5.0,
-    )
-    student = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    student = tiny_gemma2(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          attn_logit_softcapping=5.0, attn_implementation="eager")  # fmt: skip
     with torch.no_grad():  # attention logits far past the cap, as a trained model's reach Gemma-2's 50
         for layer in student.model.layers:
             layer.self_attn.q_proj.weight.mul_(32.0)
