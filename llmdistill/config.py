@@ -788,8 +788,11 @@ def _has_key(tree: dict, dotted: str) -> bool:
 
 
 def _check_deepspeed_sections(out: dict, extra: dict, config_file: str | None) -> None:
-    """Validate the merged ZeRO and mixed-precision sections with the functions DeepSpeed reads them with."""
-    # Imported here: deepspeed takes seconds to import; the commands that get here are about to run it anyway.
+    """Validate the merged ZeRO and mixed-precision sections with the functions DeepSpeed reads them with,
+    where the user set any (the sections our fields write alone are valid)."""
+    base_sections = _deepspeed_file(Path(config_file)) if config_file else {}
+    if not any(section in extra or section in base_sections for section in DEEPSPEED_SECTIONS):
+        return  # no deepspeed import (seconds, and log lines on stdout) for commands that never run it
     from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
     from deepspeed.runtime.zero.config import get_zero_config
 

@@ -14,6 +14,7 @@ llmdistill.cli.prepare_student_server, which writes the student's config and tok
 directory), listening on HOST:PORT.
 """
 
+import contextlib
 import shlex
 import sys
 
@@ -36,21 +37,23 @@ def main(argv: list[str]) -> None:
             serve = (next(args), next(args), next(args))
         else:
             overrides.append(arg)
-    try:
-        cfg = load_config(config, overrides)
-    except LLMDistillError as err:
-        sys.exit(f"{config}: {err}")  # one line on stderr, exit status 1: the job scripts stop on it
-    values = {
-        "RUN_DIR": str(cfg.run.dir.resolve()),
-        "RUN_NAME": cfg.run.name,
-        "TEACHER_SOURCE": cfg.teacher.source,
-        "TEACHER_SERVER": str(int(cfg.teacher.reads_teacher_server)),
-        "STUDENT_SERVER": str(int(cfg.teacher.reads_student_server)),
-    }
-    for key, value in values.items():
-        print(f"{key}={shlex.quote(value)}")
-    if serve is not None:
-        print(_serve(cfg, *serve))
+    # Library output on stdout (DeepSpeed's logger, say) goes to stderr: the job scripts eval stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            cfg = load_config(config, overrides)
+        except LLMDistillError as err:
+            sys.exit(f"{config}: {err}")  # one line on stderr, exit status 1: the job scripts stop on it
+        values = {
+            "RUN_DIR": str(cfg.run.dir.resolve()),
+            "RUN_NAME": cfg.run.name,
+            "TEACHER_SOURCE": cfg.teacher.source,
+            "TEACHER_SERVER": str(int(cfg.teacher.reads_teacher_server)),
+            "STUDENT_SERVER": str(int(cfg.teacher.reads_student_server)),
+        }
+        lines = [f"{key}={shlex.quote(value)}" for key, value in values.items()]
+        if serve is not None:
+            lines.append(_serve(cfg, *serve))
+    print("\n".join(lines))
 
 
 def _serve(cfg, role: str, host: str, port: str) -> str:
