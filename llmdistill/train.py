@@ -487,6 +487,7 @@ class Trainer:
             batch, signal, failure = None, None, str(err)
         # Ranks must agree before the forward, or one would wait in a collective the others never enter.
         if self.teacher_source.can_fail and all_reduce_sum([1.0 if failure else 0.0])[0] > 0:
+            self.teacher_source.discard_pending()  # this rank's batch, if it got one, is not trained
             # Every rank's last line names what failed: the launcher may stop the rank that saw it first.
             return None, first_reason(failure)
         return batch, signal

@@ -22,7 +22,6 @@ from llmdistill.checkpoint import (
 )
 from llmdistill.cli import main
 from llmdistill.config import LLMDistillError, load_config
-from llmdistill.distributed import free_port
 
 RUN = [*QUICK, "train.max_steps=4", "train.save_every=2", "deepspeed.zero_stage=1", "run.name=run"]
 UMASK = 0o027  # not the usual 022, so a fixed 0644 would be caught
@@ -145,9 +144,10 @@ def test_a_run_that_starts_over_sets_the_earlier_checkpoints_aside(run_dir):
     # with keep 1) and be what the next resume: auto continues.
     before = read_log(run_dir)
     out = f"run.output_dir={run_dir.parent}"
-    assert (
-        main(["train", *RUN, out, "train.resume=never", "train.max_steps=2", "train.keep_checkpoints=1"]) == 0
-    )
+    # Both segments in subprocesses: a command run in this process leaves the process group other tests share.
+    never = ["train.resume=never", "train.max_steps=2", "train.keep_checkpoints=1"]
+    result = run_cli(["train", *RUN, out, *never])
+    assert result.returncode == 0, result.stderr[-3000:]
     assert _checkpoints(run_dir) == ["step_00000002"]
     marker = json.loads((run_dir / "checkpoints" / "step_00000002" / COMPLETE).read_text())
     assert marker["time"] > before[4]["time"]
@@ -155,9 +155,7 @@ def test_a_run_that_starts_over_sets_the_earlier_checkpoints_aside(run_dir):
     assert [p.name for p in complete_checkpoints(aside)] == ["step_00000002", "step_00000004"]
     assert all(damage(p) is None for p in complete_checkpoints(aside))
     # The next segment continues the new run, not the earlier one.
-    # (in a subprocess: this process's store still holds MASTER_PORT)
-    env = {"MASTER_PORT": str(free_port())}
-    result = run_cli(["train", *RUN, out, "train.max_steps=3", "train.keep_checkpoints=1"], env=env)
+    result = run_cli(["train", *RUN, out, "train.max_steps=3", "train.keep_checkpoints=1"])
     assert result.returncode == 0 and "resumed from" in result.stderr, result.stderr[-3000:]
     assert _checkpoints(run_dir) == ["step_00000003"] and sorted(read_log(run_dir)) == [1, 2, 3]
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from llmdistill import models
 from llmdistill.config import LLMDistillError, load_config
 from llmdistill.losses.divergences import cross_entropy
-from llmdistill.session import build_models, preflight
+from llmdistill.session import check_kernels, preflight
 from llmdistill.signal import forward_to_head, packed_attention_kwargs
 from llmdistill.train import adamw
 
@@ -126,7 +126,7 @@ def test_liger_without_liger_kernel_is_a_one_line_error_before_any_weights_load(
         pass
     cfg = load_config(None, [*QUICK, "train.liger=true"])
     with pytest.raises(LLMDistillError, match=r"^train.liger: liger-kernel is not installed \(pip install"):
-        build_models(cfg, preflight(cfg), {})
+        check_kernels(cfg, preflight(cfg))
 
 
 def test_compile_with_zero3_is_refused_in_the_config():

@@ -115,6 +115,11 @@ class TeacherSource:
             self._pending = batch
             yield to_device(batch, device), signal_to_device(signal, device)
 
+    def discard_pending(self) -> None:
+        """The batch last handed out will not be trained (a teacher failed on another rank, and the run stops
+        before this step): it is not consumed, at the next request or at close()."""
+        self._pending = None
+
     def _consumed(self) -> None:
         pending, self._pending = getattr(self, "_pending", None), None
         if pending is not None and self.on_consumed is not None:
