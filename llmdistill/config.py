@@ -727,7 +727,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     out = _deep_merge(out, ds.extra)
-    _check_deepspeed_sections(out, ds.extra, ds.config_file)
+    _check_deepspeed_sections(out, ds.extra, base, ds.config_file)
     return out
 
 
@@ -787,11 +787,10 @@ def _has_key(tree: dict, dotted: str) -> bool:
     return True
 
 
-def _check_deepspeed_sections(out: dict, extra: dict, config_file: str | None) -> None:
+def _check_deepspeed_sections(out: dict, extra: dict, base: dict, config_file: str | None) -> None:
     """Validate the merged ZeRO and mixed-precision sections with the functions DeepSpeed reads them with,
-    where the user set any (the sections our fields write alone are valid)."""
-    base_sections = _deepspeed_file(Path(config_file)) if config_file else {}
-    if not any(section in extra or section in base_sections for section in DEEPSPEED_SECTIONS):
+    where the user set any, in `extra` or the `base` file (the sections our fields write alone are valid)."""
+    if not any(section in extra or section in base for section in DEEPSPEED_SECTIONS):
         return  # no deepspeed import (seconds, and log lines on stdout) for commands that never run it
     from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
     from deepspeed.runtime.zero.config import get_zero_config
