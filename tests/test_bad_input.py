@@ -86,11 +86,17 @@ ROWS = [
     ("balance_without_a_task_term", ["balance={normalize: task}"], "balance.normalize=task: no loss term is"),
     ("zero_temperature", ["loss=[{name: fkl, temperature: 0}]"], "loss.0.temperature (fkl): Input should be"),
     ("alm_divergence", ["loss=[{name: alm, divergence: kl}]"], "loss.0.divergence (alm): Input should be"),
-    # the machine
+    # what a CPU machine lacks (CI's: no GPU, no fp16, neither flash-attn nor liger-kernel)
     *(
         []
         if torch.cuda.is_available()
         else [
+            (
+                "flash_attention_here",
+                ["student.attn_implementation=flash_attention_2"],
+                "needs the flash-attn",
+            ),
+            ("liger_here", ["train.liger=true"], "train.liger"),
             (
                 "cuda_without_a_gpu",
                 ["train.device=cuda"],
@@ -228,19 +234,6 @@ ROWS = [
     ("resume_half_written", ["train.resume={inputs}/half_checkpoint"], "is not a complete checkpoint"),
     ("resume_damaged", ["train.resume={inputs}/damaged_checkpoint"], "mp_rank_00_model_states.pt is missing"),
     ("resume_other_shape", ["train.resume={inputs}/other_shape_checkpoint"], "hidden_size 96 -> 128"),
-    # kernels this machine lacks (CI's CPU has neither flash-attn nor liger-kernel)
-    *(
-        []
-        if torch.cuda.is_available()
-        else [
-            (
-                "flash_attention_here",
-                ["student.attn_implementation=flash_attention_2"],
-                "needs the flash-attn",
-            ),
-            ("liger_here", ["train.liger=true"], "train.liger"),
-        ]
-    ),
 ]
 
 # Rows caught once the datasets are built (before the models): they need the process group of one rank.
